@@ -1,0 +1,34 @@
+//! Pieces several subcommands share: device and dtype flags, model loading.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use deltaserve_model::{Checkpoint, Model};
+
+/// Parses `--dtype`; `auto` is f32 on the CPU and bf16 on CUDA.
+pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
+    Ok(match spec {
+        "auto" if device.is_cpu() => DType::F32,
+        "auto" => DType::BF16,
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => anyhow::bail!("--dtype {other}: expected auto, f32, bf16 or f16"),
+    })
+}
+
+/// A loaded base model with its checkpoint.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub ckpt: Checkpoint,
+    pub model: Model,
+}
+
+/// Resolves `--model` (directory or Hub id), opens and loads it.
+pub fn load_model(spec: &str, device: &Device, dtype: DType) -> Result<Loaded> {
+    let dir = deltaserve_model::resolve_model_dir(spec)?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let model = Model::load(&ckpt, dtype, device).with_context(|| format!("loading {}", dir.display()))?;
+    Ok(Loaded { dir, ckpt, model })
+}

@@ -1,0 +1,4 @@
+//! Subcommands.
+
+pub mod common;
+pub mod generate;

@@ -1,0 +1,38 @@
+//! The `deltaserve` command: one module per subcommand under `cmd/`.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Store and serve many fine-tuned LLMs as ~1-bit deltas against one shared base model.
+#[derive(Parser)]
+#[command(name = "deltaserve", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a model (optionally with a delta applied) and stream it to stdout.
+    Generate(cmd::generate::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cmd::generate::run(a),
+    };
+    if let Err(e) = result {
+        // One line: the error and its causes, outermost first.
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,411 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2), following transformers'
+//! `modeling_llama.py` / `modeling_mistral.py` / `modeling_qwen2.py` in eager mode.
+//!
+//! One forward call takes several sequences at once. Their new tokens are packed into one
+//! (tokens, hidden) matrix so every linear layer runs as one product for the whole batch;
+//! attention runs per sequence against that sequence's own cache. Each sequence may belong to a
+//! different tenant: base products are shared, and each tenant's delta is applied to its rows.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::rope::RotaryTables;
+use crate::tenant::{LinearDelta, Proj, TenantWeights};
+
+/// A dense base linear layer: y = x·Wᵀ + b.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out, in)
+    pub weight: Tensor,
+    /// (out,)
+    pub bias: Option<Tensor>,
+}
+
+/// One decoder block's base weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Indexed by [`Proj::index`].
+    pub linears: [Linear; 7],
+    /// (hidden,)
+    pub input_layernorm: Tensor,
+    /// (hidden,)
+    pub post_attention_layernorm: Tensor,
+    /// Sliding window of this layer, if any.
+    pub window: Option<usize>,
+}
+
+/// Which positions' logits a sequence wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only the last new position (generation).
+    Last,
+    /// Every new position (perplexity, distillation).
+    All,
+}
+
+/// One sequence's part of a forward call.
+pub struct SeqInput<'a> {
+    /// New token ids to process.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; `None` processes `tokens` from position 0 and keeps nothing.
+    pub cache: Option<&'a mut KvCache>,
+    /// The tenant whose delta applies, or `None` for the base model.
+    pub tenant: Option<&'a TenantWeights>,
+    /// Which logits to return.
+    pub logits: LogitsWanted,
+}
+
+/// Options of a forward call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Use only ops with a backward pass (candle's fused rope/softmax have none).
+    pub differentiable: bool,
+}
+
+/// The whole model's base weights.
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: ModelConfig,
+    dtype: DType,
+    device: Device,
+    /// (vocab, hidden)
+    pub embed_tokens: Tensor,
+    /// Decoder blocks.
+    pub layers: Vec<Layer>,
+    /// (hidden,)
+    pub norm: Tensor,
+    /// (vocab, hidden); `None` when tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    rope: RotaryTables,
+}
+
+/// A contiguous run of rows belonging to one sequence.
+#[derive(Clone, Copy)]
+struct Segment<'a> {
+    start: usize,
+    len: usize,
+    tenant: Option<&'a TenantWeights>,
+}
+
+/// How the packed rows map to sequences and tenants.
+struct Routing<'a> {
+    segs: Vec<Segment<'a>>,
+    /// `Some(t)` when every row has the same tenant `t` (or all are base).
+    uniform: Option<Option<&'a TenantWeights>>,
+}
+
+fn same_tenant(a: Option<&TenantWeights>, b: Option<&TenantWeights>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
+}
+
+impl<'a> Routing<'a> {
+    fn new(segs: Vec<Segment<'a>>) -> Self {
+        let first = segs.first().and_then(|s| s.tenant);
+        let uniform = segs.iter().all(|s| same_tenant(s.tenant, first)).then_some(first);
+        Self { segs, uniform }
+    }
+
+    /// Applies `f` per tenant run of rows and stitches the results back in row order.
+    fn map(&self, x: &Tensor, f: impl Fn(&Tensor, Option<&TenantWeights>) -> Result<Tensor>) -> Result<Tensor> {
+        if let Some(t) = self.uniform {
+            return f(x, t);
+        }
+        let parts = self
+            .segs
+            .iter()
+            .map(|s| f(&x.narrow(0, s.start, s.len)?, s.tenant))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn any_tenant(&self, pred: impl Fn(&TenantWeights) -> bool) -> bool {
+        self.segs.iter().any(|s| s.tenant.is_some_and(&pred))
+    }
+}
+
+/// RMSNorm exactly as transformers' `LlamaRMSNorm`: normalise in f32, cast back, then scale.
+/// Written with plain ops so it has a backward pass (candle's fused `rms_norm` has none).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// The delta product of one tenant for one projection, on rows `x`.
+fn delta_product(x: &Tensor, delta: &LinearDelta) -> Result<Tensor> {
+    match delta {
+        LinearDelta::Sign { bits, scale } => {
+            let u = deltaserve_kernels::sign_matmul_t(x, bits)?;
+            Ok(u.broadcast_mul(&scale.to_dtype(u.dtype())?)?)
+        }
+        LinearDelta::Dense { diff } => Ok(x.matmul(&diff.t()?)?),
+    }
+}
+
+impl Model {
+    /// Loads the base weights of a checkpoint in `dtype` on `device`, checking every shape.
+    pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = ckpt.config().clone();
+        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let q_out = cfg.num_attention_heads * cfg.head_dim;
+        let kv_out = cfg.num_key_value_heads * cfg.head_dim;
+        let get = |name: &str, shape: &[usize]| ckpt.load(name, shape, dtype, device);
+        let embed_tokens = get("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let lin = |proj: Proj, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let name = format!("{p}.{}", proj.module());
+                Ok(Linear {
+                    weight: get(&format!("{name}.weight"), &[out, inp])?,
+                    bias: if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None },
+                })
+            };
+            layers.push(Layer {
+                linears: [
+                    lin(Proj::Q, q_out, h, cfg.qkv_bias)?,
+                    lin(Proj::K, kv_out, h, cfg.qkv_bias)?,
+                    lin(Proj::V, kv_out, h, cfg.qkv_bias)?,
+                    lin(Proj::O, h, q_out, cfg.o_bias)?,
+                    lin(Proj::Gate, i, h, cfg.mlp_bias)?,
+                    lin(Proj::Up, i, h, cfg.mlp_bias)?,
+                    lin(Proj::Down, h, i, cfg.mlp_bias)?,
+                ],
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                window: cfg.sliding_window[l],
+            });
+        }
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[v, h])?) };
+        let rope = RotaryTables::new(&cfg, dtype, device)?;
+        Ok(Self { cfg, dtype, device: device.clone(), embed_tokens, layers, norm, lm_head, rope })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Activation and weight dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Runs new tokens of several sequences through the model and returns, per sequence, logits
+    /// in f32 of shape (1, vocab) or (tokens, vocab) as each asked.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], opts: ForwardOptions) -> Result<Vec<Tensor>> {
+        let mut segs = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        let mut starts = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            let past = s.cache.as_ref().map_or(0, |c| c.len());
+            if s.tokens.is_empty() {
+                return Err(ModelError::Input("a sequence has no tokens to process".into()));
+            }
+            if past + s.tokens.len() > self.cfg.max_position_embeddings {
+                return Err(ModelError::Input(format!(
+                    "{} tokens (prompt plus generated) exceed the model's context of {} tokens \
+                     (max_position_embeddings in config.json); shorten the prompt or --max-tokens",
+                    past + s.tokens.len(),
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            segs.push(Segment { start, len: s.tokens.len(), tenant: s.tenant });
+            starts.push(past);
+            start += s.tokens.len();
+        }
+        let routing = Routing::new(segs);
+
+        // Embeddings, from the tenant's table when it has one (it may hold extra tokens).
+        let mut parts = Vec::with_capacity(seqs.len());
+        for (s, seg) in seqs.iter().zip(&routing.segs) {
+            let table = seg.tenant.and_then(|t| t.embed_tokens.as_ref()).unwrap_or(&self.embed_tokens);
+            let vocab = table.dim(0)?;
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+            }
+            let ids = Tensor::new(s.tokens, &self.device)?;
+            parts.push(table.index_select(&ids, 0)?);
+        }
+        let mut x = Tensor::cat(&parts, 0)?;
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let eps = self.cfg.rms_norm_eps;
+            let normed = routing.map(&x, |x, t| {
+                let w = t.and_then(|t| t.layers[l].input_layernorm.as_ref()).unwrap_or(&layer.input_layernorm);
+                rms_norm(x, w, eps)
+            })?;
+            let attn = self.attention(l, layer, &normed, &routing, seqs, &starts, opts)?;
+            x = (x + attn)?;
+            let normed = routing.map(&x, |x, t| {
+                let w = t
+                    .and_then(|t| t.layers[l].post_attention_layernorm.as_ref())
+                    .unwrap_or(&layer.post_attention_layernorm);
+                rms_norm(x, w, eps)
+            })?;
+            let gate = self.linear(l, Proj::Gate, &normed, &routing)?;
+            let up = self.linear(l, Proj::Up, &normed, &routing)?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            let down = self.linear(l, Proj::Down, &act, &routing)?;
+            x = (x + down)?;
+        }
+        for s in seqs.iter_mut() {
+            if let Some(c) = s.cache.as_deref_mut() {
+                c.advance(s.tokens.len());
+            }
+        }
+
+        let mut out = Vec::with_capacity(seqs.len());
+        for (s, seg) in seqs.iter().zip(&routing.segs) {
+            let rows = match s.logits {
+                LogitsWanted::Last => x.narrow(0, seg.start + seg.len - 1, 1)?,
+                LogitsWanted::All => x.narrow(0, seg.start, seg.len)?,
+            };
+            let t = seg.tenant;
+            let norm = t.and_then(|t| t.norm.as_ref()).unwrap_or(&self.norm);
+            let h = rms_norm(&rows, norm, self.cfg.rms_norm_eps)?;
+            let head = if self.cfg.tie_word_embeddings {
+                t.and_then(|t| t.embed_tokens.as_ref()).unwrap_or(&self.embed_tokens)
+            } else {
+                t.and_then(|t| t.lm_head.as_ref()).or(self.lm_head.as_ref()).unwrap_or(&self.embed_tokens)
+            };
+            out.push(h.matmul(&head.t()?)?.to_dtype(DType::F32)?);
+        }
+        Ok(out)
+    }
+
+    /// One projection for all rows: the shared base product, then each tenant's bias and delta.
+    fn linear(&self, l: usize, proj: Proj, x: &Tensor, routing: &Routing<'_>) -> Result<Tensor> {
+        let base = &self.layers[l].linears[proj.index()];
+        let k = proj.index();
+        let mut y = x.matmul(&base.weight.t()?)?;
+        let tenant_bias = routing.any_tenant(|t| t.layers[l].biases[k].is_some());
+        if tenant_bias {
+            y = routing.map(&y, |y, t| {
+                match t.and_then(|t| t.layers[l].biases[k].as_ref()).or(base.bias.as_ref()) {
+                    Some(b) => Ok(y.broadcast_add(b)?),
+                    None => Ok(y.clone()),
+                }
+            })?;
+        } else if let Some(b) = &base.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if routing.any_tenant(|t| t.layers[l].linears[k].is_some()) {
+            let d = routing.map(x, |x, t| match t.and_then(|t| t.layers[l].linears[k].as_ref()) {
+                Some(delta) => delta_product(x, delta),
+                None => Ok(Tensor::zeros((x.dim(0)?, base.weight.dim(0)?), x.dtype(), x.device())?),
+            })?;
+            y = (y + d)?;
+        }
+        Ok(y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        l: usize,
+        layer: &Layer,
+        x: &Tensor,
+        routing: &Routing<'_>,
+        seqs: &mut [SeqInput<'_>],
+        starts: &[usize],
+        opts: ForwardOptions,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let q = self.linear(l, Proj::Q, x, routing)?;
+        let k = self.linear(l, Proj::K, x, routing)?;
+        let v = self.linear(l, Proj::V, x, routing)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        for ((s, seg), &p0) in seqs.iter_mut().zip(&routing.segs).zip(starts) {
+            let t = seg.len;
+            let heads = |m: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(m.narrow(0, seg.start, t)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()?)
+            };
+            let q = self.rope.apply(&heads(&q, nh)?, p0, opts.differentiable)?;
+            let k = self.rope.apply(&heads(&k, nkv)?, p0, opts.differentiable)?;
+            let v = heads(&v, nkv)?;
+            let (k, v) = match s.cache.as_deref_mut() {
+                Some(c) => c.append(l, &k, &v)?,
+                None => (k, v),
+            };
+            outs.push(self.attend(&q, &k, &v, p0, layer.window, opts)?);
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        self.linear(l, Proj::O, &o, routing)
+    }
+
+    /// Scaled dot-product attention of one sequence.
+    /// q: (heads, T, hd) at positions p0..p0+T; k, v: (kv_heads, S, hd) at positions 0..S.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p0: usize,
+        window: Option<usize>,
+        opts: ForwardOptions,
+    ) -> Result<Tensor> {
+        let (nh, t, hd) = q.dims3()?;
+        let nkv = k.dim(0)?;
+        let rep = nh / nkv;
+        // Keys older than the window are never attended to: drop them before the product.
+        let first = window.map_or(0, |w| (p0 + 1).saturating_sub(w));
+        let s_all = k.dim(1)?;
+        let (k, v) = if first > 0 {
+            (k.narrow(1, first, s_all - first)?, v.narrow(1, first, s_all - first)?)
+        } else {
+            (k.clone(), v.clone())
+        };
+        let s = s_all - first;
+        // Grouped-query attention without copying keys: the `rep` query heads that share a
+        // key/value head are stacked along the rows (transformers `repeat_kv` order).
+        let qg = q.reshape((nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (qg.matmul(&k.t()?.contiguous()?)? * scale)?.reshape((nh, t, s))?;
+        let mut scores = scores.to_dtype(DType::F32)?;
+        let needs_mask = t > 1 || window.is_some_and(|w| s > w);
+        if needs_mask {
+            let mut m = vec![0f32; t * s];
+            for i in 0..t {
+                let qpos = p0 + i;
+                for j in 0..s {
+                    let kpos = first + j;
+                    let visible = kpos <= qpos && window.is_none_or(|w| qpos - kpos < w);
+                    if !visible {
+                        m[i * s + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let m = Tensor::from_vec(m, (t, s), q.device())?;
+            scores = scores.broadcast_add(&m)?;
+        }
+        let probs = if opts.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = probs.to_dtype(q.dtype())?.reshape((nkv, rep * t, s))?;
+        let o = probs.matmul(&v.contiguous()?)?; // (nkv, rep*t, hd)
+        Ok(o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?)
+    }
+}

@@ -1,0 +1,115 @@
+//! What one served fine-tune (a *tenant*) changes in the base model, in memory.
+//!
+//! A tenant is built from a delta file by the codecs crate. The base weights are shared; a tenant
+//! holds, per linear layer, a compressed delta that the forward pass applies without expanding it,
+//! plus the small tensors the codec stores in full (norms, biases, and for BitDelta the embeddings
+//! and `lm_head`).
+
+use candle_core::Tensor;
+use deltaserve_kernels::SignBits;
+
+/// The seven projections of a decoder layer, in a fixed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    /// self_attn.q_proj
+    Q,
+    /// self_attn.k_proj
+    K,
+    /// self_attn.v_proj
+    V,
+    /// self_attn.o_proj
+    O,
+    /// mlp.gate_proj
+    Gate,
+    /// mlp.up_proj
+    Up,
+    /// mlp.down_proj
+    Down,
+}
+
+impl Proj {
+    /// All projections in storage order.
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The Hugging Face module path inside a layer, e.g. `self_attn.q_proj`.
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Position in [`Proj::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Parses `model.layers.{i}.{module}.weight` (or `.bias`) into (layer, proj, is_bias).
+    pub fn parse_tensor_name(name: &str) -> Option<(usize, Proj, bool)> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (idx, rest) = rest.split_once('.')?;
+        let layer = idx.parse().ok()?;
+        let (module, kind) = rest.rsplit_once('.')?;
+        let proj = Proj::ALL.into_iter().find(|p| p.module() == module)?;
+        match kind {
+            "weight" => Some((layer, proj, false)),
+            "bias" => Some((layer, proj, true)),
+            _ => None,
+        }
+    }
+}
+
+/// A compressed change to one linear layer.
+#[derive(Debug, Clone)]
+pub enum LinearDelta {
+    /// BitDelta: W_ft ≈ W_base + scale · S, S the packed sign matrix.
+    Sign {
+        /// The packed signs (the kernel's copy also carries the f32 scale for the fused serving path).
+        bits: SignBits,
+        /// The scale as a tensor of shape (1,): a `Var` while calibrating, so autograd reaches it.
+        scale: Tensor,
+    },
+    /// A dense difference W_ft − W_base (decode-on-load codecs, reference checks).
+    Dense {
+        /// (out, in), in the model's dtype.
+        diff: Tensor,
+    },
+}
+
+/// One decoder layer's changes. `None` means "as the base".
+#[derive(Debug, Clone, Default)]
+pub struct LayerDelta {
+    /// Indexed by [`Proj::index`].
+    pub linears: [Option<LinearDelta>; 7],
+    /// Fine-tune's own biases, replacing the base's; indexed by [`Proj::index`].
+    pub biases: [Option<Tensor>; 7],
+    /// Fine-tune's input_layernorm weight.
+    pub input_layernorm: Option<Tensor>,
+    /// Fine-tune's post_attention_layernorm weight.
+    pub post_attention_layernorm: Option<Tensor>,
+}
+
+/// Everything one tenant changes. Shapes follow the fine-tune's config (its vocabulary may be larger).
+#[derive(Debug, Clone, Default)]
+pub struct TenantWeights {
+    /// Per decoder layer.
+    pub layers: Vec<LayerDelta>,
+    /// Fine-tune's embedding matrix (vocab, hidden), if stored.
+    pub embed_tokens: Option<Tensor>,
+    /// Fine-tune's final norm weight.
+    pub norm: Option<Tensor>,
+    /// Fine-tune's output projection (vocab, hidden), if stored and untied.
+    pub lm_head: Option<Tensor>,
+}
+
+impl TenantWeights {
+    /// A tenant that changes nothing, sized for `layers` decoder layers.
+    pub fn empty(layers: usize) -> Self {
+        Self { layers: vec![LayerDelta::default(); layers], ..Default::default() }
+    }
+}
