@@ -14,6 +14,7 @@
 //! this crate alone.
 //!
 //! - [`write_delta`] / [`write_atomic`]: write a delta (or any file) atomically.
+//! - [`DeltaStreamWriter`]: write a delta tensor by tensor, header last (for streaming compressors).
 //! - [`DeltaFile::open`]: map and validate a delta; read signs, scales and full tensors.
 //! - [`pack_signs`] / [`unpack_signs`]: the sign-bit layout ([`signs`]).
 //! - [`FingerprintBuilder`] / [`fingerprint_safetensors`]: the base fingerprint ([`fingerprint`]).
@@ -54,6 +55,7 @@ pub mod fingerprint;
 mod header;
 mod read;
 pub mod signs;
+mod stream;
 mod validate;
 mod write;
 
@@ -70,6 +72,7 @@ pub use safetensors::Dtype;
 pub use signs::{
     pack_signs, pack_signs_f64, pack_signs_generic, unpack_signs, unpack_signs_into, words_per_row,
 };
+pub use stream::{DeltaStreamWriter, TensorSpec, HEADER_SLACK};
 pub use write::{write_atomic, write_delta, OwnedTensor};
 
 /// The format's major version: readers reject files with another major.
