@@ -1,0 +1,398 @@
+//! CPU kernels for packed sign matrices: `x · Sᵀ`, `g · S` and the multi-tenant `x · Sᵀ`.
+//!
+//! Three implementations of each, chosen at run time ([`SimdLevel::detect`]) or forced with the
+//! `*_with` functions (tests force each level, so a machine with AVX-512 checks all three):
+//!
+//! - [`SimdLevel::Avx512`] (`avx512.rs`, AVX-512F + BW): a 16-bit half of a sign word *is* an
+//!   AVX-512 lane mask, so `Σ_k s_k x_k = 2 · Σ_{bit=1} x_k − Σ_k x_k` costs one masked add
+//!   (`vaddps zmm{k}`) per 16 products; `Σ_k x_k` is computed once per call.
+//! - [`SimdLevel::Avx2`] (`avx2.rs`, AVX2 + FMA): a variable shift moves each bit to the float sign
+//!   position, giving a `±1.0` vector per 8 columns that is shared by the rows of `x` in a tile.
+//! - [`SimdLevel::Portable`] (`portable.rs`): scalar, flips the sign bit of `x` with an XOR.
+//!
+//! None of them expands `S` to floats in memory. Each reads a word once per call for up to four
+//! rows of `x` (a register tile of `RN` sign rows × `RM` input rows), and rayon splits the output
+//! features `N` (the transposed product splits `K`). Padding bits past `K` are ignored: the
+//! columns past `K` are read as zeros.
+//!
+//! Check: `cargo test --release -p deltaserve-kernels`; bench: `cargo bench -p deltaserve-kernels`
+//! (results in `BENCHMARKS.md`, section "CPU sign-matmul kernels").
+
+mod portable;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::error::KernelError;
+use crate::signs::SignsView;
+
+/// Output features (rows of `S`) per rayon task. 64 rows of K = 4096 are 32 KiB of bits: enough
+/// work to hide a task's cost, and a llama-7B layer still splits into 64 or more tasks.
+const ROWS_PER_TASK: usize = 64;
+
+/// Words (32 columns each) per rayon task of the transposed product `g · S`.
+const WORDS_PER_TASK: usize = 8;
+
+/// Below this many sign-times-value products a call stays on the calling thread.
+const PARALLEL_MIN_PRODUCTS: usize = 1 << 18;
+
+/// An instruction set the kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SimdLevel {
+    /// Plain Rust; runs everywhere.
+    Portable,
+    /// x86-64 AVX2 + FMA.
+    Avx2,
+    /// x86-64 AVX-512F + AVX-512BW.
+    Avx512,
+}
+
+impl SimdLevel {
+    /// Every level, slowest first.
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512];
+
+    /// The best level this CPU supports (detected once, then cached).
+    pub fn detect() -> SimdLevel {
+        static BEST: OnceLock<SimdLevel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Self::ALL
+                .into_iter()
+                .rev()
+                .find(|l| l.is_available())
+                .unwrap_or(SimdLevel::Portable)
+        })
+    }
+
+    /// Whether this CPU can run the level.
+    pub fn is_available(self) -> bool {
+        match self {
+            SimdLevel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            SimdLevel::Avx2 | SimdLevel::Avx512 => false,
+        }
+    }
+
+    /// The levels this CPU can run, slowest first.
+    pub fn available() -> Vec<SimdLevel> {
+        Self::ALL.into_iter().filter(|l| l.is_available()).collect()
+    }
+
+    fn check(self) -> Result<(), KernelError> {
+        if self.is_available() {
+            Ok(())
+        } else {
+            Err(KernelError::SimdUnavailable { level: self })
+        }
+    }
+}
+
+/// One tenant's signs and scale, borrowed, for [`tenant_delta_matmul`].
+#[derive(Debug, Clone, Copy)]
+pub struct ScaledSigns<'a> {
+    /// The `[n, k]` sign matrix.
+    pub signs: SignsView<'a>,
+    /// The BitDelta scale `s`.
+    pub scale: f32,
+}
+
+/// `x · Sᵀ`: `x (M, K)` row-major → `(M, N)`, at the best [`SimdLevel`].
+pub fn sign_matmul_t(x: &[f32], signs: SignsView<'_>) -> Result<Vec<f32>, KernelError> {
+    sign_matmul_t_with(SimdLevel::detect(), x, signs)
+}
+
+/// [`sign_matmul_t`] at a chosen level (fails if the CPU lacks it).
+pub fn sign_matmul_t_with(
+    level: SimdLevel,
+    x: &[f32],
+    signs: SignsView<'_>,
+) -> Result<Vec<f32>, KernelError> {
+    level.check()?;
+    let m = rows_of(x.len(), signs.k(), "sign_matmul_t", "x")?;
+    let out_t = matmul_t_transposed(level, x, m, signs);
+    Ok(transpose(&out_t, signs.n(), m))
+}
+
+/// `g · S`: `g (M, N)` row-major → `(M, K)`; the gradient of `x · Sᵀ` with respect to `x`.
+pub fn sign_matmul_n(g: &[f32], signs: SignsView<'_>) -> Result<Vec<f32>, KernelError> {
+    sign_matmul_n_with(SimdLevel::detect(), g, signs)
+}
+
+/// [`sign_matmul_n`] at a chosen level (fails if the CPU lacks it).
+pub fn sign_matmul_n_with(
+    level: SimdLevel,
+    g: &[f32],
+    signs: SignsView<'_>,
+) -> Result<Vec<f32>, KernelError> {
+    level.check()?;
+    let (n, k) = (signs.n(), signs.k());
+    if n == 0 {
+        // S has no rows: g must be empty too, and every output is an empty sum.
+        if !g.is_empty() {
+            return Err(KernelError::InputLength {
+                op: "sign_matmul_n",
+                what: "g",
+                expected: 0,
+                got: g.len(),
+            });
+        }
+        return Ok(Vec::new());
+    }
+    let m = rows_of(g.len(), n, "sign_matmul_n", "g")?;
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let g_sums = row_sums(g, m, n);
+    let wpr = signs.words_per_row();
+    let blocks = wpr.div_ceil(WORDS_PER_TASK);
+    let block = |b: usize| {
+        let w0 = b * WORDS_PER_TASK;
+        let w1 = (w0 + WORDS_PER_TASK).min(wpr);
+        let cols = (32 * w1).min(k) - 32 * w0;
+        let mut out = vec![0f32; m * cols];
+        matmul_n_block(level, g, m, &g_sums, signs, w0..w1, &mut out);
+        out
+    };
+    let parts: Vec<Vec<f32>> = if m * n * k < PARALLEL_MIN_PRODUCTS {
+        (0..blocks).map(block).collect()
+    } else {
+        (0..blocks).into_par_iter().map(block).collect()
+    };
+    let mut out = vec![0f32; m * k];
+    for (b, part) in parts.iter().enumerate() {
+        let c0 = 32 * b * WORDS_PER_TASK;
+        let cols = part.len() / m;
+        for i in 0..m {
+            out[i * k + c0..i * k + c0 + cols].copy_from_slice(&part[i * cols..(i + 1) * cols]);
+        }
+    }
+    Ok(out)
+}
+
+/// Many tenants in one batch: row `i` of the `(M, N)` result is `s · (x_i · Sᵀ)` for
+/// `deltas[row_slot[i]]`, or zeros where `row_slot[i]` is `None`. Rows are grouped by slot, so a
+/// delta's bits are read once per call however many rows use it.
+pub fn tenant_delta_matmul(
+    x: &[f32],
+    row_slot: &[Option<u32>],
+    deltas: &[ScaledSigns<'_>],
+) -> Result<Vec<f32>, KernelError> {
+    tenant_delta_matmul_with(SimdLevel::detect(), x, row_slot, deltas)
+}
+
+/// [`tenant_delta_matmul`] at a chosen level (fails if the CPU lacks it).
+pub fn tenant_delta_matmul_with(
+    level: SimdLevel,
+    x: &[f32],
+    row_slot: &[Option<u32>],
+    deltas: &[ScaledSigns<'_>],
+) -> Result<Vec<f32>, KernelError> {
+    level.check()?;
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?.signs;
+    let (n, k) = (first.n(), first.k());
+    for (index, d) in deltas.iter().enumerate() {
+        if (d.signs.n(), d.signs.k()) != (n, k) {
+            return Err(KernelError::DeltaShapeMismatch {
+                index,
+                n: d.signs.n(),
+                k: d.signs.k(),
+                n0: n,
+                k0: k,
+            });
+        }
+    }
+    let m = rows_of(x.len(), k, "tenant_delta_matmul", "x")?;
+    if row_slot.len() != m {
+        return Err(KernelError::RowSlotLength {
+            m,
+            got: row_slot.len(),
+        });
+    }
+    // Rows of each slot, in batch order (the SGMV "segments").
+    let mut rows_of_slot: Vec<Vec<usize>> = vec![Vec::new(); deltas.len()];
+    for (row, slot) in row_slot.iter().enumerate() {
+        if let Some(slot) = *slot {
+            let rows = rows_of_slot
+                .get_mut(slot as usize)
+                .ok_or(KernelError::SlotOutOfRange {
+                    row,
+                    slot,
+                    num_deltas: deltas.len(),
+                })?;
+            rows.push(row);
+        }
+    }
+    let mut out = vec![0f32; m * n];
+    let mut xs = Vec::new();
+    for (delta, rows) in deltas.iter().zip(&rows_of_slot) {
+        if rows.is_empty() {
+            continue;
+        }
+        xs.clear();
+        for &row in rows {
+            xs.extend_from_slice(&x[row * k..(row + 1) * k]);
+        }
+        let out_t = matmul_t_transposed(level, &xs, rows.len(), delta.signs);
+        for (i, &row) in rows.iter().enumerate() {
+            let dst = &mut out[row * n..(row + 1) * n];
+            for (j, o) in dst.iter_mut().enumerate() {
+                *o = delta.scale * out_t[j * rows.len() + i];
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `len / width`, or an error if `len` is not a multiple of `width`.
+fn rows_of(
+    len: usize,
+    width: usize,
+    op: &'static str,
+    what: &'static str,
+) -> Result<usize, KernelError> {
+    if width == 0 || !len.is_multiple_of(width) {
+        return Err(KernelError::InputLength {
+            op,
+            what,
+            expected: width,
+            got: len,
+        });
+    }
+    Ok(len / width)
+}
+
+/// `Σ_c a[i, c]` for each row of an `(m, width)` matrix, accumulated in `f64`: the AVX-512 kernels
+/// subtract it from twice a partial sum, so its rounding error should not add to theirs.
+fn row_sums(a: &[f32], m: usize, width: usize) -> Vec<f32> {
+    (0..m)
+        .map(|i| {
+            let mut lanes = [0f64; 4];
+            let row = &a[i * width..(i + 1) * width];
+            let mut chunks = row.chunks_exact(4);
+            for c in &mut chunks {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    *l += f64::from(*v);
+                }
+            }
+            let tail: f64 = chunks.remainder().iter().map(|v| f64::from(*v)).sum();
+            (lanes.iter().sum::<f64>() + tail) as f32
+        })
+        .collect()
+}
+
+/// `(x · Sᵀ)ᵀ`, shape `(N, M)`: each task owns whole rows of it, so the tasks write disjoint
+/// contiguous chunks.
+fn matmul_t_transposed(level: SimdLevel, x: &[f32], m: usize, signs: SignsView<'_>) -> Vec<f32> {
+    let (n, k) = (signs.n(), signs.k());
+    let mut out_t = vec![0f32; n * m];
+    if n == 0 || m == 0 {
+        return out_t;
+    }
+    let x_sums = if level == SimdLevel::Avx512 {
+        row_sums(x, m, k)
+    } else {
+        Vec::new()
+    };
+    let task = |(b, chunk): (usize, &mut [f32])| {
+        let n0 = b * ROWS_PER_TASK;
+        let rows = chunk.len() / m;
+        matmul_t_block(
+            level,
+            x,
+            m,
+            &x_sums,
+            signs.row_words(n0..n0 + rows),
+            k,
+            chunk,
+        );
+    };
+    if m * n * k < PARALLEL_MIN_PRODUCTS {
+        out_t
+            .chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(task);
+    } else {
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(task);
+    }
+    out_t
+}
+
+/// `(N, M)` → `(M, N)`; a copy only when `M > 1`.
+fn transpose(out_t: &[f32], n: usize, m: usize) -> Vec<f32> {
+    if m <= 1 {
+        return out_t.to_vec();
+    }
+    let mut out = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            out[i * n + j] = out_t[j * m + i];
+        }
+    }
+    out
+}
+
+/// One task of `x · Sᵀ`: `words` holds `out_t.len() / m` whole rows of `S`.
+fn matmul_t_block(
+    level: SimdLevel,
+    x: &[f32],
+    m: usize,
+    x_sums: &[f32],
+    words: &[u32],
+    k: usize,
+    out_t: &mut [f32],
+) {
+    match level {
+        SimdLevel::Portable => portable::matmul_t_block(x, m, words, k, out_t),
+        // SAFETY: every public entry point checked `level.is_available()`.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { avx2::matmul_t_block(x, m, words, k, out_t) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { avx512::matmul_t_block(x, m, x_sums, words, k, out_t) },
+        #[cfg(not(target_arch = "x86_64"))]
+        SimdLevel::Avx2 | SimdLevel::Avx512 => {
+            let _ = x_sums;
+            portable::matmul_t_block(x, m, words, k, out_t)
+        }
+    }
+}
+
+/// One task of `g · S`: columns of words `w` (all rows of `S`), written to `out` `(m, cols)`.
+fn matmul_n_block(
+    level: SimdLevel,
+    g: &[f32],
+    m: usize,
+    g_sums: &[f32],
+    signs: SignsView<'_>,
+    w: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    match level {
+        SimdLevel::Portable => portable::matmul_n_block(g, m, signs, w, out),
+        // SAFETY: every public entry point checked `level.is_available()`.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { avx2::matmul_n_block(g, m, signs, w, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { avx512::matmul_n_block(g, m, g_sums, signs, w, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        SimdLevel::Avx2 | SimdLevel::Avx512 => {
+            let _ = g_sums;
+            portable::matmul_n_block(g, m, signs, w, out)
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The kernels as candle operations.
+//!
+//! [`sign_matmul_t`] is a [`CustomOp1`] with a backward pass: the calibration trainer
+//! backpropagates through many delta layers, and candle drops the gradient without an error at
+//! any op that has none (`apply_op1_no_bwd`; see `shared/ANCHORS.md` §0.1). Its backward is
+//! [`sign_matmul_n`], whose own backward is [`sign_matmul_t`], so second derivatives work too.
+//! The scale is not fused there: the trainer multiplies by its scale tensor with ordinary candle
+//! ops, and autograd gives `d/d scale`.
+//!
+//! [`tenant_delta_matmul`] is the serving path: forward only, scales fused, many tenants per batch.
+//!
+//! Each op implements `cpu_fwd`; a `cuda_fwd` goes beside it (the words tensor then lives on the
+//! GPU). Inputs may be `f32`, `bf16` or `f16`: they are computed in `f32` and the output has the
+//! input's dtype. Strided inputs are gathered first.
+
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+use crate::cpu::{self, ScaledSigns};
+use crate::error::KernelError;
+use crate::signs::{SignBits, SignDelta};
+
+/// `x · Sᵀ`: `x (.., K)` → `(.., N)`, differentiable with respect to `x`.
+///
+/// `x` is `f32`, `bf16` or `f16`; the result has its dtype. A delta linear layer is
+/// `x.matmul(&w_base.t()?)? + sign_matmul_t(&x, &signs)?.broadcast_mul(&scale)?`.
+pub fn sign_matmul_t(x: &Tensor, signs: &SignBits) -> candle_core::Result<Tensor> {
+    check_last_dim(x, signs.k(), "sign_matmul_t")?;
+    x.apply_op1(SignMatmulT {
+        signs: signs.clone(),
+    })
+}
+
+/// `g · S`: `g (.., N)` → `(.., K)`; the gradient of [`sign_matmul_t`] with respect to its input.
+pub fn sign_matmul_n(g: &Tensor, signs: &SignBits) -> candle_core::Result<Tensor> {
+    check_last_dim(g, signs.n(), "sign_matmul_n")?;
+    g.apply_op1(SignMatmulN {
+        signs: signs.clone(),
+    })
+}
+
+/// Many tenants in one batch: row `i` of the `(M, N)` result is `s · (x_i · Sᵀ)` for the delta
+/// `deltas[row_slot[i]]` (scale `s` and signs `S`), or zeros where `row_slot[i]` is `None`.
+///
+/// `x` is `(M, K)`. Forward only (serving). All deltas must have one shape; at least one is
+/// needed to know `N`. Each delta's bits are read once per call, however many rows use it.
+pub fn tenant_delta_matmul(
+    x: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<Tensor> {
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    let (m, k) = x.dims2()?;
+    if k != first.k() {
+        return Err(KernelError::InputLength {
+            op: "tenant_delta_matmul",
+            what: "x last dim",
+            expected: first.k(),
+            got: k,
+        }
+        .into());
+    }
+    if row_slot.len() != m {
+        return Err(KernelError::RowSlotLength {
+            m,
+            got: row_slot.len(),
+        }
+        .into());
+    }
+    x.apply_op1_no_bwd(&TenantDeltaMatmul { row_slot, deltas })
+}
+
+fn check_last_dim(t: &Tensor, expected: usize, op: &'static str) -> candle_core::Result<()> {
+    let got = t.dims().last().copied().unwrap_or(1);
+    if t.rank() == 0 || got != expected {
+        return Err(KernelError::InputLength {
+            op,
+            what: "last dim",
+            expected,
+            got,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// `x · Sᵀ` as a candle op; see [`sign_matmul_t`].
+struct SignMatmulT {
+    signs: SignBits,
+}
+
+impl CustomOp1 for SignMatmulT {
+    fn name(&self) -> &'static str {
+        "sign_matmul_t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = host_f32(storage, layout, self.name())?;
+        let words = self.signs.host_words(self.name())?;
+        let y = cpu::sign_matmul_t(&x, words.view()?)?;
+        Ok((
+            from_f32(y, storage.dtype()),
+            with_last_dim(layout, self.signs.n()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // d(x·Sᵀ)/dx contracted with grad_y is grad_y · S.
+        Ok(Some(sign_matmul_n(grad_y, &self.signs)?))
+    }
+}
+
+/// `g · S` as a candle op; see [`sign_matmul_n`].
+struct SignMatmulN {
+    signs: SignBits,
+}
+
+impl CustomOp1 for SignMatmulN {
+    fn name(&self) -> &'static str {
+        "sign_matmul_n"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = host_f32(storage, layout, self.name())?;
+        let words = self.signs.host_words(self.name())?;
+        let y = cpu::sign_matmul_n(&g, words.view()?)?;
+        Ok((
+            from_f32(y, storage.dtype()),
+            with_last_dim(layout, self.signs.k()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _g: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(sign_matmul_t(grad_y, &self.signs)?))
+    }
+}
+
+/// The multi-tenant forward; see [`tenant_delta_matmul`].
+struct TenantDeltaMatmul<'a> {
+    row_slot: &'a [Option<u32>],
+    deltas: &'a [&'a SignDelta],
+}
+
+impl CustomOp1 for TenantDeltaMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "tenant_delta_matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = host_f32(storage, layout, self.name())?;
+        // Hold every delta's read lock while the views borrow its words.
+        let words = self
+            .deltas
+            .iter()
+            .map(|d| d.signs().host_words(self.name()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut views = Vec::with_capacity(words.len());
+        for (w, d) in words.iter().zip(self.deltas) {
+            views.push(ScaledSigns {
+                signs: w.view()?,
+                scale: d.scale(),
+            });
+        }
+        let y = cpu::tenant_delta_matmul(&x, self.row_slot, &views)?;
+        let n = views.first().map_or(0, |v| v.signs.n());
+        Ok((from_f32(y, storage.dtype()), with_last_dim(layout, n)))
+    }
+}
+
+/// The input as contiguous `f32` values: borrowed when it already is, else gathered/converted.
+fn host_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &'static str,
+) -> candle_core::Result<Cow<'a, [f32]>> {
+    fn take<'a, T: Copy>(data: &'a [T], layout: &Layout) -> Cow<'a, [T]>
+    where
+        [T]: ToOwned<Owned = Vec<T>>,
+    {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Cow::Borrowed(&data[start..end]),
+            None => Cow::Owned(gather_strided(data, layout)),
+        }
+    }
+    Ok(match storage {
+        CpuStorage::F32(v) => take(v, layout),
+        CpuStorage::BF16(v) => Cow::Owned(take(v, layout).iter().map(|v| v.to_f32()).collect()),
+        CpuStorage::F16(v) => Cow::Owned(take(v, layout).iter().map(|v| v.to_f32()).collect()),
+        other => {
+            return Err(KernelError::UnsupportedDType {
+                op,
+                dtype: format!("{:?}", other.dtype()),
+            }
+            .into())
+        }
+    })
+}
+
+/// Copies a strided view into row-major order.
+fn gather_strided<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
+    let dims = layout.dims();
+    let strides = layout.stride();
+    let count = layout.shape().elem_count();
+    let mut out = Vec::with_capacity(count);
+    if count == 0 {
+        return out;
+    }
+    let mut index = vec![0usize; dims.len()];
+    loop {
+        let offset: usize =
+            layout.start_offset() + index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+        out.push(data[offset]);
+        // Odometer increment, last dimension fastest.
+        let mut d = dims.len();
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
+            index[d] += 1;
+            if index[d] < dims[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+}
+
+/// `f32` results back in the input's dtype (only the dtypes [`host_f32`] accepts get here).
+fn from_f32(y: Vec<f32>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
+        _ => CpuStorage::F32(y),
+    }
+}
+
+/// The input's shape with its last dimension replaced.
+fn with_last_dim(layout: &Layout, last: usize) -> Shape {
+    let mut dims = layout.dims().to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    Shape::from(dims)
+}
