@@ -222,6 +222,26 @@ mod tests {
     }
 
     #[test]
+    fn format_md_worked_example() {
+        // docs/FORMAT.md "Sign bits": row 0 positive at columns 0, 1, 33; row 1 all positive.
+        let cols = 35;
+        let mut values = vec![-1.0f32; 2 * cols];
+        for c in [0, 1, 33] {
+            values[c] = 1.0;
+        }
+        values[cols..].fill(0.25);
+        let words = pack_signs(&values, 2, cols);
+        assert_eq!(
+            words,
+            vec![0x0000_0003, 0x0000_0002, 0xFFFF_FFFF, 0x0000_0007]
+        );
+        assert_eq!(
+            words_to_le_bytes(&words),
+            [3, 0, 0, 0, 2, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 7, 0, 0, 0]
+        );
+    }
+
+    #[test]
     fn parallel_path_matches_serial_path() {
         let (rows, cols) = (300, 333); // > PARALLEL_MIN_VALUES values, cols not a multiple of 32
         let values: Vec<f32> = (0..rows * cols)

@@ -57,7 +57,10 @@ struct Slot {
     sign_entry: Option<TensorEntry>,
 }
 
-/// A delta being written tensor by tensor. See the [module docs](self).
+/// A delta being written tensor by tensor. The layout is fixed by [`create`](Self::create);
+/// tensors then arrive in any order, from any thread, through [`write_tensor`](Self::write_tensor);
+/// [`finish`](Self::finish) writes the header (same entries, other fields may change) into the room
+/// reserved at creation ([`HEADER_SLACK`] bytes beyond the first header) and renames the file into place.
 ///
 /// ```
 /// use deltaserve_format::*;
