@@ -6,8 +6,8 @@
 //! ```text
 //! signs: (rows, words_per_row) u32, words_per_row = ceil(cols / 32), little-endian words
 //! bit b (LSB = bit 0) of word w of row r  =  sign of D[r, 32*w + b]
-//!     1 -> D > 0   (reconstructs as +scale)
-//!     0 -> D <= 0  (reconstructs as -scale)
+//!     1 -> D >= 0  (reconstructs as +scale; zero counts as +, as BitDelta's `mask[diff < 0] = 0`)
+//!     0 -> D < 0   (reconstructs as -scale)
 //! bits for columns >= cols ("padding") are 0; readers ignore them
 //! ```
 //!
@@ -26,7 +26,7 @@ pub fn words_per_row(cols: usize) -> usize {
 }
 
 /// Packs the signs of a row-major `[rows, cols]` matrix of `f32` into words (layout in the
-/// [module docs](self)). A value `> 0.0` becomes bit 1; zero, negative values and NaN become 0.
+/// [module docs](self)). A value `>= 0.0` (zero and -0.0 included, as in BitDelta's reference) becomes bit 1; negative values and NaN become 0.
 ///
 /// # Panics
 /// If `values.len() != rows * cols`; that is a caller bug, not bad data.
@@ -43,7 +43,7 @@ pub fn pack_signs_f64(values: &[f64], rows: usize, cols: usize) -> Vec<u32> {
 }
 
 /// [`pack_signs`] for any ordered type with a zero `Default` (`f32`, `f64`, `half::bf16`,
-/// `half::f16`, integers): bit 1 where `value > T::default()`. Rows are packed in parallel.
+/// `half::f16`, integers): bit 1 where `value >= T::default()`. Rows are packed in parallel.
 ///
 /// # Panics
 /// If `values.len() != rows * cols`.
@@ -85,7 +85,7 @@ fn pack_row<T: Copy + PartialOrd + Default>(row: &[T], out: &mut [u32]) {
     for (word, chunk) in out.iter_mut().zip(row.chunks(32)) {
         let mut bits = 0u32;
         for (b, &v) in chunk.iter().enumerate() {
-            bits |= u32::from(v > zero) << b;
+            bits |= u32::from(v >= zero) << b;
         }
         *word = bits;
     }
@@ -192,7 +192,7 @@ mod tests {
             prop_assert_eq!(words.len(), rows * words_per_row(cols));
             let back = unpack_signs(&words, rows, cols);
             for (i, (&v, &s)) in values.iter().zip(&back).enumerate() {
-                let expected = if v > 0.0 { 1.0 } else { -1.0 };
+                let expected = if v >= 0.0 { 1.0 } else { -1.0 };
                 prop_assert_eq!(s, expected, "index {} value {}", i, v);
             }
         }

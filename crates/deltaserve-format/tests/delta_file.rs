@@ -108,7 +108,7 @@ fn write_then_read_round_trips_header_and_tensors() {
     let signs = unpack_signs(&file.sign_words(w).unwrap(), ROWS, COLS);
     let expected: Vec<f32> = delta_values()
         .iter()
-        .map(|&v| if v > 0.0 { 1.0 } else { -1.0 })
+        .map(|&v| if v >= 0.0 { 1.0 } else { -1.0 })
         .collect();
     assert_eq!(signs, expected);
 

@@ -1,0 +1,66 @@
+//! Reading the reference fixtures that `scripts/reference/make_fixtures.py` wrote with transformers.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// The fixture version these tests understand.
+pub const FIXTURE_VERSION: &str = "1";
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures_dir().join("models").join(name)
+}
+
+/// A reference file: its tensors and its string metadata.
+pub struct Reference {
+    pub tensors: HashMap<String, Tensor>,
+    pub meta: HashMap<String, String>,
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Reference {
+        let path = model_dir(name).join("reference.safetensors");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta: HashMap<String, String> = md.metadata().clone().unwrap_or_default();
+        let version = meta.get("fixture_version").map(String::as_str).unwrap_or("?");
+        assert_eq!(
+            version, FIXTURE_VERSION,
+            "{}: fixture version {version}; HINT: re-run scripts/reference/make_fixtures.py",
+            path.display()
+        );
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+        Reference { tensors, meta }
+    }
+
+    pub fn ids(&self, key: &str) -> Vec<Vec<u32>> {
+        let t = &self.tensors[key];
+        let t = if t.rank() == 1 { t.unsqueeze(0).unwrap() } else { t.clone() };
+        t.to_dtype(candle_core::DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
+            .collect()
+    }
+}
+
+/// Max |a-b|, with the first pairs printed on failure (as llm.c's check_tensor does).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
