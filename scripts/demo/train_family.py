@@ -1032,7 +1032,7 @@ def write_readme(out, info, ev, args):
          f"{info['model']['layers']} layers, {info['model']['heads']} heads, {info['model']['kv']} kv heads (head_dim "
          f"{info['model']['hidden'] // info['model']['heads']}), intermediate {info['model']['inter']}, tied embeddings, "
          f"max_position_embeddings 1024, rope_theta 10000, rms_norm_eps 1e-5; {info['model']['params']:,} parameters.\n",
-         "Tokenizer: byte-level BPE (vocab 8192) trained by the script; special tokens `<|endoftext|>`=0, "
+         f"Tokenizer: byte-level BPE (vocab {info['model']['vocab']}) trained by the script; special tokens `<|endoftext|>`=0, "
          "`<|user|>`=1, `<|assistant|>`=2, `<|end|>`=3. Chat format: "
          "`<|user|>\\n{content}<|end|>\\n<|assistant|>\\n{content}<|end|>\\n`; generation stops at "
          "`<|end|>` or `<|endoftext|>` (generation_config eos_token_id [3, 0]).\n",
