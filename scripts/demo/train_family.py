@@ -82,7 +82,7 @@ def settings(smoke):
                     train_tasks_cap=2000, eval_windows=4, code_stride=256, code_len=512)
     return dict(train_cap=150_000_000, heldout_cap=15_000_000, tok_cap=24_000_000, vocab=8192,
                 hidden=256, layers=6, heads=8, kv=4, inter=768, seq=512, batch=64,
-                pt_steps=None, pt_warmup=300, pt_eval_every=500, ft_steps=None, ft_warmup=50, pt_min=500, ft_min=100,
+                pt_steps=None, pt_warmup=300, pt_eval_every=500, ft_steps=1000, ft_warmup=50, pt_min=500, ft_min=100,
                 ft_batch=32, ft_seq=512, sample_bytes=200_000, n_heldout_tasks=300,
                 train_tasks_cap=60_000, eval_windows=64, code_stride=256, code_len=512)
 
@@ -1108,7 +1108,7 @@ def main():
     ap.add_argument("--deadline-seconds", type=float, default=None,
                     help="pretraining step calibration also keeps the whole process within this many seconds")
     ap.add_argument("--pt-lr", type=float, default=2e-3)
-    ap.add_argument("--ft-steps", type=int, default=None, help="default: calibrate to --ft-seconds")
+    ap.add_argument("--ft-steps", type=int, default=None, help="default 1000 (--smoke: calibrate to --ft-seconds)")
     ap.add_argument("--ft-seconds", type=float, default=55.0)
     ap.add_argument("--ft-lr", type=float, default=5e-5)
     args = ap.parse_args()

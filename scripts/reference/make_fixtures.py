@@ -548,7 +548,7 @@ def hf_guide_ppl(model, ids, max_length, stride, logits_fn=None):
     return ppl.item(), n_tokens
 
 
-def make_reference(spec, d, tok, seed, meta):
+def make_reference(spec, d, tok, seed, meta, text_ids):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed + 1000)
@@ -594,7 +594,9 @@ def make_reference(spec, d, tok, seed, meta):
     assert len(set(new.tolist())) >= 4, "greedy output degenerate"
 
     if spec["name"] == "llama":
-        ppl_ids = torch.randint(4, VOCAB, (PPL_LEN,), generator=g, dtype=torch.int64)
+        # real text (a slice of the tokenizer/fit text), so the perplexity is in a realistic range
+        start = int(torch.randint(0, text_ids.numel() - PPL_LEN, (1,), generator=g))
+        ppl_ids = text_ids[start:start + PPL_LEN].clone()
         tensors["ppl_input_ids"] = ppl_ids
         ppl, ntok = hf_guide_ppl(m32, ppl_ids, PPL_SEQ_LEN, PPL_STRIDE)
         sd = {k: v.detach().clone() for k, v in m32.state_dict().items()}
@@ -654,7 +656,7 @@ def manifest(out, specs, meta, summary):
     L.append(f"| `greedy_output` | int64 [{GREEDY_NEW}] | the {GREEDY_NEW} new tokens of `generate(do_sample=False, "
              f"max_new_tokens={GREEDY_NEW}, eos_token_id=None)` on the f32 model (never stops early); metadata "
              "`greedy_matches_nocache_loop` says whether a plain no-KV-cache argmax loop gives the same tokens |")
-    L.append(f"| `ppl_input_ids` | int64 [{PPL_LEN}] | `llama` only: random ids for the perplexity fixture |")
+    L.append(f"| `ppl_input_ids` | int64 [{PPL_LEN}] | `llama` only: 300 consecutive token ids of the tokenizer's training text, for the perplexity fixture |")
     L.append("")
     L.append("Metadata (strings): `fixture_version`, `command`, `transformers_version`, `torch_version`, and for "
              "`llama`: `ppl_seq_len`, `ppl_stride`, `ppl` (transformers, float32 model and loss), `ppl_f64` (same "
@@ -726,7 +728,7 @@ def main():
         # the reloaded config must carry the intended rope parameters
         reloaded = spec["cls"].config_class.from_pretrained(d)
         assert reloaded.rope_parameters == spec["cfg"].rope_parameters, (reloaded.rope_parameters, spec["cfg"].rope_parameters)
-        tensors, md = make_reference(spec, d, tok, args.seed + i, meta)
+        tensors, md = make_reference(spec, d, tok, args.seed + i, meta, fit_ids)
         nparams = sum(p.numel() for p in model.parameters())
         summary[spec["name"]] = {
             "files": sorted(os.listdir(d)),
