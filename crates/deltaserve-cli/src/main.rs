@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Generate text from a model (optionally with a delta applied) and stream it to stdout.
     Generate(cmd::generate::Args),
+    /// Write a random Llama-shaped checkpoint (or a noisy fine-tune of one) for tests and benchmarks.
+    RandomModel(cmd::random_model::Args),
 }
 
 fn main() {
@@ -28,6 +30,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
+        Command::RandomModel(a) => cmd::random_model::run(a),
     };
     if let Err(e) = result {
         // One line: the error and its causes, outermost first.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod kv_cache;
 pub mod llama;
+pub mod random;
 pub mod rope;
 pub mod tenant;
 pub mod tokenizer;

@@ -14,6 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::rope::RotaryTables;
 use crate::tenant::{LinearDelta, Proj, TenantWeights};
+use deltaserve_kernels::SignDelta;
 
 /// A dense base linear layer: y = x·Wᵀ + b.
 #[derive(Debug, Clone)]
@@ -130,11 +131,21 @@ impl<'a> Routing<'a> {
     }
 }
 
+/// The dtype softmax, normalisation and logits are computed in: f32, as transformers does, or
+/// f64 for a model loaded in f64 (gradient checks by finite differences need every op in f64).
+fn accum_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// RMSNorm exactly as transformers' `LlamaRMSNorm`: normalise in f32, cast back, then scale.
 /// Written with plain ops so it has a backward pass (candle's fused `rms_norm` has none).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
+    let x32 = x.to_dtype(accum_dtype(dtype))?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
     Ok(normed.broadcast_mul(weight)?)
@@ -149,6 +160,36 @@ fn delta_product(x: &Tensor, delta: &LinearDelta) -> Result<Tensor> {
         }
         LinearDelta::Dense { diff } => Ok(x.matmul(&diff.t()?)?),
     }
+}
+
+/// Mixed tenants whose deltas for this projection are all sign deltas: one fused kernel call that
+/// reads each distinct delta's bits once, whatever the number of rows using it (BGMV/SGMV style).
+/// Returns `None` when some tenant has another kind of delta here.
+fn fused_sign_deltas(x: &Tensor, l: usize, k: usize, routing: &Routing<'_>) -> Result<Option<Tensor>> {
+    let mut tenants: Vec<&TenantWeights> = Vec::new();
+    let mut deltas: Vec<SignDelta> = Vec::new();
+    let mut row_slot: Vec<Option<u32>> = Vec::with_capacity(x.dim(0)?);
+    for seg in &routing.segs {
+        let slot = match seg.tenant.and_then(|t| t.layers[l].linears[k].as_ref().map(|d| (t, d))) {
+            None => None,
+            Some((t, LinearDelta::Sign { bits, scale })) => {
+                let i = match tenants.iter().position(|&u| std::ptr::eq(u, t)) {
+                    Some(i) => i,
+                    None => {
+                        tenants.push(t);
+                        let s = scale.to_dtype(DType::F32)?.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+                        deltas.push(SignDelta::new(bits.clone(), s));
+                        tenants.len() - 1
+                    }
+                };
+                Some(i as u32)
+            }
+            Some((_, _)) => return Ok(None),
+        };
+        row_slot.extend(std::iter::repeat_n(slot, seg.len));
+    }
+    let refs: Vec<&SignDelta> = deltas.iter().collect();
+    Ok(Some(deltaserve_kernels::tenant_delta_matmul(x, &row_slot, &refs)?))
 }
 
 impl Model {
@@ -212,7 +253,7 @@ impl Model {
     }
 
     /// Runs new tokens of several sequences through the model and returns, per sequence, logits
-    /// in f32 of shape (1, vocab) or (tokens, vocab) as each asked.
+    /// in f32 (f64 for a model loaded in f64) of shape (1, vocab) or (tokens, vocab) as each asked.
     pub fn forward(&self, seqs: &mut [SeqInput<'_>], opts: ForwardOptions) -> Result<Vec<Tensor>> {
         let mut segs = Vec::with_capacity(seqs.len());
         let mut start = 0;
@@ -289,7 +330,7 @@ impl Model {
             } else {
                 t.and_then(|t| t.lm_head.as_ref()).or(self.lm_head.as_ref()).unwrap_or(&self.embed_tokens)
             };
-            out.push(h.matmul(&head.t()?)?.to_dtype(DType::F32)?);
+            out.push(h.matmul(&head.t()?)?.to_dtype(accum_dtype(self.dtype))?);
         }
         Ok(out)
     }
@@ -311,6 +352,11 @@ impl Model {
             y = y.broadcast_add(b)?;
         }
         if routing.any_tenant(|t| t.layers[l].linears[k].is_some()) {
+            if routing.uniform.is_none() {
+                if let Some(d) = fused_sign_deltas(x, l, k, routing)? {
+                    return Ok((y + d)?);
+                }
+            }
             let d = routing.map(x, |x, t| match t.and_then(|t| t.layers[l].linears[k].as_ref()) {
                 Some(delta) => delta_product(x, delta),
                 None => Ok(Tensor::zeros((x.dim(0)?, base.weight.dim(0)?), x.dtype(), x.device())?),
@@ -382,7 +428,7 @@ impl Model {
         let qg = q.reshape((nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (qg.matmul(&k.t()?.contiguous()?)? * scale)?.reshape((nh, t, s))?;
-        let mut scores = scores.to_dtype(DType::F32)?;
+        let mut scores = scores.to_dtype(accum_dtype(q.dtype()))?;
         let needs_mask = t > 1 || window.is_some_and(|w| s > w);
         if needs_mask {
             let mut m = vec![0f32; t * s];
@@ -396,7 +442,7 @@ impl Model {
                     }
                 }
             }
-            let m = Tensor::from_vec(m, (t, s), q.device())?;
+            let m = Tensor::from_vec(m, (t, s), q.device())?.to_dtype(scores.dtype())?;
             scores = scores.broadcast_add(&m)?;
         }
         let probs = if opts.differentiable {

@@ -2,3 +2,4 @@
 
 pub mod common;
 pub mod generate;
+pub mod random_model;
