@@ -615,6 +615,25 @@ def make_reference(spec, d, tok, seed, meta, text_ids):
     return tensors, md
 
 
+def window_story(n, seq_len, stride):
+    """Describe the guide loop's windows: scored targets and weights."""
+    parts, prev, wins = [], 0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + seq_len, n)
+        trg = end - prev
+        scored = min(trg, end - begin - 1)
+        parts.append((begin, end, scored, trg - 1))
+        wins += 1
+        prev = end
+        if end == n:
+            break
+    first, mid, last = parts[0], parts[1:-1], parts[-1]
+    assert all(p[2:] == mid[0][2:] for p in mid)
+    return (f"{wins} windows; the first ([0, {first[1]})) scores {first[2]} targets with weight {first[3]}, the next "
+            f"{len(mid)} score their last {mid[0][2]} targets with weight {mid[0][3]}, the last ([{last[0]}, {last[1]})) "
+            f"scores {last[2]} targets with weight {last[3]}")
+
+
 def manifest(out, specs, meta, summary):
     L = []
     L.append("# Test fixtures\n")
@@ -671,9 +690,9 @@ def manifest(out, specs, meta, summary):
              "    num_loss_tokens = (labels != -100).sum() - 1      # guide subtracts batch_size (=1)\n"
              "    nll_sum += loss * num_loss_tokens; n_tokens += num_loss_tokens\n"
              "    prev_end = end\n    if end == N: break\nppl = exp(nll_sum / n_tokens)\n```\n")
-    L.append(f"With N={PPL_LEN}, seq_len={PPL_SEQ_LEN}, stride={PPL_STRIDE}: 15 windows; the first scores 63 targets "
-             "(weight 63), every later window scores its last 16 targets but is weighted 15 (the guide's "
-             f"`- batch_size`), so n_tokens = {summary.get('ppl_tokens', '?')}. Reproduce this weighting exactly to match `ppl`.\n")
+    L.append(f"With N={PPL_LEN}, seq_len={PPL_SEQ_LEN}, stride={PPL_STRIDE}: " + window_story(PPL_LEN, PPL_SEQ_LEN, PPL_STRIDE)
+             + f" (the guide's `- batch_size`), so n_tokens = {summary.get('ppl_tokens', '?')}. "
+             "Reproduce this weighting exactly to match `ppl`.\n")
     L.append("## Values\n")
     for s in specs:
         nm = s["name"]
