@@ -40,7 +40,12 @@ pub fn generate(
     let mut stopped = false;
     while tokens.len() < max_tokens {
         let logits = model.forward(
-            &mut [SeqInput { tokens: &next_input, cache: Some(&mut cache), tenant, logits: LogitsWanted::Last }],
+            &mut [SeqInput {
+                tokens: &next_input,
+                cache: Some(&mut cache),
+                tenant,
+                logits: LogitsWanted::Last,
+            }],
             ForwardOptions::default(),
         )?;
         let row: Vec<f32> = logits[0].squeeze(0)?.to_vec1()?;
@@ -57,5 +62,10 @@ pub fn generate(
         next_input = vec![next];
     }
     let decode = t0.elapsed().saturating_sub(prefill);
-    Ok(Generation { tokens, stopped, prefill, decode })
+    Ok(Generation {
+        tokens,
+        stopped,
+        prefill,
+        decode,
+    })
 }

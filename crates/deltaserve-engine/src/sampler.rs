@@ -18,7 +18,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
     }
 }
 
@@ -32,7 +37,10 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler with its own seeded generator.
     pub fn new(params: SamplingParams) -> Self {
-        Self { params, rng: StdRng::seed_from_u64(params.seed) }
+        Self {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+        }
     }
 
     /// Chooses the next token from one row of logits.
@@ -41,7 +49,11 @@ impl Sampler {
             return argmax(logits);
         }
         let t = self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / t))
+            .collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.params.top_k > 0 && self.params.top_k < cand.len() {
             cand.truncate(self.params.top_k);
@@ -102,9 +114,18 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_top_p_small_keeps_best() {
         let logits = [0.1, 0.2, 5.0, 0.3];
-        let mut a = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() });
+        let mut a = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        });
         assert_eq!(a.sample(&logits), 2);
-        let mut b = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.01, seed: 7, ..Default::default() });
+        let mut b = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.01,
+            seed: 7,
+            ..Default::default()
+        });
         for _ in 0..20 {
             assert_eq!(b.sample(&logits), 2);
         }
@@ -113,12 +134,20 @@ mod tests {
     #[test]
     fn sampling_follows_distribution_and_seed() {
         let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: 42, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        });
         let n = 4000;
         let ones = (0..n).filter(|_| s.sample(&logits) == 1).count() as f64 / n as f64;
         assert!((ones - 0.75).abs() < 0.03, "{ones}");
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed, ..Default::default() });
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            });
             (0..16).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(run(3), run(3));
