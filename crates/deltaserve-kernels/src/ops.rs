@@ -11,7 +11,9 @@
 //!
 //! Each op implements `cpu_fwd`; a `cuda_fwd` goes beside it (the words tensor then lives on the
 //! GPU). Inputs may be `f32`, `bf16` or `f16`: they are computed in `f32` and the output has the
-//! input's dtype. Strided inputs are gathered first.
+//! input's dtype. Strided inputs are gathered first. [`sign_matmul_t`] and [`sign_matmul_n`] also
+//! take `f64` (plain loops, no SIMD), so that gradient checks by finite differences can run a
+//! whole model in double precision.
 
 use std::borrow::Cow;
 
@@ -102,6 +104,11 @@ impl CustomOp1 for SignMatmulT {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let CpuStorage::F64(x) = storage {
+            let words = self.signs.host_words(self.name())?;
+            let y = sign_matmul_f64(&take_contiguous(x, layout), words.view()?, false);
+            return Ok((CpuStorage::F64(y), with_last_dim(layout, self.signs.n())));
+        }
         let x = host_f32(storage, layout, self.name())?;
         let words = self.signs.host_words(self.name())?;
         let y = cpu::sign_matmul_t(&x, words.view()?)?;
@@ -137,6 +144,11 @@ impl CustomOp1 for SignMatmulN {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let CpuStorage::F64(g) = storage {
+            let words = self.signs.host_words(self.name())?;
+            let y = sign_matmul_f64(&take_contiguous(g, layout), words.view()?, true);
+            return Ok((CpuStorage::F64(y), with_last_dim(layout, self.signs.k())));
+        }
         let g = host_f32(storage, layout, self.name())?;
         let words = self.signs.host_words(self.name())?;
         let y = cpu::sign_matmul_n(&g, words.view()?)?;
@@ -219,6 +231,45 @@ fn host_f32<'a>(
             .into())
         }
     })
+}
+
+/// The input as contiguous values, borrowed when it already is.
+fn take_contiguous<'a, T: Copy>(data: &'a [T], layout: &Layout) -> Cow<'a, [T]>
+where
+    [T]: ToOwned<Owned = Vec<T>>,
+{
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Cow::Borrowed(&data[start..end]),
+        None => Cow::Owned(gather_strided(data, layout)),
+    }
+}
+
+/// `x · Sᵀ` (or `g · S` when `transposed`) in `f64` with plain loops, for gradient checks; the
+/// same sums as [`crate::reference`], without rounding to `f32`.
+fn sign_matmul_f64(x: &[f64], signs: crate::SignsView<'_>, transposed: bool) -> Vec<f64> {
+    let (n, k, wpr) = (signs.n(), signs.k(), signs.words_per_row());
+    let words = signs.words();
+    let sign = |row: usize, col: usize| -> f64 {
+        if (words[row * wpr + col / 32] >> (col % 32)) & 1 == 1 {
+            1.0
+        } else {
+            -1.0
+        }
+    };
+    let (inner, outer) = if transposed { (n, k) } else { (k, n) };
+    let m = x.len() / inner;
+    let mut out = vec![0f64; m * outer];
+    for i in 0..m {
+        for o in 0..outer {
+            let mut acc = 0f64;
+            for c in 0..inner {
+                let s = if transposed { sign(c, o) } else { sign(o, c) };
+                acc += x[i * inner + c] * s;
+            }
+            out[i * outer + o] = acc;
+        }
+    }
+    out
 }
 
 /// Copies a strided view into row-major order.
