@@ -54,18 +54,29 @@ fn open_shard(path: &Path) -> Result<ShardFile> {
                 hint: "the checkpoint is incomplete; download or copy the file again",
             }
         } else {
-            ModelError::BadFile { path: path.to_path_buf(), msg: e.to_string() }
+            ModelError::BadFile {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            }
         }
     })?;
     // SAFETY: the file is opened read-only; like every mmap-based loader (candle, safetensors) we
     // assume no other process truncates it while we run.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| ModelError::BadFile { path: path.to_path_buf(), msg: format!("cannot memory-map: {e}") })?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadFile {
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::BadFile {
         path: path.to_path_buf(),
-        msg: format!("truncated or corrupt safetensors file ({e}); re-download or re-save it"),
+        msg: format!("cannot memory-map: {e}"),
     })?;
-    Ok(ShardFile { path: path.to_path_buf(), mmap, data_start: 8 + header_len, metadata })
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadFile {
+            path: path.to_path_buf(),
+            msg: format!("truncated or corrupt safetensors file ({e}); re-download or re-save it"),
+        })?;
+    Ok(ShardFile {
+        path: path.to_path_buf(),
+        mmap,
+        data_start: 8 + header_len,
+        metadata,
+    })
 }
 
 /// Resolves `--model`: a directory, or a Hub id looked up in the local Hugging Face cache.
@@ -74,7 +85,8 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
     if p.is_dir() {
         return Ok(p);
     }
-    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
+    let looks_like_hub_id =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
     if looks_like_hub_id {
         let cache = hf_hub::Cache::from_env();
         if let Some(cfg) = cache.model(spec.to_string()).get("config.json") {
@@ -83,7 +95,9 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
             }
         }
         return Err(ModelError::MissingFile {
-            path: cache.path().join(format!("models--{}", spec.replace('/', "--"))),
+            path: cache
+                .path()
+                .join(format!("models--{}", spec.replace('/', "--"))),
             what: "Hugging Face cache entry",
             hint: "this machine is offline and the model is not in the local Hugging Face cache; \
                    download it elsewhere (huggingface-cli download) or pass a local directory",
@@ -110,11 +124,17 @@ impl Checkpoint {
         let config_path = dir.join("config.json");
         let raw_config = RawConfig::from_file(&config_path)?;
         let config = raw_config.resolve(&config_path)?;
-        let config_json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&config_path)
-                .map_err(|e| ModelError::BadFile { path: config_path.clone(), msg: e.to_string() })?,
-        )
-        .map_err(|e| ModelError::BadFile { path: config_path.clone(), msg: e.to_string() })?;
+        let config_json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(|e| {
+                ModelError::BadFile {
+                    path: config_path.clone(),
+                    msg: e.to_string(),
+                }
+            })?)
+            .map_err(|e| ModelError::BadFile {
+                path: config_path.clone(),
+                msg: e.to_string(),
+            })?;
 
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
@@ -123,8 +143,10 @@ impl Checkpoint {
             struct Index {
                 weight_map: BTreeMap<String, String>,
             }
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| ModelError::BadFile { path: index_path.clone(), msg: e.to_string() })?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::BadFile {
+                path: index_path.clone(),
+                msg: e.to_string(),
+            })?;
             let idx: Index = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
                 path: index_path.clone(),
                 msg: format!("not a valid safetensors index: {e}"),
@@ -142,14 +164,24 @@ impl Checkpoint {
                 hint: "expected model.safetensors or model.safetensors.index.json with its shards",
             });
         };
-        let shards = files.iter().map(|f| open_shard(f)).collect::<Result<Vec<_>>>()?;
+        let shards = files
+            .iter()
+            .map(|f| open_shard(f))
+            .collect::<Result<Vec<_>>>()?;
         let mut index = HashMap::new();
         for (i, s) in shards.iter().enumerate() {
             for name in s.metadata.tensors().keys() {
                 index.insert(name.clone(), i);
             }
         }
-        Ok(Self { dir, raw_config, config_json, config, shards, index })
+        Ok(Self {
+            dir,
+            raw_config,
+            config_json,
+            config,
+            shards,
+            index,
+        })
     }
 
     /// The checkpoint directory.
@@ -195,26 +227,49 @@ impl Checkpoint {
             .index
             .get(name)
             .map(|&i| &self.shards[i])
-            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
         let info = shard
             .metadata
             .info(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
         let (start, end) = info.data_offsets;
-        let data = shard.mmap.get(shard.data_start + start..shard.data_start + end).ok_or_else(|| {
-            ModelError::BadFile { path: shard.path.clone(), msg: format!("tensor `{name}` lies past the end of the file") }
-        })?;
-        Ok(RawTensor { dtype: info.dtype, shape: &info.shape, data })
+        let data = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| ModelError::BadFile {
+                path: shard.path.clone(),
+                msg: format!("tensor `{name}` lies past the end of the file"),
+            })?;
+        Ok(RawTensor {
+            dtype: info.dtype,
+            shape: &info.shape,
+            data,
+        })
     }
 
     /// Loads a floating-point tensor, checks its shape, converts it to `dtype` on `device`.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let raw = self.raw(name)?;
         if raw.shape != shape {
             return Err(ModelError::BadTensor {
                 name: name.to_string(),
                 dir: self.dir.clone(),
-                msg: format!("shape {:?} in the file, {:?} expected from config.json", raw.shape, shape),
+                msg: format!(
+                    "shape {:?} in the file, {:?} expected from config.json",
+                    raw.shape, shape
+                ),
             });
         }
         self.to_tensor(name, raw, dtype, device)
@@ -226,7 +281,13 @@ impl Checkpoint {
         self.to_tensor(name, raw, dtype, device)
     }
 
-    fn to_tensor(&self, name: &str, raw: RawTensor<'_>, dtype: DType, device: &Device) -> Result<Tensor> {
+    fn to_tensor(
+        &self,
+        name: &str,
+        raw: RawTensor<'_>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let stored = match raw.dtype {
             Dtype::BF16 => DType::BF16,
             Dtype::F16 => DType::F16,

@@ -142,8 +142,14 @@ fn need<T>(v: Option<T>, path: &Path, field: &'static str) -> Result<T> {
 /// Reads token ids given as a number or a list of numbers.
 pub fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -159,7 +165,10 @@ impl RawConfig {
                     hint: "pass a Hugging Face model directory that contains config.json",
                 }
             } else {
-                ModelError::BadFile { path: path.to_path_buf(), msg: e.to_string() }
+                ModelError::BadFile {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                }
             }
         })?;
         serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
@@ -178,7 +187,11 @@ impl RawConfig {
             _ => {
                 return Err(ModelError::UnsupportedArchitecture {
                     path: path.to_path_buf(),
-                    name: if name.is_empty() { "<none: `architectures` is empty>".into() } else { name },
+                    name: if name.is_empty() {
+                        "<none: `architectures` is empty>".into()
+                    } else {
+                        name
+                    },
                 })
             }
         };
@@ -207,33 +220,47 @@ impl RawConfig {
         let rope_params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
         let rope_theta = self
             .rope_theta
-            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                self.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10000.0);
         let rope_llama3 = match rope_params {
             Some(p) => {
-                let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+                let kind = p
+                    .get("rope_type")
+                    .or_else(|| p.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default");
                 match kind {
                     "default" => None,
                     "llama3" => {
                         let f = |k: &'static str| {
-                            p.get(k).and_then(|v| v.as_f64()).ok_or_else(|| ModelError::Config {
-                                path: path.to_path_buf(),
-                                field: "rope_scaling",
-                                msg: format!("llama3 scaling needs `{k}`"),
-                            })
+                            p.get(k)
+                                .and_then(|v| v.as_f64())
+                                .ok_or_else(|| ModelError::Config {
+                                    path: path.to_path_buf(),
+                                    field: "rope_scaling",
+                                    msg: format!("llama3 scaling needs `{k}`"),
+                                })
                         };
                         Some(Llama3RopeScaling {
                             factor: f("factor")?,
                             low_freq_factor: f("low_freq_factor")?,
                             high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
+                            original_max_position_embeddings: f("original_max_position_embeddings")?
+                                as usize,
                         })
                     }
                     other => {
                         return Err(ModelError::Config {
                             path: path.to_path_buf(),
                             field: "rope_scaling",
-                            msg: format!("rope type `{other}` is not supported (supported: default, llama3)"),
+                            msg: format!(
+                                "rope type `{other}` is not supported (supported: default, llama3)"
+                            ),
                         })
                     }
                 }
@@ -248,7 +275,11 @@ impl RawConfig {
         // Qwen2 applies the window only to layers at or above `max_window_layers`.
         let sliding_window = (0..num_hidden_layers)
             .map(|i| match (arch, window) {
-                (Architecture::Qwen2, Some(w)) if i >= self.max_window_layers.unwrap_or(num_hidden_layers) => Some(w),
+                (Architecture::Qwen2, Some(w))
+                    if i >= self.max_window_layers.unwrap_or(num_hidden_layers) =>
+                {
+                    Some(w)
+                }
                 (Architecture::Qwen2, _) => None,
                 (_, w) => w,
             })
@@ -294,7 +325,10 @@ mod tests {
 
     #[test]
     fn missing_field_is_named() {
-        let e = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":8,"num_attention_heads":2}"#).unwrap_err();
+        let e = parse(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":8,"num_attention_heads":2}"#,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("num_hidden_layers"), "{e}");
     }
 

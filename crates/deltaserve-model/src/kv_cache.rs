@@ -17,7 +17,10 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model with `layers` decoder layers.
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers], pos: 0 }
+        Self {
+            layers: vec![None; layers],
+            pos: 0,
+        }
     }
 
     /// Positions already in the cache.

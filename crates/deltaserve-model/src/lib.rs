@@ -32,15 +32,20 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
     match spec {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let idx = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse::<usize>()).map_err(|_| {
-                ModelError::Input(format!("--device {s}: expected cpu, cuda or cuda:N"))
-            })?;
+            let idx = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), |n| n.parse::<usize>())
+                .map_err(|_| {
+                    ModelError::Input(format!("--device {s}: expected cpu, cuda or cuda:N"))
+                })?;
             candle_core::Device::new_cuda(idx).map_err(|e| {
                 ModelError::Input(format!(
                     "--device {s}: {e}; build with `--features cuda` and check the GPU is visible"
                 ))
             })
         }
-        s => Err(ModelError::Input(format!("--device {s}: expected cpu, cuda or cuda:N"))),
+        s => Err(ModelError::Input(format!(
+            "--device {s}: expected cpu, cuda or cuda:N"
+        ))),
     }
 }

@@ -109,12 +109,19 @@ fn same_tenant(a: Option<&TenantWeights>, b: Option<&TenantWeights>) -> bool {
 impl<'a> Routing<'a> {
     fn new(segs: Vec<Segment<'a>>) -> Self {
         let first = segs.first().and_then(|s| s.tenant);
-        let uniform = segs.iter().all(|s| same_tenant(s.tenant, first)).then_some(first);
+        let uniform = segs
+            .iter()
+            .all(|s| same_tenant(s.tenant, first))
+            .then_some(first);
         Self { segs, uniform }
     }
 
     /// Applies `f` per tenant run of rows and stitches the results back in row order.
-    fn map(&self, x: &Tensor, f: impl Fn(&Tensor, Option<&TenantWeights>) -> Result<Tensor>) -> Result<Tensor> {
+    fn map(
+        &self,
+        x: &Tensor,
+        f: impl Fn(&Tensor, Option<&TenantWeights>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         if let Some(t) = self.uniform {
             return f(x, t);
         }
@@ -165,19 +172,31 @@ fn delta_product(x: &Tensor, delta: &LinearDelta) -> Result<Tensor> {
 /// Mixed tenants whose deltas for this projection are all sign deltas: one fused kernel call that
 /// reads each distinct delta's bits once, whatever the number of rows using it (BGMV/SGMV style).
 /// Returns `None` when some tenant has another kind of delta here.
-fn fused_sign_deltas(x: &Tensor, l: usize, k: usize, routing: &Routing<'_>) -> Result<Option<Tensor>> {
+fn fused_sign_deltas(
+    x: &Tensor,
+    l: usize,
+    k: usize,
+    routing: &Routing<'_>,
+) -> Result<Option<Tensor>> {
     let mut tenants: Vec<&TenantWeights> = Vec::new();
     let mut deltas: Vec<SignDelta> = Vec::new();
     let mut row_slot: Vec<Option<u32>> = Vec::with_capacity(x.dim(0)?);
     for seg in &routing.segs {
-        let slot = match seg.tenant.and_then(|t| t.layers[l].linears[k].as_ref().map(|d| (t, d))) {
+        let slot = match seg
+            .tenant
+            .and_then(|t| t.layers[l].linears[k].as_ref().map(|d| (t, d)))
+        {
             None => None,
             Some((t, LinearDelta::Sign { bits, scale })) => {
                 let i = match tenants.iter().position(|&u| std::ptr::eq(u, t)) {
                     Some(i) => i,
                     None => {
                         tenants.push(t);
-                        let s = scale.to_dtype(DType::F32)?.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+                        let s = scale
+                            .to_dtype(DType::F32)?
+                            .flatten_all()?
+                            .get(0)?
+                            .to_scalar::<f32>()?;
                         deltas.push(SignDelta::new(bits.clone(), s));
                         tenants.len() - 1
                     }
@@ -189,7 +208,9 @@ fn fused_sign_deltas(x: &Tensor, l: usize, k: usize, routing: &Routing<'_>) -> R
         row_slot.extend(std::iter::repeat_n(slot, seg.len));
     }
     let refs: Vec<&SignDelta> = deltas.iter().collect();
-    Ok(Some(deltaserve_kernels::tenant_delta_matmul(x, &row_slot, &refs)?))
+    Ok(Some(deltaserve_kernels::tenant_delta_matmul(
+        x, &row_slot, &refs,
+    )?))
 }
 
 impl Model {
@@ -208,7 +229,11 @@ impl Model {
                 let name = format!("{p}.{}", proj.module());
                 Ok(Linear {
                     weight: get(&format!("{name}.weight"), &[out, inp])?,
-                    bias: if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None },
+                    bias: if bias {
+                        Some(get(&format!("{name}.bias"), &[out])?)
+                    } else {
+                        None
+                    },
                 })
             };
             layers.push(Layer {
@@ -222,14 +247,30 @@ impl Model {
                     lin(Proj::Down, h, i, cfg.mlp_bias)?,
                 ],
                 input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_layernorm: get(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
                 window: cfg.sliding_window[l],
             });
         }
         let norm = get("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[v, h])?) };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight", &[v, h])?)
+        };
         let rope = RotaryTables::new(&cfg, dtype, device)?;
-        Ok(Self { cfg, dtype, device: device.clone(), embed_tokens, layers, norm, lm_head, rope })
+        Ok(Self {
+            cfg,
+            dtype,
+            device: device.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
     }
 
     /// The resolved configuration.
@@ -261,7 +302,9 @@ impl Model {
         for s in seqs.iter() {
             let past = s.cache.as_ref().map_or(0, |c| c.len());
             if s.tokens.is_empty() {
-                return Err(ModelError::Input("a sequence has no tokens to process".into()));
+                return Err(ModelError::Input(
+                    "a sequence has no tokens to process".into(),
+                ));
             }
             if past + s.tokens.len() > self.cfg.max_position_embeddings {
                 return Err(ModelError::Input(format!(
@@ -271,7 +314,11 @@ impl Model {
                     self.cfg.max_position_embeddings
                 )));
             }
-            segs.push(Segment { start, len: s.tokens.len(), tenant: s.tenant });
+            segs.push(Segment {
+                start,
+                len: s.tokens.len(),
+                tenant: s.tenant,
+            });
             starts.push(past);
             start += s.tokens.len();
         }
@@ -280,10 +327,15 @@ impl Model {
         // Embeddings, from the tenant's table when it has one (it may hold extra tokens).
         let mut parts = Vec::with_capacity(seqs.len());
         for (s, seg) in seqs.iter().zip(&routing.segs) {
-            let table = seg.tenant.and_then(|t| t.embed_tokens.as_ref()).unwrap_or(&self.embed_tokens);
+            let table = seg
+                .tenant
+                .and_then(|t| t.embed_tokens.as_ref())
+                .unwrap_or(&self.embed_tokens);
             let vocab = table.dim(0)?;
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+                return Err(ModelError::Input(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                )));
             }
             let ids = Tensor::new(s.tokens, &self.device)?;
             parts.push(table.index_select(&ids, 0)?);
@@ -293,7 +345,9 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let eps = self.cfg.rms_norm_eps;
             let normed = routing.map(&x, |x, t| {
-                let w = t.and_then(|t| t.layers[l].input_layernorm.as_ref()).unwrap_or(&layer.input_layernorm);
+                let w = t
+                    .and_then(|t| t.layers[l].input_layernorm.as_ref())
+                    .unwrap_or(&layer.input_layernorm);
                 rms_norm(x, w, eps)
             })?;
             let attn = self.attention(l, layer, &normed, &routing, seqs, &starts, opts)?;
@@ -326,9 +380,12 @@ impl Model {
             let norm = t.and_then(|t| t.norm.as_ref()).unwrap_or(&self.norm);
             let h = rms_norm(&rows, norm, self.cfg.rms_norm_eps)?;
             let head = if self.cfg.tie_word_embeddings {
-                t.and_then(|t| t.embed_tokens.as_ref()).unwrap_or(&self.embed_tokens)
+                t.and_then(|t| t.embed_tokens.as_ref())
+                    .unwrap_or(&self.embed_tokens)
             } else {
-                t.and_then(|t| t.lm_head.as_ref()).or(self.lm_head.as_ref()).unwrap_or(&self.embed_tokens)
+                t.and_then(|t| t.lm_head.as_ref())
+                    .or(self.lm_head.as_ref())
+                    .unwrap_or(&self.embed_tokens)
             };
             out.push(h.matmul(&head.t()?)?.to_dtype(accum_dtype(self.dtype))?);
         }
@@ -343,7 +400,10 @@ impl Model {
         let tenant_bias = routing.any_tenant(|t| t.layers[l].biases[k].is_some());
         if tenant_bias {
             y = routing.map(&y, |y, t| {
-                match t.and_then(|t| t.layers[l].biases[k].as_ref()).or(base.bias.as_ref()) {
+                match t
+                    .and_then(|t| t.layers[l].biases[k].as_ref())
+                    .or(base.bias.as_ref())
+                {
                     Some(b) => Ok(y.broadcast_add(b)?),
                     None => Ok(y.clone()),
                 }
@@ -357,9 +417,15 @@ impl Model {
                     return Ok((y + d)?);
                 }
             }
-            let d = routing.map(x, |x, t| match t.and_then(|t| t.layers[l].linears[k].as_ref()) {
-                Some(delta) => delta_product(x, delta),
-                None => Ok(Tensor::zeros((x.dim(0)?, base.weight.dim(0)?), x.dtype(), x.device())?),
+            let d = routing.map(x, |x, t| {
+                match t.and_then(|t| t.layers[l].linears[k].as_ref()) {
+                    Some(delta) => delta_product(x, delta),
+                    None => Ok(Tensor::zeros(
+                        (x.dim(0)?, base.weight.dim(0)?),
+                        x.dtype(),
+                        x.device(),
+                    )?),
+                }
             })?;
             y = (y + d)?;
         }
@@ -377,7 +443,11 @@ impl Model {
         starts: &[usize],
         opts: ForwardOptions,
     ) -> Result<Tensor> {
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
         let q = self.linear(l, Proj::Q, x, routing)?;
         let k = self.linear(l, Proj::K, x, routing)?;
         let v = self.linear(l, Proj::V, x, routing)?;
@@ -385,7 +455,10 @@ impl Model {
         for ((s, seg), &p0) in seqs.iter_mut().zip(&routing.segs).zip(starts) {
             let t = seg.len;
             let heads = |m: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(m.narrow(0, seg.start, t)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()?)
+                Ok(m.narrow(0, seg.start, t)?
+                    .reshape((t, n, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
             };
             let q = self.rope.apply(&heads(&q, nh)?, p0, opts.differentiable)?;
             let k = self.rope.apply(&heads(&k, nkv)?, p0, opts.differentiable)?;
@@ -418,7 +491,10 @@ impl Model {
         let first = window.map_or(0, |w| (p0 + 1).saturating_sub(w));
         let s_all = k.dim(1)?;
         let (k, v) = if first > 0 {
-            (k.narrow(1, first, s_all - first)?, v.narrow(1, first, s_all - first)?)
+            (
+                k.narrow(1, first, s_all - first)?,
+                v.narrow(1, first, s_all - first)?,
+            )
         } else {
             (k.clone(), v.clone())
         };
@@ -452,6 +528,8 @@ impl Model {
         };
         let probs = probs.to_dtype(q.dtype())?.reshape((nkv, rep * t, s))?;
         let o = probs.matmul(&v.contiguous()?)?; // (nkv, rep*t, hd)
-        Ok(o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?)
+        Ok(o.reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, nh * hd))?)
     }
 }

@@ -36,10 +36,24 @@ impl RandomShape {
     /// Named presets: `tiny` (fixture-sized), `llama-100m`, `llama2-7b`.
     pub fn preset(name: &str) -> Option<Self> {
         Some(match name {
-            "tiny" => Self { hidden: 64, intermediate: 160, layers: 2, heads: 4, kv_heads: 2, vocab: 512, max_positions: 512 },
-            "llama-100m" => {
-                Self { hidden: 768, intermediate: 2048, layers: 12, heads: 12, kv_heads: 12, vocab: 32000, max_positions: 2048 }
-            }
+            "tiny" => Self {
+                hidden: 64,
+                intermediate: 160,
+                layers: 2,
+                heads: 4,
+                kv_heads: 2,
+                vocab: 512,
+                max_positions: 512,
+            },
+            "llama-100m" => Self {
+                hidden: 768,
+                intermediate: 2048,
+                layers: 12,
+                heads: 12,
+                kv_heads: 12,
+                vocab: 32000,
+                max_positions: 2048,
+            },
             "llama2-7b" => Self {
                 hidden: 4096,
                 intermediate: 11008,
@@ -60,10 +74,22 @@ impl RandomShape {
         let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
-            v.push((format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, h]));
-            v.push((format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, h]));
-            v.push((format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, h]));
-            v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * hd]));
+            v.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![self.heads * hd, h],
+            ));
+            v.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
+            v.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![self.kv_heads * hd, h],
+            ));
+            v.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, self.heads * hd],
+            ));
             v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
             v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
             v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
@@ -103,7 +129,9 @@ fn random_values(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     let n: usize = shape.iter().product();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     if name.ends_with("norm.weight") {
-        return (0..n).map(|_| 1.0 + 0.1 * (rng.gen::<f32>() - 0.5)).collect();
+        return (0..n)
+            .map(|_| 1.0 + 0.1 * (rng.gen::<f32>() - 0.5))
+            .collect();
     }
     let std = 0.5 / (*shape.last().unwrap_or(&1) as f32).sqrt();
     gaussian(&mut rng, n, std)
@@ -125,7 +153,10 @@ fn gaussian(rng: &mut impl Rng, n: usize, std: f32) -> Vec<f32> {
 }
 
 fn seed_for(name: &str, seed: u64) -> u64 {
-    name.bytes().fold(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3))
+    name.bytes()
+        .fold(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+        })
 }
 
 /// How a random checkpoint is made.
@@ -147,7 +178,10 @@ pub struct RandomCheckpoint<'a> {
 impl RandomCheckpoint<'_> {
     /// Writes the checkpoint directory (config.json, shards, index) into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let io = |e: std::io::Error| ModelError::BadFile { path: dir.to_path_buf(), msg: e.to_string() };
+        let io = |e: std::io::Error| ModelError::BadFile {
+            path: dir.to_path_buf(),
+            msg: e.to_string(),
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let tensors = self.shape.tensors();
         let elem = if self.bf16 { 2 } else { 4 };
@@ -161,35 +195,56 @@ impl RandomCheckpoint<'_> {
                 size = 0;
             }
             size += b;
-            shards.last_mut().expect("one shard exists. This is a bug.").push((name, shape));
+            shards
+                .last_mut()
+                .expect("one shard exists. This is a bug.")
+                .push((name, shape));
         }
         let n = shards.len();
         let mut weight_map = BTreeMap::new();
         let mut total = 0usize;
         for (si, shard) in shards.iter().enumerate() {
-            let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
+            let file = if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
+            };
             let data: Vec<(String, Vec<usize>, Vec<u8>)> = shard
                 .par_iter()
                 .map(|(name, shape)| -> Result<_> {
                     let mut v = random_values(name, shape, seed_for(name, self.seed));
                     if let Some((base, noise)) = self.finetune_of {
-                        let b = base.load_any(name, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+                        let b = base.load_any(
+                            name,
+                            candle_core::DType::F32,
+                            &candle_core::Device::Cpu,
+                        )?;
                         let b: Vec<f32> = b.flatten_all()?.to_vec1()?;
-                        let scale = noise * (b.iter().map(|x| x * x).sum::<f32>() / b.len().max(1) as f32).sqrt();
+                        let scale = noise
+                            * (b.iter().map(|x| x * x).sum::<f32>() / b.len().max(1) as f32).sqrt();
                         for (x, bb) in v.iter_mut().zip(&b) {
                             // A fine-tune moves weights a little: noise relative to the weights' RMS.
-                            *x = bb + scale * *x / (0.5 / (*shape.last().unwrap_or(&1) as f32).sqrt()).max(1e-12);
+                            *x = bb
+                                + scale * *x
+                                    / (0.5 / (*shape.last().unwrap_or(&1) as f32).sqrt())
+                                        .max(1e-12);
                         }
                     }
                     let bytes = if self.bf16 {
-                        v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()
+                        v.iter()
+                            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                            .collect()
                     } else {
                         v.iter().flat_map(|x| x.to_le_bytes()).collect()
                     };
                     Ok((name.clone(), shape.clone(), bytes))
                 })
                 .collect::<Result<_>>()?;
-            let dtype = if self.bf16 { safetensors::Dtype::BF16 } else { safetensors::Dtype::F32 };
+            let dtype = if self.bf16 {
+                safetensors::Dtype::BF16
+            } else {
+                safetensors::Dtype::F32
+            };
             let views: Vec<(String, safetensors::tensor::TensorView)> = data
                 .iter()
                 .map(|(n, s, b)| {
@@ -202,18 +257,32 @@ impl RandomCheckpoint<'_> {
                 weight_map.insert(name.clone(), file.clone());
                 total += b.len();
             }
-            safetensors::serialize_to_file(views, None, &dir.join(&file))
-                .map_err(|e| ModelError::BadFile { path: dir.join(&file), msg: e.to_string() })?;
+            safetensors::serialize_to_file(views, None, &dir.join(&file)).map_err(|e| {
+                ModelError::BadFile {
+                    path: dir.join(&file),
+                    msg: e.to_string(),
+                }
+            })?;
         }
         if n > 1 {
-            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-            std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).map_err(io)?;
+            let index =
+                serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())
+                .map_err(io)?;
         }
         let mut cfg = self.shape.config_json();
         cfg["torch_dtype"] = if self.bf16 { "bfloat16" } else { "float32" }.into();
-        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap_or_default()).map_err(io)?;
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+        )
+        .map_err(io)?;
         if let Some(src) = self.tokenizer_from {
-            for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            for f in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "generation_config.json",
+            ] {
                 if src.join(f).exists() {
                     std::fs::copy(src.join(f), dir.join(f)).map_err(io)?;
                 }

@@ -20,17 +20,28 @@ pub struct RotaryTables {
 pub fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
     let dim = cfg.head_dim;
     let base = cfg.rope_theta as f32;
-    let mut inv: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect();
+    let mut inv: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+        .collect();
     if let Some(s) = &cfg.rope_llama3 {
         // transformers `_compute_llama3_parameters`: long wavelengths are divided by `factor`, short ones
         // kept, and the band between them interpolated smoothly.
         let old = s.original_max_position_embeddings as f32;
-        let (factor, low, high) = (s.factor as f32, s.low_freq_factor as f32, s.high_freq_factor as f32);
+        let (factor, low, high) = (
+            s.factor as f32,
+            s.low_freq_factor as f32,
+            s.high_freq_factor as f32,
+        );
         let low_wavelen = old / low;
         let high_wavelen = old / high;
         for f in inv.iter_mut() {
             let wavelen = 2.0 * std::f32::consts::PI / *f;
-            let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+            let scaled = if wavelen > low_wavelen {
+                *f / factor
+            } else {
+                *f
+            };
             let is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
             *f = if is_medium {
                 let smooth = (old / wavelen - low) / (high - low);
@@ -80,7 +91,10 @@ impl RotaryTables {
             Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
         } else {
             let x4 = x.contiguous()?.unsqueeze(0)?;
-            Ok(candle_nn::rotary_emb::rope(&x4, &cos.contiguous()?, &sin.contiguous()?)?.squeeze(0)?)
+            Ok(
+                candle_nn::rotary_emb::rope(&x4, &cos.contiguous()?, &sin.contiguous()?)?
+                    .squeeze(0)?,
+            )
         }
     }
 }

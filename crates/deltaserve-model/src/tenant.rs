@@ -29,7 +29,15 @@ pub enum Proj {
 
 impl Proj {
     /// All projections in storage order.
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     /// The Hugging Face module path inside a layer, e.g. `self_attn.q_proj`.
     pub fn module(self) -> &'static str {
@@ -110,6 +118,9 @@ pub struct TenantWeights {
 impl TenantWeights {
     /// A tenant that changes nothing, sized for `layers` decoder layers.
     pub fn empty(layers: usize) -> Self {
-        Self { layers: vec![LayerDelta::default(); layers], ..Default::default() }
+        Self {
+            layers: vec![LayerDelta::default(); layers],
+            ..Default::default()
+        }
     }
 }

@@ -31,7 +31,10 @@ pub struct TextCodec {
 fn special_token(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -40,10 +43,16 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::BadFile { path: path.into(), msg: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::BadFile {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| ModelError::BadFile { path: path.into(), msg: format!("invalid JSON: {e}") })
+        .map_err(|e| ModelError::BadFile {
+            path: path.into(),
+            msg: format!("invalid JSON: {e}"),
+        })
 }
 
 impl TextCodec {
@@ -58,8 +67,11 @@ impl TextCodec {
                 hint: "the model directory needs tokenizer.json (the Hugging Face fast tokenizer file)",
             });
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| ModelError::BadFile { path: path.clone(), msg: format!("cannot load tokenizer: {e}") })?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::BadFile {
+                path: path.clone(),
+                msg: format!("cannot load tokenizer: {e}"),
+            })?;
         let tc = read_json(&dir.join("tokenizer_config.json"))?;
         let chat_template = tc.as_ref().and_then(|c| match c.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -72,18 +84,29 @@ impl TextCodec {
                 .map(str::to_string),
             _ => None,
         });
-        let chat_template = chat_template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let chat_template =
+            chat_template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
         let bos_token = special_token(tc.as_ref().and_then(|c| c.get("bos_token")));
         let eos_token = special_token(tc.as_ref().and_then(|c| c.get("eos_token")));
         let gen = read_json(&dir.join("generation_config.json"))?;
-        let mut stop_ids = gen.as_ref().map(|g| token_ids(&g.get("eos_token_id").cloned())).unwrap_or_default();
+        let mut stop_ids = gen
+            .as_ref()
+            .map(|g| token_ids(&g.get("eos_token_id").cloned()))
+            .unwrap_or_default();
         stop_ids.extend_from_slice(config_eos);
         if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
             stop_ids.push(id);
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(Self { tokenizer, chat_template, bos_token, eos_token, stop_ids, path })
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            stop_ids,
+            path,
+        })
     }
 
     /// Token ids that end generation.
@@ -123,7 +146,11 @@ impl TextCodec {
     }
 
     /// Renders messages through the chat template, as transformers' `apply_chat_template` does.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             ModelError::Tokenizer(format!(
                 "{}: tokenizer_config.json has no chat_template; drop --chat or use a chat model",
@@ -133,11 +160,20 @@ impl TextCodec {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| ModelError::Tokenizer(format!("chat template: {e}")))?;
-        let tmpl = env.get_template("chat").map_err(|e| ModelError::Tokenizer(format!("chat template: {e}")))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| ModelError::Tokenizer(format!("chat template: {e}")))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| ModelError::Tokenizer(format!("chat template: {e}")))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,

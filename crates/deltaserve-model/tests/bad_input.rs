@@ -48,20 +48,28 @@ fn truncated_safetensors_is_reported() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("truncated or corrupt"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated or corrupt"),
+        "{e}"
+    );
 }
 
 #[test]
 fn garbage_safetensors_is_reported() {
     let d = broken_copy();
-    std::fs::write(d.path().join("model.safetensors"), b"not a safetensors file at all").unwrap();
+    std::fs::write(
+        d.path().join("model.safetensors"),
+        b"not a safetensors file at all",
+    )
+    .unwrap();
     let e = load_err(d.path());
     assert!(e.contains("truncated or corrupt"), "{e}");
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
 }
@@ -71,15 +79,23 @@ fn wrong_shape_names_the_tensor() {
     let d = broken_copy();
     edit_config(d.path(), |v| v["intermediate_size"] = 161.into());
     let e = load_err(d.path());
-    assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("161"), "{e}");
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("161"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unsupported_architecture_is_named() {
     let d = broken_copy();
-    edit_config(d.path(), |v| v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]));
+    edit_config(d.path(), |v| {
+        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+    });
     let e = load_err(d.path());
-    assert!(e.contains("GPTNeoXForCausalLM") && e.contains("not supported"), "{e}");
+    assert!(
+        e.contains("GPTNeoXForCausalLM") && e.contains("not supported"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -93,14 +109,29 @@ fn wrong_dtype_names_the_tensor() {
     for (name, view) in st.tensors() {
         if name == "model.norm.weight" {
             let n = view.shape().iter().product::<usize>();
-            owned.push((name, safetensors::Dtype::I64, view.shape().to_vec(), vec![0u8; n * 8]));
+            owned.push((
+                name,
+                safetensors::Dtype::I64,
+                view.shape().to_vec(),
+                vec![0u8; n * 8],
+            ));
         } else {
-            owned.push((name, view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+            owned.push((
+                name,
+                view.dtype(),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            ));
         }
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, dt, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap()))
+        .map(|(n, dt, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     let out = safetensors::serialize(views, None).unwrap();
     std::fs::write(&p, out).unwrap();
@@ -115,8 +146,19 @@ fn prompt_longer_than_context_is_an_error() {
     let n = model.config().max_position_embeddings + 1;
     let ids = vec![1u32; n];
     let e = model
-        .forward(&mut [SeqInput { tokens: &ids, cache: None, tenant: None, logits: LogitsWanted::Last }], ForwardOptions::default())
+        .forward(
+            &mut [SeqInput {
+                tokens: &ids,
+                cache: None,
+                tenant: None,
+                logits: LogitsWanted::Last,
+            }],
+            ForwardOptions::default(),
+        )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("context") && e.contains("max_position_embeddings"), "{e}");
+    assert!(
+        e.contains("context") && e.contains("max_position_embeddings"),
+        "{e}"
+    );
 }

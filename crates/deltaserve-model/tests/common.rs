@@ -10,6 +10,14 @@ use candle_core::{Device, Tensor};
 /// The fixture version these tests understand.
 pub const FIXTURE_VERSION: &str = "1";
 
+/// The device tests run on: `DELTASERVE_TEST_DEVICE` (`cpu`, `cuda:0`), default CPU. Asking for
+/// CUDA where there is none fails the test; it never passes silently.
+pub fn device() -> Device {
+    let spec = std::env::var("DELTASERVE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    deltaserve_model::parse_device(&spec)
+        .unwrap_or_else(|e| panic!("DELTASERVE_TEST_DEVICE={spec}: {e}"))
+}
+
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -30,9 +38,13 @@ impl Reference {
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let meta: HashMap<String, String> = md.metadata().clone().unwrap_or_default();
-        let version = meta.get("fixture_version").map(String::as_str).unwrap_or("?");
+        let version = meta
+            .get("fixture_version")
+            .map(String::as_str)
+            .unwrap_or("?");
         assert_eq!(
-            version, FIXTURE_VERSION,
+            version,
+            FIXTURE_VERSION,
             "{}: fixture version {version}; HINT: re-run scripts/reference/make_fixtures.py",
             path.display()
         );
@@ -42,7 +54,11 @@ impl Reference {
 
     pub fn ids(&self, key: &str) -> Vec<Vec<u32>> {
         let t = &self.tensors[key];
-        let t = if t.rank() == 1 { t.unsqueeze(0).unwrap() } else { t.clone() };
+        let t = if t.rank() == 1 {
+            t.unsqueeze(0).unwrap()
+        } else {
+            t.clone()
+        };
         t.to_dtype(candle_core::DType::I64)
             .unwrap()
             .to_vec2::<i64>()
@@ -55,12 +71,60 @@ impl Reference {
 
 /// Max |a-b|, with the first pairs printed on failure (as llm.c's check_tensor does).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(a.len(), b.len());
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    a.to_device(&Device::Cpu)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Root-mean-square of a-b.
+pub fn rms_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let s: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    (s / a.len() as f64).sqrt() as f32
 }

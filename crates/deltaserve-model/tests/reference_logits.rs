@@ -14,16 +14,23 @@ const F32_REL_TOL: f32 = 1e-4;
 fn logits_all(model: &Model, ids: &[Vec<u32>], differentiable: bool) -> Tensor {
     let mut seqs: Vec<SeqInput> = ids
         .iter()
-        .map(|r| SeqInput { tokens: r, cache: None, tenant: None, logits: LogitsWanted::All })
+        .map(|r| SeqInput {
+            tokens: r,
+            cache: None,
+            tenant: None,
+            logits: LogitsWanted::All,
+        })
         .collect();
-    let out = model.forward(&mut seqs, ForwardOptions { differentiable }).unwrap();
+    let out = model
+        .forward(&mut seqs, ForwardOptions { differentiable })
+        .unwrap();
     Tensor::stack(&out, 0).unwrap()
 }
 
 fn check_f32(name: &str) {
     let r = Reference::load(name);
     let ckpt = Checkpoint::open(model_dir(name)).unwrap();
-    let model = Model::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let model = Model::load(&ckpt, DType::F32, &common::device()).unwrap();
     let ids = r.ids("input_ids");
     let expected = r.tensors.get("logits_f32").unwrap_or(&r.tensors["logits"]);
     for differentiable in [false, true] {
@@ -40,11 +47,14 @@ fn check_f32(name: &str) {
 fn check_greedy(name: &str) {
     let r = Reference::load(name);
     let ckpt = Checkpoint::open(model_dir(name)).unwrap();
-    let model = Model::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let model = Model::load(&ckpt, DType::F32, &common::device()).unwrap();
     let prompt = &r.ids("greedy_prompt")[0];
     let expected = &r.ids("greedy_output")[0];
     let gen = deltaserve_engine_free_greedy(&model, prompt, expected.len());
-    assert_eq!(&gen, expected, "{name}: greedy continuation differs from transformers");
+    assert_eq!(
+        &gen, expected,
+        "{name}: greedy continuation differs from transformers"
+    );
 }
 
 /// Greedy decoding with the KV cache, one token at a time (the engine crate is above this one).
@@ -55,11 +65,22 @@ fn deltaserve_engine_free_greedy(model: &Model, prompt: &[u32], n: usize) -> Vec
     for _ in 0..n {
         let logits = model
             .forward(
-                &mut [SeqInput { tokens: &input, cache: Some(&mut cache), tenant: None, logits: LogitsWanted::Last }],
+                &mut [SeqInput {
+                    tokens: &input,
+                    cache: Some(&mut cache),
+                    tenant: None,
+                    logits: LogitsWanted::Last,
+                }],
                 ForwardOptions::default(),
             )
             .unwrap();
-        let next = logits[0].squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let next = logits[0]
+            .squeeze(0)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
         out.push(next);
         input = vec![next];
     }
@@ -95,33 +116,75 @@ fn greedy_continuations_match_transformers() {
 
 #[test]
 fn bf16_logits_within_transformers_own_bf16_error() {
+    // transformers' own bf16 error is measured against its f32 run of the same weights; ours must
+    // be no larger, in RMS and in max, against that same f32 truth. (Comparing bf16 with bf16
+    // directly is dominated by single rounding flips at the output: one bf16 ulp at |logit| ~ 10
+    // is 0.0625, larger than the whole bf16-vs-f32 error.)
     let name = "llama3_tied_bf16";
     let r = Reference::load(name);
     let ckpt = Checkpoint::open(model_dir(name)).unwrap();
-    let model = Model::load(&ckpt, DType::BF16, &Device::Cpu).unwrap();
-    let got = logits_all(&model, &r.ids("input_ids"), false);
+    let model = Model::load(&ckpt, DType::BF16, &common::device()).unwrap();
     let hf_bf16 = &r.tensors["logits"];
     let hf_f32 = &r.tensors["logits_f32"];
-    let own_gap = max_abs_diff(hf_bf16, hf_f32);
-    let ours = max_abs_diff(&got, hf_bf16);
-    assert!(ours <= own_gap, "bf16: ours vs transformers bf16 {ours} > transformers bf16 vs f32 {own_gap}");
+    for differentiable in [false, true] {
+        let got = logits_all(&model, &r.ids("input_ids"), differentiable);
+        let (own_max, own_rms) = (
+            max_abs_diff(hf_bf16, hf_f32),
+            common::rms_diff(hf_bf16, hf_f32),
+        );
+        let (ours_max, ours_rms) = (max_abs_diff(&got, hf_f32), common::rms_diff(&got, hf_f32));
+        eprintln!("differentiable={differentiable} bf16 vs f32 truth: transformers max {own_max} rms {own_rms}; ours max {ours_max} rms {ours_rms}");
+        assert!(
+            ours_rms <= own_rms * BF16_SLACK,
+            "bf16 rms error {ours_rms} > transformers' {own_rms}"
+        );
+        assert!(
+            ours_max <= own_max * BF16_SLACK,
+            "bf16 max error {ours_max} > transformers' {own_max}"
+        );
+    }
 }
+
+/// Two bf16 implementations that round at the same points still differ in accumulation order
+/// (cuBLAS vs the CPU gemm), so their errors against f32 differ by a few percent either way.
+const BF16_SLACK: f32 = 1.25;
 
 #[test]
 fn cached_decoding_equals_full_forward() {
     // Prefill half, then feed one token at a time: the last logits must equal the uncached run.
     let ckpt = Checkpoint::open(model_dir("mistral_sliding")).unwrap();
-    let model = Model::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let model = Model::load(&ckpt, DType::F32, &common::device()).unwrap();
     let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
-    let full = logits_all(&model, std::slice::from_ref(&ids), false).squeeze(0).unwrap();
+    let full = logits_all(&model, std::slice::from_ref(&ids), false)
+        .squeeze(0)
+        .unwrap();
     let mut cache = model.new_cache();
     let mut rows = Vec::new();
-    let mut seq = vec![SeqInput { tokens: &ids[..6], cache: Some(&mut cache), tenant: None, logits: LogitsWanted::All }];
-    rows.push(model.forward(&mut seq, ForwardOptions::default()).unwrap().remove(0));
+    let mut seq = vec![SeqInput {
+        tokens: &ids[..6],
+        cache: Some(&mut cache),
+        tenant: None,
+        logits: LogitsWanted::All,
+    }];
+    rows.push(
+        model
+            .forward(&mut seq, ForwardOptions::default())
+            .unwrap()
+            .remove(0),
+    );
     for i in 6..12 {
-        let mut seq =
-            vec![SeqInput { tokens: &ids[i..i + 1], cache: Some(&mut cache), tenant: None, logits: LogitsWanted::All }];
-        rows.push(model.forward(&mut seq, ForwardOptions::default()).unwrap().remove(0));
+        let mut seq = vec![SeqInput {
+            tokens: &ids[i..i + 1],
+            cache: Some(&mut cache),
+            tenant: None,
+            logits: LogitsWanted::All,
+        }];
+        rows.push(
+            model
+                .forward(&mut seq, ForwardOptions::default())
+                .unwrap()
+                .remove(0),
+        );
     }
     let cached = Tensor::cat(&rows, 0).unwrap();
     let diff = max_abs_diff(&cached, &full);

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 
 fn model() -> Model {
     let ckpt = Checkpoint::open(model_dir("llama")).unwrap();
-    Model::load(&ckpt, DType::F32, &Device::Cpu).unwrap()
+    Model::load(&ckpt, DType::F32, &common::device()).unwrap()
 }
 
 /// A tenant with random sign deltas on every projection, a dense delta on one, and its own norm.
@@ -28,18 +28,22 @@ fn random_tenant(model: &Model, seed: u64) -> TenantWeights {
                     let w: u32 = rng.gen();
                     // Keep padding bits zero, as the format requires.
                     let used = k - 32 * (i % k.div_ceil(32));
-                    if used < 32 { w & ((1u32 << used) - 1) } else { w }
+                    if used < 32 {
+                        w & ((1u32 << used) - 1)
+                    } else {
+                        w
+                    }
                 })
                 .collect();
-            let bits = SignBits::from_words(words, n, k, &Device::Cpu).unwrap();
-            let scale = Tensor::new(&[0.01f32 + 0.01 * rng.gen::<f32>()], &Device::Cpu).unwrap();
+            let bits = SignBits::from_words(words, n, k, &m_dev(model)).unwrap();
+            let scale = Tensor::new(&[0.01f32 + 0.01 * rng.gen::<f32>()], &m_dev(model)).unwrap();
             t.layers[l].linears[p.index()] = Some(LinearDelta::Sign { bits, scale });
         }
         let h = layer.input_layernorm.dim(0).unwrap();
         t.layers[l].input_layernorm = Some((layer.input_layernorm.clone() * 1.1).unwrap());
         if l == 0 {
             let (n, k) = layer.linears[Proj::Up.index()].weight.dims2().unwrap();
-            let diff = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
+            let diff = Tensor::randn(0f32, 0.02, (n, k), &m_dev(model)).unwrap();
             t.layers[l].linears[Proj::Up.index()] = Some(LinearDelta::Dense { diff });
         }
         let _ = h;
@@ -57,8 +61,12 @@ fn merged(model: &Model, t: &TenantWeights) -> Model {
             match &t.layers[l].linears[p.index()] {
                 Some(LinearDelta::Sign { bits, scale }) => {
                     let (n, k) = (bits.n(), bits.k());
-                    let signs = deltaserve_kernels::reference::unpack_to_f32(&bits.to_host_words().unwrap(), n, k);
-                    let s = Tensor::from_vec(signs, (n, k), &Device::Cpu).unwrap();
+                    let signs = deltaserve_kernels::reference::unpack_to_f32(
+                        &bits.to_host_words().unwrap(),
+                        n,
+                        k,
+                    );
+                    let s = Tensor::from_vec(signs, (n, k), &m_dev(model)).unwrap();
                     lin.weight = (&lin.weight + s.broadcast_mul(scale).unwrap()).unwrap();
                 }
                 Some(LinearDelta::Dense { diff }) => lin.weight = (&lin.weight + diff).unwrap(),
@@ -76,8 +84,16 @@ fn merged(model: &Model, t: &TenantWeights) -> Model {
 }
 
 fn run(model: &Model, tokens: &[u32], tenant: Option<&TenantWeights>) -> Tensor {
-    let mut s = [SeqInput { tokens, cache: None, tenant, logits: LogitsWanted::All }];
-    model.forward(&mut s, ForwardOptions::default()).unwrap().remove(0)
+    let mut s = [SeqInput {
+        tokens,
+        cache: None,
+        tenant,
+        logits: LogitsWanted::All,
+    }];
+    model
+        .forward(&mut s, ForwardOptions::default())
+        .unwrap()
+        .remove(0)
 }
 
 #[test]
@@ -88,7 +104,10 @@ fn sign_delta_on_the_fly_equals_merged_weights() {
     let fly = run(&m, &ids, Some(&t));
     let dense = run(&merged(&m, &t), &ids, None);
     let diff = max_abs_diff(&fly, &dense);
-    assert!(diff <= 1e-5 * max_abs(&dense).max(1.0), "on the fly vs merged: {diff}");
+    assert!(
+        diff <= 1e-5 * max_abs(&dense).max(1.0),
+        "on the fly vs merged: {diff}"
+    );
     // And the delta changes something: base logits differ.
     assert!(max_abs_diff(&fly, &run(&m, &ids, None)) > 1e-3);
 }
@@ -106,12 +125,24 @@ fn mixed_tenant_batch_equals_each_sequence_alone() {
     ];
     let mut inputs: Vec<SeqInput> = seqs
         .iter()
-        .map(|(ids, t)| SeqInput { tokens: ids, cache: None, tenant: *t, logits: LogitsWanted::All })
+        .map(|(ids, t)| SeqInput {
+            tokens: ids,
+            cache: None,
+            tenant: *t,
+            logits: LogitsWanted::All,
+        })
         .collect();
     let batched = m.forward(&mut inputs, ForwardOptions::default()).unwrap();
     for ((ids, t), got) in seqs.iter().zip(&batched) {
         let alone = run(&m, ids, *t);
         let diff = max_abs_diff(got, &alone);
-        assert!(diff <= 1e-5 * max_abs(&alone).max(1.0), "batched vs alone: {diff}");
+        assert!(
+            diff <= 1e-5 * max_abs(&alone).max(1.0),
+            "batched vs alone: {diff}"
+        );
     }
+}
+
+fn m_dev(m: &Model) -> Device {
+    m.device().clone()
 }
