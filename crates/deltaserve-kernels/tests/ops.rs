@@ -278,15 +278,33 @@ fn sign_matmul_ops_take_f64_and_match_a_dense_product() {
     let (n, k) = (5, 37);
     let (words, signs) = random_signs(&mut rng, n, k);
     let s = dense(&words, n, k).to_dtype(DType::F64).unwrap();
-    let x = random_tensor(&mut rng, &[3, k]).to_dtype(DType::F64).unwrap();
+    let x = random_tensor(&mut rng, &[3, k])
+        .to_dtype(DType::F64)
+        .unwrap();
     let y = sign_matmul_t(&x, &signs).unwrap();
     assert_eq!(y.dtype(), DType::F64);
     let want = x.matmul(&s.t().unwrap()).unwrap();
-    let diff = (y - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let diff = (y - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!(diff < 1e-12, "sign_matmul_t f64: max abs diff {diff:e}");
-    let g = random_tensor(&mut rng, &[3, n]).to_dtype(DType::F64).unwrap();
+    let g = random_tensor(&mut rng, &[3, n])
+        .to_dtype(DType::F64)
+        .unwrap();
     let back = sign_matmul_n(&g, &signs).unwrap();
     let want = g.matmul(&s).unwrap();
-    let diff = (back - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let diff = (back - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!(diff < 1e-12, "sign_matmul_n f64: max abs diff {diff:e}");
 }

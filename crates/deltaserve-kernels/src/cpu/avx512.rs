@@ -1,133 +1,201 @@
 //! AVX-512F/BW kernels.
 //!
-//! A 16-bit half of a sign word is exactly an AVX-512 lane mask, so with `P = Σ_{bit=1} x_k` and
-//! `T = Σ_k x_k` (computed once per call),
+//! `x · Sᵀ` uses 4-bit lookup tables ([`build_tables`], [`matmul_t_block`]): per call, each group
+//! of 4 columns of `x` gets the 16 signed sums its 4 sign bits can select, and one `vpermps`
+//! then looks up 16 output rows at once.
+//!
+//! `g · S` uses masks: a 16-bit half of a sign word is exactly an AVX-512 lane mask, so with
+//! `P = Σ_{bit=1} g_n` and `T = Σ_n g_n` (computed once per call),
 //!
 //! ```text
-//! Σ_k s_k x_k = P − (T − P) = 2·P − T
+//! Σ_n s_n g_n = P − (T − P) = 2·P − T
 //! ```
 //!
 //! and `P` costs one masked add (`vaddps zmm{k}`, the mask loaded straight from the word) per 16
-//! columns. A tile of `RN` sign rows × `RM` input rows loads each 16-column slice of `x` once for
-//! the `RN` rows and each word once for the `RM` rows.
+//! columns.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::signs::{words_per_row, SignsView};
 
-/// Sign rows per tile when `x` has one row (decode): 8 accumulators keep both FP ports busy
-/// despite the 4-cycle add latency.
-const RN_DECODE: usize = 8;
-
-/// Sign rows per tile when `x` has several rows: `RN × RM ≤ 16` accumulators plus `2·RM` slices of
-/// `x` fit the 32 vector registers.
-const RN_BATCH: usize = 4;
-
-/// `out_t (rows, m) = (x · Sᵀ)ᵀ` for the `rows = out_t.len() / m` sign rows in `words`.
+/// Lookup tables for `x · Sᵀ`, shape `(m, 8 · ceil(k/32), 16)`: entry `[i, g, idx]` is
+/// `Σ_{b<4} ±x[i, 4g + b]` with `+` where bit `b` of `idx` is 1. Columns past `k` count as 0, so
+/// padding bits select zeros.
 ///
 /// # Safety
-/// The CPU must support AVX-512F and AVX-512BW. `x` holds `m` rows of `k`, `x_sums` their sums,
-/// and `words` holds `out_t.len() / m` rows of `ceil(k/32)` words.
+/// The CPU must support AVX-512F; `x` holds `m` rows of `k`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn build_tables(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let groups = 8 * words_per_row(k);
+    let mut tables = vec![0f32; m * groups * 16];
+    // signs[b][idx] = +1 if bit b of idx is set, else −1.
+    let mut signs = [_mm512_setzero_ps(); 4];
+    for (b, s) in signs.iter_mut().enumerate() {
+        let mut lanes = [0f32; 16];
+        for (idx, l) in lanes.iter_mut().enumerate() {
+            *l = if (idx >> b) & 1 == 1 { 1.0 } else { -1.0 };
+        }
+        *s = _mm512_loadu_ps(lanes.as_ptr());
+    }
+    for (row, out) in x
+        .chunks_exact(k)
+        .take(m)
+        .zip(tables.chunks_exact_mut(groups * 16))
+    {
+        for (g, out) in out.chunks_exact_mut(16).enumerate() {
+            let c = 4 * g;
+            let v = |b: usize| _mm512_set1_ps(row.get(c + b).copied().unwrap_or(0.0));
+            let mut t = _mm512_mul_ps(v(0), signs[0]);
+            t = _mm512_fmadd_ps(v(1), signs[1], t);
+            t = _mm512_fmadd_ps(v(2), signs[2], t);
+            t = _mm512_fmadd_ps(v(3), signs[3], t);
+            _mm512_storeu_ps(out.as_mut_ptr(), t);
+        }
+    }
+    tables
+}
+
+/// `out_t (rows, m) = (x · Sᵀ)ᵀ` for the `rows = out_t.len() / m` sign rows in `words`, from the
+/// tables of [`build_tables`].
+///
+/// Output rows go 32 at a time (two vectors of 16 lanes, lane = sign row). A gather fetches word
+/// `w` of the 32 rows; each of its 8 nibbles indexes the 16-entry table of its 4 columns with one
+/// `vpermps` (which reads only the low 4 bits of each lane, so a right shift is all the decoding).
+/// One `vpermps` + one add thus cover 16 rows × 4 columns, where a masked add covers 1 × 16 and
+/// needs a port-5 `kmov` for its mask: four times the work per instruction on the scarce port.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512BW; `tables` come from [`build_tables`] for `m` rows of
+/// `k`, and `words` holds `out_t.len() / m` rows of `ceil(k/32)` words.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(super) unsafe fn matmul_t_block(
-    x: &[f32],
+    tables: &[f32],
     m: usize,
-    x_sums: &[f32],
     words: &[u32],
     k: usize,
     out_t: &mut [f32],
 ) {
     let wpr = words_per_row(k);
+    let groups = 8 * wpr;
     let rows = out_t.len() / m;
-    assert!(x.len() >= m * k && x_sums.len() >= m && words.len() >= rows * wpr);
-    let rn_main = if m == 1 { RN_DECODE } else { RN_BATCH };
-    let mut pos = [[0f32; 4]; RN_DECODE];
-    let mut j0 = 0;
-    while j0 < rows {
-        let rn = if rows - j0 >= rn_main { rn_main } else { 1 };
-        let wp = words.as_ptr().add(j0 * wpr);
+    assert!(tables.len() >= m * groups * 16 && words.len() >= rows * wpr);
+    // Gather offsets are i32 word counts: row 31 of a block must be addressable.
+    assert!(
+        32 * wpr <= i32::MAX as usize,
+        "K = {k} too large for 32-bit gather offsets"
+    );
+    let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let stride = _mm512_set1_epi32(wpr as i32);
+    let idx_a = _mm512_mullo_epi32(lane, stride);
+    let idx_b = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(16)), stride);
+    let mut res = [[0f32; 32]; 4];
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = (rows - r0).min(32);
+        let lanes = |n: usize| ((1u32 << n) - 1) as __mmask16;
+        let block = Block {
+            words: words.as_ptr().add(r0 * wpr),
+            wpr,
+            idx_a,
+            idx_b,
+            ka: lanes(nr.min(16)),
+            kb: lanes(nr.saturating_sub(16)),
+            tables: tables.as_ptr(),
+            table_stride: groups * 16,
+        };
         let mut i0 = 0;
         while i0 < m {
             let rm = (m - i0).min(4);
-            let xp = x.as_ptr().add(i0 * k);
-            match (rn, rm) {
-                (RN_DECODE, 1) => tile::<RN_DECODE, 1>(xp, k, wp, wpr, &mut pos),
-                (RN_BATCH, 1) => tile::<RN_BATCH, 1>(xp, k, wp, wpr, &mut pos),
-                (RN_BATCH, 2) => tile::<RN_BATCH, 2>(xp, k, wp, wpr, &mut pos),
-                (RN_BATCH, 3) => tile::<RN_BATCH, 3>(xp, k, wp, wpr, &mut pos),
-                (RN_BATCH, 4) => tile::<RN_BATCH, 4>(xp, k, wp, wpr, &mut pos),
-                (1, 1) => tile::<1, 1>(xp, k, wp, wpr, &mut pos),
-                (1, 2) => tile::<1, 2>(xp, k, wp, wpr, &mut pos),
-                (1, 3) => tile::<1, 3>(xp, k, wp, wpr, &mut pos),
-                (1, 4) => tile::<1, 4>(xp, k, wp, wpr, &mut pos),
-                _ => unreachable!("tile ({rn}, {rm}) not instantiated. This is a bug."),
+            let b = Block {
+                tables: block.tables.add(i0 * block.table_stride),
+                ..block
+            };
+            match (rm, nr > 16) {
+                (1, false) => lut_tile::<1, false>(&b, &mut res),
+                (2, false) => lut_tile::<2, false>(&b, &mut res),
+                (3, false) => lut_tile::<3, false>(&b, &mut res),
+                (4, false) => lut_tile::<4, false>(&b, &mut res),
+                (1, true) => lut_tile::<1, true>(&b, &mut res),
+                (2, true) => lut_tile::<2, true>(&b, &mut res),
+                (3, true) => lut_tile::<3, true>(&b, &mut res),
+                (4, true) => lut_tile::<4, true>(&b, &mut res),
+                _ => unreachable!("tile of {rm} rows not instantiated. This is a bug."),
             }
-            for (r, pos) in pos.iter().enumerate().take(rn) {
-                for (i, p) in pos.iter().enumerate().take(rm) {
-                    out_t[(j0 + r) * m + i0 + i] = 2.0 * p - x_sums[i0 + i];
+            for (i, res) in res.iter().enumerate().take(rm) {
+                for (r, v) in res.iter().enumerate().take(nr) {
+                    out_t[(r0 + r) * m + i0 + i] = *v;
                 }
             }
             i0 += rm;
         }
-        j0 += rn;
+        r0 += 32;
     }
 }
 
-/// `pos[r][i] = Σ_{bit=1} x[i, c]` over sign row `r` of the tile, for `RN` rows of words at `w`
-/// (stride `wpr`) and `RM` rows of `x` at `x` (stride `k`).
+/// Up to 32 sign rows and up to 4 rows of tables, for [`lut_tile`].
+#[derive(Clone, Copy)]
+struct Block {
+    /// Word 0 of the block's first row.
+    words: *const u32,
+    wpr: usize,
+    /// Word offsets of rows 0..16 and 16..32 from the first.
+    idx_a: __m512i,
+    idx_b: __m512i,
+    /// Lanes holding real rows (the block may be short).
+    ka: __mmask16,
+    kb: __mmask16,
+    /// Tables of the first `x` row of the tile; the next is `table_stride` floats further.
+    tables: *const f32,
+    table_stride: usize,
+}
+
+/// `res[i][r] = x_i · s_r` for the `RM` table rows and the block's rows `r < 16` (`< 32` if `TWO`).
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn tile<const RN: usize, const RM: usize>(
-    x: *const f32,
-    k: usize,
-    w: *const u32,
-    wpr: usize,
-    pos: &mut [[f32; 4]; RN_DECODE],
-) {
-    let full = k / 32;
-    let tail = k % 32;
-    let mut acc = [[_mm512_setzero_ps(); RM]; RN];
-    for wi in 0..full {
-        let mut xv = [[_mm512_setzero_ps(); 2]; RM];
-        for (i, xv) in xv.iter_mut().enumerate() {
-            let p = x.add(i * k + 32 * wi);
-            xv[0] = _mm512_loadu_ps(p);
-            xv[1] = _mm512_loadu_ps(p.add(16));
+unsafe fn lut_tile<const RM: usize, const TWO: bool>(b: &Block, res: &mut [[f32; 32]; 4]) {
+    // [x row][half of the block][nibble parity]: two chains per half hide the add latency.
+    let mut acc = [[[_mm512_setzero_ps(); 2]; 2]; RM];
+    let zero = _mm512_setzero_si512();
+    for wi in 0..b.wpr {
+        let p = b.words.add(wi) as *const i32;
+        let wa = _mm512_mask_i32gather_epi32::<4>(zero, b.ka, b.idx_a, p);
+        let wb = if TWO {
+            _mm512_mask_i32gather_epi32::<4>(zero, b.kb, b.idx_b, p)
+        } else {
+            zero
+        };
+        let tp = b.tables.add(128 * wi);
+        macro_rules! nibble {
+            ($j:literal) => {
+                let ia = _mm512_srli_epi32::<{ 4 * $j }>(wa);
+                let ib = _mm512_srli_epi32::<{ 4 * $j }>(wb);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let tab = _mm512_loadu_ps(tp.add(i * b.table_stride + 16 * $j));
+                    acc[0][$j & 1] = _mm512_add_ps(acc[0][$j & 1], _mm512_permutexvar_ps(ia, tab));
+                    if TWO {
+                        acc[1][$j & 1] =
+                            _mm512_add_ps(acc[1][$j & 1], _mm512_permutexvar_ps(ib, tab));
+                    }
+                }
+            };
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let word = *w.add(r * wpr + wi);
-            let (lo, hi) = (word as __mmask16, (word >> 16) as __mmask16);
-            for (a, xv) in acc.iter_mut().zip(&xv) {
-                *a = _mm512_mask_add_ps(*a, lo, *a, xv[0]);
-                *a = _mm512_mask_add_ps(*a, hi, *a, xv[1]);
-            }
-        }
+        nibble!(0);
+        nibble!(1);
+        nibble!(2);
+        nibble!(3);
+        nibble!(4);
+        nibble!(5);
+        nibble!(6);
+        nibble!(7);
     }
-    if tail > 0 {
-        // Columns past K load as 0.0 and their (padding) bits are cleared, so neither counts.
-        let valid = (1u32 << tail) - 1;
-        let (vlo, vhi) = (valid as __mmask16, (valid >> 16) as __mmask16);
-        let mut xv = [[_mm512_setzero_ps(); 2]; RM];
-        for (i, xv) in xv.iter_mut().enumerate() {
-            let p = x.add(i * k + 32 * full);
-            xv[0] = _mm512_maskz_loadu_ps(vlo, p);
-            if vhi != 0 {
-                xv[1] = _mm512_maskz_loadu_ps(vhi, p.add(16));
-            }
-        }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let word = *w.add(r * wpr + full) & valid;
-            let (lo, hi) = (word as __mmask16, (word >> 16) as __mmask16);
-            for (a, xv) in acc.iter_mut().zip(&xv) {
-                *a = _mm512_mask_add_ps(*a, lo, *a, xv[0]);
-                *a = _mm512_mask_add_ps(*a, hi, *a, xv[1]);
-            }
-        }
-    }
-    for (pos, acc) in pos.iter_mut().zip(&acc) {
-        for (p, a) in pos.iter_mut().zip(acc) {
-            *p = _mm512_reduce_add_ps(*a);
+    for (res, acc) in res.iter_mut().zip(&acc) {
+        _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(acc[0][0], acc[0][1]));
+        if TWO {
+            _mm512_storeu_ps(
+                res.as_mut_ptr().add(16),
+                _mm512_add_ps(acc[1][0], acc[1][1]),
+            );
         }
     }
 }

@@ -3,15 +3,19 @@
 //! Three implementations of each, chosen at run time ([`SimdLevel::detect`]) or forced with the
 //! `*_with` functions (tests force each level, so a machine with AVX-512 checks all three):
 //!
-//! - [`SimdLevel::Avx512`] (`avx512.rs`, AVX-512F + BW): a 16-bit half of a sign word *is* an
-//!   AVX-512 lane mask, so `Σ_k s_k x_k = 2 · Σ_{bit=1} x_k − Σ_k x_k` costs one masked add
-//!   (`vaddps zmm{k}`) per 16 products; `Σ_k x_k` is computed once per call.
+//! - [`SimdLevel::Avx512`] (`avx512.rs`, AVX-512F + BW). `x · Sᵀ`: per call, every group of 4
+//!   columns of `x` gets a 16-entry table of the signed sums its 4 sign bits can select; a gather
+//!   fetches one word of 16 sign rows and each nibble is then one `vpermps` (16 rows × 4 columns)
+//!   and one add. `g · S`: a 16-bit half of a word is a lane mask, and
+//!   `Σ_n s_n g_n = 2 · Σ_{bit=1} g_n − Σ_n g_n` costs one masked add per 16 products.
 //! - [`SimdLevel::Avx2`] (`avx2.rs`, AVX2 + FMA): a variable shift moves each bit to the float sign
 //!   position, giving a `±1.0` vector per 8 columns that is shared by the rows of `x` in a tile.
-//! - [`SimdLevel::Portable`] (`portable.rs`): scalar, flips the sign bit of `x` with an XOR.
+//! - [`SimdLevel::Portable`] (`portable.rs`): scalar; `x · Sᵀ` looks up the same 4-column tables
+//!   one row at a time, `g · S` flips sign bits with an XOR.
 //!
-//! None of them expands `S` to floats in memory. Each reads a word once per call for up to four
-//! rows of `x` (a register tile of `RN` sign rows × `RM` input rows), and rayon splits the output
+//! None of them expands `S` to floats in memory (the tables are built from `x`: `16 · K` floats
+//! per row of `x`, at most [`LUT_ROWS`] rows at a time). Each reads a word once per call for up to
+//! 16 rows of `x` (the AVX-512 and portable kernels; AVX2 tiles 4), and rayon splits the output
 //! features `N` (the transposed product splits `K`). Padding bits past `K` are ignored: the
 //! columns past `K` are read as zeros.
 //!
@@ -35,6 +39,10 @@ use crate::signs::SignsView;
 /// Output features (rows of `S`) per rayon task. 64 rows of K = 4096 are 32 KiB of bits: enough
 /// work to hide a task's cost, and a llama-7B layer still splits into 64 or more tasks.
 const ROWS_PER_TASK: usize = 64;
+
+/// Rows of `x` whose lookup tables are built for one pass over the bits: 16 rows of K = 11008
+/// make 2.8 MiB of tables, which stay in a core's L2.
+const LUT_ROWS: usize = 16;
 
 /// Words (32 columns each) per rayon task of the transposed product `g · S`.
 const WORDS_PER_TASK: usize = 8;
@@ -295,14 +303,31 @@ fn row_sums(a: &[f32], m: usize, width: usize) -> Vec<f32> {
 /// contiguous chunks.
 fn matmul_t_transposed(level: SimdLevel, x: &[f32], m: usize, signs: SignsView<'_>) -> Vec<f32> {
     let (n, k) = (signs.n(), signs.k());
+    if m > LUT_ROWS && level != SimdLevel::Avx2 {
+        // Tables for all rows would outgrow L2: take LUT_ROWS rows per pass over the bits.
+        let mut out_t = vec![0f32; n * m];
+        for (c, chunk) in x.chunks(LUT_ROWS * k).enumerate() {
+            let mc = chunk.len() / k;
+            let part = matmul_t_transposed(level, chunk, mc, signs);
+            for j in 0..n {
+                out_t[j * m + c * LUT_ROWS..j * m + c * LUT_ROWS + mc]
+                    .copy_from_slice(&part[j * mc..(j + 1) * mc]);
+            }
+        }
+        return out_t;
+    }
     let mut out_t = vec![0f32; n * m];
     if n == 0 || m == 0 {
         return out_t;
     }
-    let x_sums = if level == SimdLevel::Avx512 {
-        row_sums(x, m, k)
-    } else {
-        Vec::new()
+    let tables = match level {
+        SimdLevel::Portable => portable::build_tables(x, m, k),
+        SimdLevel::Avx2 => Vec::new(),
+        // SAFETY: every public entry point checked `level.is_available()`.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { avx512::build_tables(x, m, k) },
+        #[cfg(not(target_arch = "x86_64"))]
+        SimdLevel::Avx512 => portable::build_tables(x, m, k),
     };
     let task = |(b, chunk): (usize, &mut [f32])| {
         let n0 = b * ROWS_PER_TASK;
@@ -311,7 +336,7 @@ fn matmul_t_transposed(level: SimdLevel, x: &[f32], m: usize, signs: SignsView<'
             level,
             x,
             m,
-            &x_sums,
+            &tables,
             signs.row_words(n0..n0 + rows),
             k,
             chunk,
@@ -345,28 +370,29 @@ fn transpose(out_t: &[f32], n: usize, m: usize) -> Vec<f32> {
     out
 }
 
-/// One task of `x · Sᵀ`: `words` holds `out_t.len() / m` whole rows of `S`.
+/// One task of `x · Sᵀ`: `words` holds `out_t.len() / m` whole rows of `S`; `tables` are the
+/// level's lookup tables for `x` (empty for AVX2, which reads `x`).
 fn matmul_t_block(
     level: SimdLevel,
     x: &[f32],
     m: usize,
-    x_sums: &[f32],
+    tables: &[f32],
     words: &[u32],
     k: usize,
     out_t: &mut [f32],
 ) {
     match level {
-        SimdLevel::Portable => portable::matmul_t_block(x, m, words, k, out_t),
+        SimdLevel::Portable => portable::matmul_t_block(tables, m, words, k, out_t),
         // SAFETY: every public entry point checked `level.is_available()`.
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => unsafe { avx2::matmul_t_block(x, m, words, k, out_t) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { avx512::matmul_t_block(x, m, x_sums, words, k, out_t) },
+        SimdLevel::Avx512 => unsafe { avx512::matmul_t_block(tables, m, words, k, out_t) },
         #[cfg(not(target_arch = "x86_64"))]
         SimdLevel::Avx2 | SimdLevel::Avx512 => {
-            let _ = x_sums;
-            portable::matmul_t_block(x, m, words, k, out_t)
+            let _ = x;
+            portable::matmul_t_block(tables, m, words, k, out_t)
         }
     }
 }
