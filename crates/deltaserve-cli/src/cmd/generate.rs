@@ -14,6 +14,10 @@ pub struct Args {
     /// Model directory (Hugging Face layout) or a Hub id found in the local Hugging Face cache.
     #[arg(long)]
     model: String,
+    /// A delta file (made by `deltaserve compress`/`calibrate` against --model) to apply on the fly:
+    /// the packed-delta forward runs, the delta is never expanded.
+    #[arg(long)]
+    delta: Option<std::path::PathBuf>,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -47,34 +51,57 @@ pub fn run(a: Args) -> Result<()> {
     let device = deltaserve_model::parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;
     let loaded = load_model(&a.model, &device, dtype)?;
+    let tenant = match &a.delta {
+        Some(path) => Some(super::common::load_delta(&loaded, path, dtype, &device)?),
+        None => None,
+    };
     let codec = TextCodec::from_dir(&loaded.dir, &loaded.model.config().eos_token_ids)?;
     let text = if a.chat {
-        codec.render_chat(&[ChatMessage { role: "user".into(), content: a.prompt.clone() }], true)?
+        codec.render_chat(
+            &[ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            true,
+        )?
     } else {
         a.prompt.clone()
     };
     let prompt = codec.encode(&text, !a.chat)?;
     anyhow::ensure!(!prompt.is_empty(), "--prompt is empty after tokenization");
-    let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
     let mut out = std::io::stdout().lock();
     let mut ids: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let stop_ids = codec.stop_ids().to_vec();
-    let gen = deltaserve_engine::generate(&loaded.model, None, &prompt, a.max_tokens, params, &stop_ids, |t| {
-        if stop_ids.contains(&t) {
-            return;
-        }
-        ids.push(t);
-        // Decode the whole continuation and print what is new, so multi-byte characters that span
-        // tokens come out whole.
-        if let Ok(text) = codec.decode(&ids) {
-            if text.len() > printed && text.is_char_boundary(printed) {
-                let _ = out.write_all(text[printed..].as_bytes());
-                let _ = out.flush();
-                printed = text.len();
+    let gen = deltaserve_engine::generate(
+        &loaded.model,
+        tenant.as_ref(),
+        &prompt,
+        a.max_tokens,
+        params,
+        &stop_ids,
+        |t| {
+            if stop_ids.contains(&t) {
+                return;
             }
-        }
-    })
+            ids.push(t);
+            // Decode the whole continuation and print what is new, so multi-byte characters that span
+            // tokens come out whole.
+            if let Ok(text) = codec.decode(&ids) {
+                if text.len() > printed && text.is_char_boundary(printed) {
+                    let _ = out.write_all(text[printed..].as_bytes());
+                    let _ = out.flush();
+                    printed = text.len();
+                }
+            }
+        },
+    )
     .context("generating")?;
     let _ = writeln!(out);
     let n_dec = gen.tokens.len().saturating_sub(1);
@@ -86,7 +113,11 @@ pub fn run(a: Args) -> Result<()> {
         n_dec,
         gen.decode.as_secs_f64(),
         n_dec as f64 / gen.decode.as_secs_f64().max(1e-9),
-        if gen.stopped { "; stopped at a stop token" } else { "" }
+        if gen.stopped {
+            "; stopped at a stop token"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
