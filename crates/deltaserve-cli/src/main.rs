@@ -16,6 +16,12 @@ struct Cli {
 enum Command {
     /// Generate text from a model (optionally with a delta applied) and stream it to stdout.
     Generate(cmd::generate::Args),
+    /// Compress a fine-tune against its base into a .delta file (BitDelta: ~1 bit per weight).
+    Compress(cmd::compress::Args),
+    /// Write base + delta as a complete Hugging Face checkpoint directory.
+    Merge(cmd::merge::Args),
+    /// Show what a .delta file holds: method, base fingerprint, tensors, scales, bits per parameter.
+    Inspect(cmd::inspect::Args),
     /// Write a random Llama-shaped checkpoint (or a noisy fine-tune of one) for tests and benchmarks.
     RandomModel(cmd::random_model::Args),
 }
@@ -30,6 +36,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Compress(a) => cmd::compress::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
     };
     if let Err(e) = result {

@@ -1,5 +1,8 @@
 //! Subcommands.
 
 pub mod common;
+pub mod compress;
 pub mod generate;
+pub mod inspect;
+pub mod merge;
 pub mod random_model;
