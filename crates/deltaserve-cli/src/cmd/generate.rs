@@ -19,8 +19,11 @@ pub struct Args {
     #[arg(long)]
     delta: Option<std::path::PathBuf>,
     /// The prompt text.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "random_prompt", default_value = "")]
     prompt: String,
+    /// Use N random token ids as the prompt instead of text (speed measurements on random models).
+    #[arg(long)]
+    random_prompt: Option<usize>,
     /// Most new tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
@@ -67,7 +70,26 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         a.prompt.clone()
     };
-    let prompt = codec.encode(&text, !a.chat)?;
+    let prompt = match a.random_prompt {
+        Some(n) => {
+            let vocab = loaded
+                .model
+                .config()
+                .vocab_size
+                .min(codec.vocab_size())
+                .max(2) as u64;
+            // A fixed linear congruential sequence: reproducible without another dependency.
+            (0..n as u64)
+                .map(|i| {
+                    ((i.wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407)
+                        >> 33)
+                        % vocab) as u32
+                })
+                .collect()
+        }
+        None => codec.encode(&text, !a.chat)?,
+    };
     anyhow::ensure!(!prompt.is_empty(), "--prompt is empty after tokenization");
     let params = SamplingParams {
         temperature: a.temperature,
