@@ -231,7 +231,11 @@ impl CalibrationData {
             return Err(TrainError::TooShort {
                 found: stream.len(),
                 needed,
-                sources: format!("{} ({documents} documents)", describe(&sources)),
+                sources: format!(
+                    "{} ({documents} document{})",
+                    describe(&sources),
+                    if documents == 1 { "" } else { "s" }
+                ),
                 seq_len: opts.seq_len,
                 val_fraction: opts.val_fraction,
             });

@@ -250,9 +250,10 @@ impl TrainableDelta {
     /// evaluated after training is exactly what is written.
     pub fn round_to_stored(&self) -> Result<()> {
         for f in self.full.iter().filter(|f| f.trained) {
-            if let Some(dt) = candle_dtype(f.stored) {
-                let t = f.var.as_tensor();
-                f.var.set(&t.to_dtype(dt)?.to_dtype(t.dtype())?)?;
+            let t = f.var.as_tensor();
+            match candle_dtype(f.stored) {
+                Some(dt) if dt != t.dtype() => f.var.set(&t.to_dtype(dt)?.to_dtype(t.dtype())?)?,
+                _ => {}
             }
         }
         Ok(())

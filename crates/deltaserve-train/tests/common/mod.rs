@@ -215,6 +215,11 @@ pub fn write_model(dir: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], confi
 /// BitDelta compression of a pair written by [`write_model`] (F32 weights): projections become
 /// signs + mean|D|, everything else is stored as the fine-tune's value.
 pub fn compress(base_dir: &Path, ft_dir: &Path, out: &Path) {
+    compress_with_scale_factor(base_dir, ft_dir, out, 1.0)
+}
+
+/// [`compress`], with every scale multiplied by `factor` (a deliberately mis-initialised delta).
+pub fn compress_with_scale_factor(base_dir: &Path, ft_dir: &Path, out: &Path, factor: f32) {
     let load = |d: &Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
     let (base, ft) = (load(base_dir), load(ft_dir));
     let ft_config: serde_json::Value =
@@ -231,7 +236,7 @@ pub fn compress(base_dir: &Path, ft_dir: &Path, out: &Path) {
             let (r, c) = w.dims2().unwrap();
             let d: Vec<f32> = (w - &base[name]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             // BitDelta eq. (2): alpha = mean |W_ft - W_base|.
-            let scale = (d.iter().map(|x| f64::from(x.abs())).sum::<f64>() / d.len() as f64) as f32;
+            let scale = factor * (d.iter().map(|x| f64::from(x.abs())).sum::<f64>() / d.len() as f64) as f32;
             let words = pack_signs(&d, r, c);
             header.tensors.insert(name.clone(), TensorEntry::sign(name, [r, c], Dtype::F32));
             tensors.push((format!("{name}.signs"), OwnedTensor::from_u32(vec![r, c.div_ceil(32)], &words)));
