@@ -15,8 +15,8 @@
 //! ```
 //!
 //! # What is here
-//! - [`reference`]: the specification, plain loops in `f64`. Every fast path is tested against it
-//!   (`tests/matches_reference.rs`).
+//! - [`reference`](mod@reference): the specification, plain loops in `f64`. Every fast path is
+//!   tested against it (`tests/matches_reference.rs`).
 //! - [`cpu`]: the fast CPU kernels on host slices, with AVX-512, AVX2+FMA and portable versions
 //!   chosen at run time ([`cpu::SimdLevel`]), multi-threaded with rayon.
 //! - [`ops`] (re-exported here): the kernels as candle ops. [`sign_matmul_t`] (`x · Sᵀ`, with a
