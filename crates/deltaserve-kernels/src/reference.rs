@@ -4,7 +4,8 @@
 //! up to `f32` rounding; `tests/matches_reference.rs` checks that on awkward shapes. These expand
 //! the signs one element at a time, which the fast kernels never do.
 //!
-//! Shapes: `x: (M, K)`, `g: (M, N)`, `signs: (N, ceil(K/32)) u32` (layout in [`crate::signs`]).
+//! Shapes: `x: (M, K)`, `g: (M, N)`, `signs: (N, ceil(K/32)) u32` (layout in the
+//! [crate docs](crate#layout)).
 
 use crate::signs::{check_words, words_per_row, SignDelta};
 

@@ -47,7 +47,7 @@ pub struct SignsView<'a> {
 }
 
 impl<'a> SignsView<'a> {
-    /// Wraps `words` as an `[n, k]` matrix (layout in the [module docs](self)).
+    /// Wraps `words` as an `[n, k]` matrix (layout in the [crate docs](crate#layout)).
     pub fn new(words: &'a [u32], n: usize, k: usize) -> Result<Self, KernelError> {
         check_words(words.len(), n, k)?;
         Ok(Self { words, n, k })
@@ -81,7 +81,7 @@ impl<'a> SignsView<'a> {
 }
 
 /// An `[n, k]` sign matrix `S` held as a `u32` tensor of shape `[n, ceil(k/32)]` (layout in the
-/// [module docs](self)). Cloning is cheap: the tensor is reference-counted.
+/// [crate docs](crate#layout)). Cloning is cheap: the tensor is reference-counted.
 ///
 /// The tensor lives on the device the kernels run on; today that is the CPU.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@
 //!   one row at a time, `g · S` flips sign bits with an XOR.
 //!
 //! None of them expands `S` to floats in memory (the tables are built from `x`: `16 · K` floats
-//! per row of `x`, at most [`LUT_ROWS`] rows at a time). Each reads a word once per call for up to
+//! per row of `x`, at most 16 rows at a time). Each reads a word once per call for up to
 //! 16 rows of `x` (the AVX-512 and portable kernels; AVX2 tiles 4), and rayon splits the output
 //! features `N` (the transposed product splits `K`). Padding bits past `K` are ignored: the
 //! columns past `K` are read as zeros.
