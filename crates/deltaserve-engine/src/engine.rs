@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Requests submitted and not yet admitted to the running batch (or dropped).
     pub(crate) queued: AtomicUsize,
+    /// Requests submitted and not yet ended (waiting or running).
+    pub(crate) active: AtomicUsize,
 }
 
 struct Inner {
@@ -102,6 +104,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             metrics: Metrics::default(),
             queued: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
         });
         let mc = base.model.config();
         let kv_bytes_per_token = 2
@@ -160,6 +163,13 @@ impl Engine {
     /// The context length in tokens.
     pub fn context_len(&self) -> usize {
         self.inner.base.context_len()
+    }
+
+    /// The largest `max_tokens` a request with a prompt of `prompt_len` tokens may ask for: what
+    /// fits both the context and the KV budget (0 if the prompt alone does not fit).
+    pub fn max_new_tokens(&self, prompt_len: usize) -> usize {
+        let by_kv = self.inner.cfg.kv_memory / self.inner.kv_bytes_per_token.max(1);
+        self.context_len().min(by_kv).saturating_sub(prompt_len)
     }
 
     /// Registers the delta at `path` as tenant `name`. Reads only its header: the weights load on
@@ -306,6 +316,7 @@ impl Engine {
             return Err(refuse(EngineError::Overloaded { queued, max_queue }));
         }
         metrics.request(&req.model);
+        inner.shared.active.fetch_add(1, Ordering::AcqRel);
         let (tx, rx) = unbounded_channel();
         let kv_need = (req.prompt.len() + req.max_tokens) * inner.kv_bytes_per_token;
         let stop_ids = req.stop_ids.unwrap_or_else(|| codec.stop_ids().to_vec());
@@ -359,15 +370,19 @@ impl Engine {
         self.inner.closed.store(true, Ordering::Release);
     }
 
+    /// Whether new requests are taken (false once [`Engine::stop_accepting`] ran).
+    pub fn is_accepting(&self) -> bool {
+        !self.inner.closed.load(Ordering::Acquire)
+    }
+
     /// Ends every waiting and running request with [`EngineError::ShuttingDown`].
     pub fn cancel_all(&self) {
         self.send(Command::CancelAll);
     }
 
     /// Requests submitted but not finished: waiting plus running.
-    pub fn in_flight(&self) -> u64 {
-        let m = &self.inner.shared.metrics;
-        self.inner.shared.queued.load(Ordering::Acquire) as u64 + m.running.load(Ordering::Relaxed)
+    pub fn in_flight(&self) -> usize {
+        self.inner.shared.active.load(Ordering::Acquire)
     }
 
     /// The counters now.

@@ -226,6 +226,7 @@ impl Scheduler {
     /// Ends a waiting request with an error.
     fn reject(&self, p: Pending, e: EngineError) {
         self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
         self.metrics().failure(e.kind());
         let _ = p.tx.send(Event::Error(e));
     }
@@ -248,6 +249,7 @@ impl Scheduler {
         let gone = before - self.waiting.len();
         if gone > 0 {
             self.shared.queued.fetch_sub(gone, Ordering::AcqRel);
+            self.shared.active.fetch_sub(gone, Ordering::AcqRel);
             for _ in 0..gone {
                 self.metrics().failure("cancelled");
             }
@@ -528,6 +530,7 @@ impl Scheduler {
             return;
         }
         s.done = true;
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
         match outcome {
             Ok(Some(reason)) => {
                 let usage = Usage {

@@ -1,0 +1,269 @@
+//! Continuous batching over HTTP: answers do not depend on what they are batched with, a bounded
+//! load over more tenants than the delta cache holds, one load per cold delta, and cancellation.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use deltaserve_engine::tenants::{load_tenant, open_tenant};
+use deltaserve_engine::{generate, Base, SamplingParams};
+use futures_util::future::join_all;
+use http_body_util::BodyExt;
+use hyper::{Method, StatusCode};
+use serde_json::json;
+
+const PROMPTS: [&str; 4] = [
+    "def main():",
+    "import os\n",
+    "class Foo:",
+    "# Compute the sum",
+];
+
+/// The single-sequence loop's greedy text for `model` (the base or a tenant file), as reference.
+fn reference_text(
+    base: &Base,
+    tenant: Option<&std::path::Path>,
+    prompt: &str,
+    max_tokens: usize,
+) -> String {
+    let weights = tenant.map(|p| {
+        let t = open_tenant(1_000, "ref", p, base).expect("tenant");
+        load_tenant(&t, base).expect("tenant weights")
+    });
+    let ids = base.codec.encode(prompt, true).unwrap();
+    let stop = base.codec.stop_ids().to_vec();
+    let g = generate(
+        &base.model,
+        weights.as_ref(),
+        &ids,
+        max_tokens,
+        SamplingParams::default(),
+        &stop,
+        |_| {},
+    )
+    .expect("generate");
+    let toks: Vec<u32> = g.tokens.into_iter().filter(|t| !stop.contains(t)).collect();
+    base.codec.decode(&toks).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_batch_of_16_equals_each_request_alone() {
+    let deltas = delta_dir(4);
+    let s = server(config(Some(deltas.path()))).await;
+    let a = s.addr();
+    let models = [BASE, "t0", "t1", "t2", "t3"];
+    let reqs: Vec<(String, &str, usize)> = (0..16)
+        .map(|i| {
+            (
+                models[i % models.len()].to_string(),
+                PROMPTS[i % PROMPTS.len()],
+                6 + (i % 5) * 3,
+            )
+        })
+        .collect();
+
+    // Alone, one after another, and checked against the single-sequence loop.
+    let base = Base::open(
+        &base_dir(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut alone = Vec::new();
+    for (model, prompt, n) in &reqs {
+        let text =
+            completion_text(&post(a, "/v1/completions", &completion(model, prompt, *n)).await);
+        let file = (model != BASE).then(|| deltas.path().join(format!("{model}.delta")));
+        assert_eq!(
+            text,
+            reference_text(&base, file.as_deref(), prompt, *n),
+            "{model} {prompt:?}"
+        );
+        alone.push(text);
+    }
+    // Tenants really differ from the base (the test would prove nothing otherwise).
+    let distinct: std::collections::HashSet<&String> = alone.iter().collect();
+    assert!(distinct.len() >= 8, "too few distinct answers: {alone:?}");
+
+    // All at once, half of them streamed.
+    let steps_before = s.engine().metrics().steps;
+    let futs = reqs.iter().enumerate().map(|(i, (model, prompt, n))| {
+        let mut body = completion(model, prompt, *n);
+        let stream = i % 2 == 1;
+        body["stream"] = json!(stream);
+        async move {
+            let r = post(a, "/v1/completions", &body).await;
+            if stream {
+                streamed_text(&r).0
+            } else {
+                completion_text(&r)
+            }
+        }
+    });
+    let together = join_all(futs).await;
+    for (i, (t, a1)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(t, a1, "request {i} ({:?}) differs when batched", reqs[i]);
+    }
+    let m = s.engine().metrics();
+    let steps = m.steps - steps_before;
+    let total: usize = reqs.iter().map(|r| r.2).sum();
+    assert!(
+        (steps as usize) < total,
+        "no batching happened: {steps} steps for {total} tokens"
+    );
+    eprintln!(
+        "16 mixed requests: {total} tokens in {steps} steps; mean batch {:.1}",
+        m.step_sequences as f64 / m.steps as f64
+    );
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_of_200_requests_over_8_tenants_with_room_for_3_deltas() {
+    let deltas = delta_dir(8);
+    let mut cfg = config(Some(deltas.path()));
+    cfg.engine.delta_memory = 3 * tenant_bytes() + tenant_bytes() / 2;
+    let s = server(cfg).await;
+    let a = s.addr();
+    let max_tokens = 4;
+
+    // Expected answers, each computed alone.
+    let mut expected = HashMap::new();
+    for t in 0..8 {
+        for p in PROMPTS {
+            let model = format!("t{t}");
+            let text = completion_text(
+                &post(a, "/v1/completions", &completion(&model, p, max_tokens)).await,
+            );
+            expected.insert((model, p), text);
+        }
+    }
+    let expected = Arc::new(expected);
+    let evictions_before = metric(&metrics(a).await, "deltaserve_delta_cache_evictions_total");
+
+    let t0 = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients = (0..32).map(|c| {
+        let (next, expected) = (next.clone(), expected.clone());
+        tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= 200 || t0.elapsed() > Duration::from_secs(120) {
+                    return done;
+                }
+                // A spread of tenants: neighbours in time mostly want different deltas.
+                let model = format!("t{}", (i * 5 + c) % 8);
+                let prompt = PROMPTS[i % PROMPTS.len()];
+                let mut body = completion(&model, prompt, max_tokens);
+                body["stream"] = json!(i % 3 == 0);
+                let r = post(a, "/v1/completions", &body).await;
+                let text = if i % 3 == 0 {
+                    streamed_text(&r).0
+                } else {
+                    completion_text(&r)
+                };
+                assert_eq!(
+                    &text,
+                    &expected[&(model.clone(), prompt)],
+                    "request {i} to {model}"
+                );
+                done += 1;
+            }
+        })
+    });
+    let done: usize = join_all(clients)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .sum();
+    let elapsed = t0.elapsed();
+    assert_eq!(done, 200, "not all requests finished within the time bound");
+    let text = metrics(a).await;
+    let evictions = metric(&text, "deltaserve_delta_cache_evictions_total") - evictions_before;
+    assert!(evictions > 0.0, "the delta cache never evicted:\n{text}");
+    assert!(metric(&text, "deltaserve_delta_cache_resident") <= 3.0);
+    eprintln!(
+        "load: 200 requests, 32 clients, 8 tenants, cache of 3: {:.2}s ({:.0} req/s), {} evictions, {} loads, {} misses, {} hits",
+        elapsed.as_secs_f64(),
+        200.0 / elapsed.as_secs_f64(),
+        evictions,
+        metric(&text, "deltaserve_delta_cache_loads_total"),
+        metric(&text, "deltaserve_delta_cache_misses_total"),
+        metric(&text, "deltaserve_delta_cache_hits_total"),
+    );
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_requests_for_one_cold_delta_load_it_once() {
+    let deltas = delta_dir(1);
+    let s = server(config(Some(deltas.path()))).await;
+    let a = s.addr();
+    let futs = (0..4).map(|i| async move {
+        completion_text(&post(a, "/v1/completions", &completion("t0", PROMPTS[i], 3)).await)
+    });
+    join_all(futs).await;
+    let text = metrics(a).await;
+    assert_eq!(
+        metric(&text, "deltaserve_delta_cache_loads_total"),
+        1.0,
+        "{text}"
+    );
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_client_frees_its_slot() {
+    let mut cfg = config(None);
+    // KV room for one long request at a time.
+    cfg.engine.kv_memory = 250 * 512;
+    let s = server(cfg).await;
+    let a = s.addr();
+    let engine = s.engine().clone();
+
+    let mut body = completion(BASE, "def main():", 240);
+    body["stream"] = json!(true);
+    let resp = send(
+        a,
+        Method::POST,
+        "/v1/completions",
+        Some(&body.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.into_body();
+    // Read the first chunk, then hang up.
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.frame())
+        .await
+        .unwrap();
+    assert!(first.is_some());
+    drop(stream);
+
+    // The slot is freed: the sequence leaves the batch long before its 240 tokens.
+    let t0 = Instant::now();
+    loop {
+        let m = engine.metrics();
+        if m.failures.get("cancelled").copied().unwrap_or(0) == 1 && m.running == 0 {
+            assert!(
+                m.generated_tokens < 240,
+                "it ran to the end: {} tokens",
+                m.generated_tokens
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the dropped request still runs: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // And the next request, which needs the whole KV budget, runs.
+    let r = post(a, "/v1/completions", &completion(BASE, "def main():", 240)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    s.shutdown().await.unwrap();
+}
