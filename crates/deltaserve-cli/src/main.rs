@@ -22,6 +22,8 @@ enum Command {
     Merge(cmd::merge::Args),
     /// Show what a .delta file holds: method, base fingerprint, tensors, scales, bits per parameter.
     Inspect(cmd::inspect::Args),
+    /// Serve a base model and its deltas (tenants) over an OpenAI-compatible HTTP API and a web page.
+    Serve(cmd::serve::Args),
     /// Write a random Llama-shaped checkpoint (or a noisy fine-tune of one) for tests and benchmarks.
     RandomModel(cmd::random_model::Args),
 }
@@ -40,6 +42,7 @@ fn main() {
         Command::Merge(a) => cmd::merge::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = result {
         // One line: the error and its causes, outermost first.

@@ -6,11 +6,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
-use deltaserve_format::{
-    fingerprint_safetensors, BaseFingerprint, DeltaFile, FullValue, TensorEntry,
-};
-use deltaserve_kernels::SignBits;
-use deltaserve_model::{Checkpoint, LinearDelta, Model, Proj, TenantWeights, TextCodec};
+use deltaserve_format::{fingerprint_safetensors, BaseFingerprint, DeltaFile, TensorEntry};
+use deltaserve_model::{Checkpoint, LinearDelta, Model, TenantWeights, TextCodec};
 
 use crate::delta_cache::TenantId;
 use crate::error::EngineError;
@@ -209,116 +206,19 @@ pub fn tenant_bytes(t: &TenantWeights) -> usize {
         .sum::<usize>()
 }
 
-/// Reads a tenant's weights from its delta file. Runs off the engine's step loop.
+/// Reads a tenant's weights from its delta file (with the codecs crate's loader). Runs off the
+/// engine's step loop.
 ///
 /// The file is opened again: it may have changed or broken since registration, and such a
 /// failure is reported for this tenant alone.
 pub fn load_tenant(tenant: &Tenant, base: &Base) -> Result<TenantWeights, String> {
     let file = DeltaFile::open(&tenant.path).map_err(|e| e.to_string())?;
-    load_delta(&file, base).map_err(|e| format!("{}: {e}", tenant.path.display()))
-}
-
-/// Turns a delta file into [`TenantWeights`]: sign entries stay packed, full tensors go to their
-/// place by name. (The codecs crate's `tenant::load_tenant` does the same for every codec; this
-/// is the engine's stand-in until it lands.)
-fn load_delta(file: &DeltaFile, base: &Base) -> anyhow::Result<TenantWeights> {
-    use anyhow::{bail, Context};
-    file.check_base(&base.fingerprint, base.checkpoint.dir())?;
-    let cfg = base.model.config();
-    let dtype = base.model.dtype();
-    let device = base.model.device();
-    let mut t = TenantWeights::empty(cfg.num_hidden_layers);
-    for (name, entry) in &file.header().tensors {
-        let layer_of = |rest: &str| -> Option<(usize, String)> {
-            let (i, r) = rest.split_once('.')?;
-            Some((i.parse().ok()?, r.to_string()))
-        };
-        match entry {
-            TensorEntry::Sign {
-                shape: [rows, cols],
-                ..
-            } => {
-                let Some((l, proj, false)) = Proj::parse_tensor_name(name) else {
-                    bail!("tensor `{name}`: a sign entry must be a projection weight");
-                };
-                let base_w = &base
-                    .model
-                    .layers
-                    .get(l)
-                    .context("layer out of range")?
-                    .linears[proj.index()]
-                .weight;
-                if base_w.dims() != [*rows, *cols] {
-                    bail!(
-                        "tensor `{name}`: shape [{rows}, {cols}] but the base has {:?}",
-                        base_w.dims()
-                    );
-                }
-                let bits = SignBits::from_words(file.sign_words(entry)?, *rows, *cols, device)?;
-                let scale = Tensor::new(&[file.scale(entry)?], device)?.to_dtype(dtype)?;
-                t.layers[l].linears[proj.index()] = Some(LinearDelta::Sign { bits, scale });
-            }
-            TensorEntry::Full { tensor, value, .. } => {
-                let (bytes, st_dtype, shape) = file.tensor_bytes(tensor)?;
-                let dt = match st_dtype {
-                    deltaserve_format::Dtype::F32 => DType::F32,
-                    deltaserve_format::Dtype::F16 => DType::F16,
-                    deltaserve_format::Dtype::BF16 => DType::BF16,
-                    deltaserve_format::Dtype::F64 => DType::F64,
-                    other => bail!("tensor `{name}`: dtype {other:?} is not a float type"),
-                };
-                let stored = Tensor::from_raw_buffer(bytes, dt, shape, device)?.to_dtype(dtype)?;
-                let base_tensor = || -> anyhow::Result<Tensor> {
-                    Ok(base.checkpoint.load_any(name, dtype, device)?)
-                };
-                if let Some((l, proj, is_bias)) = Proj::parse_tensor_name(name) {
-                    let slot = t.layers.get_mut(l).context("layer out of range")?;
-                    if is_bias {
-                        let b = if *value == FullValue::Difference {
-                            (base_tensor()? + stored)?
-                        } else {
-                            stored
-                        };
-                        slot.biases[proj.index()] = Some(b);
-                    } else {
-                        let diff = if *value == FullValue::Difference {
-                            stored
-                        } else {
-                            (stored - base_tensor()?)?
-                        };
-                        slot.linears[proj.index()] = Some(LinearDelta::Dense { diff });
-                    }
-                    continue;
-                }
-                let full = if *value == FullValue::Difference {
-                    (base_tensor()? + stored)?
-                } else {
-                    stored
-                };
-                match name.as_str() {
-                    "model.embed_tokens.weight" => t.embed_tokens = Some(full),
-                    "model.norm.weight" => t.norm = Some(full),
-                    "lm_head.weight" => t.lm_head = Some(full),
-                    other => match other.strip_prefix("model.layers.").and_then(layer_of) {
-                        Some((l, rest))
-                            if l < t.layers.len() && rest == "input_layernorm.weight" =>
-                        {
-                            t.layers[l].input_layernorm = Some(full)
-                        }
-                        Some((l, rest))
-                            if l < t.layers.len() && rest == "post_attention_layernorm.weight" =>
-                        {
-                            t.layers[l].post_attention_layernorm = Some(full)
-                        }
-                        _ => bail!("tensor `{name}` has no place in a Llama-family model"),
-                    },
-                }
-            }
-            other => bail!(
-                "tensor `{name}`: entry kind `{}` cannot be served yet",
-                other.kind()
-            ),
-        }
-    }
-    Ok(t)
+    deltaserve_codecs::load_tenant(
+        &file,
+        &base.checkpoint,
+        &base.fingerprint,
+        base.model.dtype(),
+        base.model.device(),
+    )
+    .map_err(|e| e.to_string())
 }

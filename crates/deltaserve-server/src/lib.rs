@@ -273,12 +273,12 @@ async fn shutdown_signal() {
     }
 }
 
-/// Serves until SIGINT or SIGTERM, then shuts down gracefully. `on_ready` is called with the
-/// bound address once the server accepts connections.
-pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+/// Serves until SIGINT or SIGTERM, then shuts down gracefully. `on_ready` is called once the
+/// server accepts connections (to print its address, or for a demo to send requests).
+pub async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&ServerHandle)) -> anyhow::Result<()> {
     let timeout = cfg.shutdown_timeout;
     let handle = start(cfg).await?;
-    on_ready(handle.addr());
+    on_ready(&handle);
     shutdown_signal().await;
     tracing::warn!(
         "shutting down: finishing in-flight requests (at most {}s)",
