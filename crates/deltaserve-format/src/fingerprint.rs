@@ -183,6 +183,70 @@ pub fn fingerprint_safetensors<P: AsRef<Path> + Sync>(files: &[P]) -> Result<Bas
     Ok(builder.finish())
 }
 
+/// Hashes one tensor incrementally, for callers that stream through its bytes in pieces (a
+/// compressor that hashes each block of a base tensor while it is in cache). Gives the same
+/// digest as [`TensorHash::compute`] over the concatenated pieces.
+///
+/// ```
+/// use deltaserve_format::{TensorHash, TensorHasher};
+///
+/// let bytes = [7u8; 10];
+/// let mut hasher = TensorHasher::new("w", "U8", &[10], bytes.len());
+/// hasher.update(&bytes[..3]);
+/// hasher.update(&bytes[3..]);
+/// assert_eq!(hasher.finish(), TensorHash::compute("w", "U8", &[10], &bytes));
+/// ```
+#[derive(Debug, Clone)]
+pub struct TensorHasher {
+    name: String,
+    hasher: blake3::Hasher,
+    declared: usize,
+    seen: usize,
+}
+
+impl TensorHasher {
+    /// Starts a tensor of `len` bytes (the framing hashes the length first).
+    pub fn new(name: &str, dtype: &str, shape: &[usize], len: usize) -> TensorHasher {
+        let mut hasher = blake3::Hasher::new();
+        update_framed(&mut hasher, name.as_bytes());
+        update_framed(&mut hasher, dtype.as_bytes());
+        hasher.update(&u64le(shape.len()));
+        for &dim in shape {
+            hasher.update(&u64le(dim));
+        }
+        hasher.update(&u64le(len));
+        TensorHasher {
+            name: name.to_owned(),
+            hasher,
+            declared: len,
+            seen: 0,
+        }
+    }
+
+    /// Hashes the next piece of the tensor's bytes (on the calling thread).
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.seen += bytes.len();
+        self.hasher.update(bytes);
+    }
+
+    /// The tensor's hash.
+    ///
+    /// # Panics
+    /// If the pieces did not add up to the length given to [`TensorHasher::new`]: a caller bug
+    /// that would otherwise give a fingerprint no reader can reproduce.
+    pub fn finish(self) -> TensorHash {
+        assert_eq!(
+            self.seen, self.declared,
+            "TensorHasher for {}: {} bytes hashed, {} declared",
+            self.name, self.seen, self.declared
+        );
+        TensorHash {
+            name: self.name,
+            digest: *self.hasher.finalize().as_bytes(),
+        }
+    }
+}
+
 fn u64le(x: usize) -> [u8; 8] {
     (x as u64).to_le_bytes()
 }
@@ -261,6 +325,19 @@ mod tests {
         let base = fingerprint(&ts).hex;
         assert_ne!(base, fingerprint(&dtype).hex);
         assert_ne!(base, fingerprint(&shape).hex);
+    }
+
+    #[test]
+    fn incremental_hash_matches_one_shot_on_large_tensors() {
+        let bytes: Vec<u8> = (0..2 * PARALLEL_HASH_MIN_BYTES + 13)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut hasher = TensorHasher::new("big", "BF16", &[bytes.len() / 2], bytes.len());
+        for piece in bytes.chunks(65_537) {
+            hasher.update(piece);
+        }
+        let one_shot = TensorHash::compute("big", "BF16", &[bytes.len() / 2], &bytes);
+        assert_eq!(hasher.finish(), one_shot);
     }
 
     #[test]

@@ -61,7 +61,8 @@ mod write;
 
 pub use error::{FormatError, Result};
 pub use fingerprint::{
-    fingerprint_safetensors, BaseFingerprint, FingerprintBuilder, TensorHash, FINGERPRINT_ALGORITHM,
+    fingerprint_safetensors, BaseFingerprint, FingerprintBuilder, TensorHash, TensorHasher,
+    FINGERPRINT_ALGORITHM,
 };
 pub use header::{
     format_version, parse_dtype, parse_format_version, DeltaHeader, DeltaSummary, ExpectedTensor,
