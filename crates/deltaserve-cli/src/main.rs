@@ -26,6 +26,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Write a random Llama-shaped checkpoint (or a noisy fine-tune of one) for tests and benchmarks.
     RandomModel(cmd::random_model::Args),
+    /// Benchmarks: `bench kernels` times the packed-delta products against the bandwidth floor.
+    Bench(cmd::bench::Args),
 }
 
 fn main() {
@@ -42,6 +44,7 @@ fn main() {
         Command::Merge(a) => cmd::merge::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
     };
     if let Err(e) = result {

@@ -118,6 +118,15 @@ impl CustomOp1 for SignMatmulT {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::sign_matmul_t_fwd(storage, layout, &self.signs, Default::default())
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -156,6 +165,15 @@ impl CustomOp1 for SignMatmulN {
             from_f32(y, storage.dtype()),
             with_last_dim(layout, self.signs.k()),
         ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::sign_matmul_n_fwd(storage, layout, &self.signs)
     }
 
     fn bwd(
@@ -201,6 +219,21 @@ impl CustomOp1 for TenantDeltaMatmul<'_> {
         let y = cpu::tenant_delta_matmul(&x, self.row_slot, &views)?;
         let n = views.first().map_or(0, |v| v.signs.n());
         Ok((from_f32(y, storage.dtype()), with_last_dim(layout, n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::tenant_delta_matmul_fwd(
+            storage,
+            layout,
+            self.row_slot,
+            self.deltas,
+            Default::default(),
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 //! Subcommands.
 
+pub mod bench;
 pub mod common;
 pub mod compress;
 pub mod generate;

@@ -1,0 +1,676 @@
+//! The CUDA paths of the candle ops (feature `cuda`): kernels in `src/cuda/sign_matmul.cu`,
+//! compiled to PTX for sm_90 by `build.rs` and loaded into candle's device at the first call.
+//!
+//! - **bf16 inputs, forward** (decode and prefill): tensor cores. A prep kernel writes `x` scaled
+//!   and permuted into mma fragment order (`xp`, plus one correction per row); then each warp
+//!   turns 2 sign bits into a register of two bf16 values with one LOP3 and feeds `mma.sync`
+//!   m16n8k16 with f32 accumulation. The trick and its error bound are explained at the top of
+//!   the `.cu` file. Rows that share a delta are computed together (up to 32 per group), so a
+//!   delta's bits are read once per call for up to 32 rows; more rows form more groups.
+//! - **f32, f16 and f64 inputs, forward**: CUDA cores, exact in the accumulator (`f32`, or `f64`
+//!   for `f64`). The tensor-core trick would round `x` to bf16.
+//! - **backward** (`g · S`): CUDA cores, any of those dtypes.
+//!
+//! Routing reaches the kernels as a `GroupTable` passed by value as a kernel parameter (32
+//! groups, 512 rows), so a decode step launches two kernels and copies nothing to the device.
+//! Base-only rows of a multi-tenant batch are a group with a null words pointer, whose blocks
+//! write zeros. [`Bf16Path::Simple`] forces the CUDA-core kernel for bf16 too, for tests and
+//! benchmarks.
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::error::KernelError;
+use crate::signs::{words_per_row, SignBits, SignDelta};
+
+/// The PTX of `src/cuda/sign_matmul.cu`.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign_matmul.ptx"));
+/// The name candle caches the loaded module under.
+const MODULE: &str = "deltaserve_sign_matmul";
+
+/// Groups per launch (`DS_MAX_GROUPS` in the `.cu` file).
+const MAX_GROUPS: usize = 32;
+/// Row indices per launch (`DS_MAX_ROWS`).
+const MAX_ROWS: usize = 512;
+/// Rows of `x` per group (`DS_GROUP_ROWS`; 4 mma tiles of 8).
+const GROUP_ROWS: usize = 32;
+/// Columns of `x` per chunk of the tensor-core kernel (`xp` rows are padded to a multiple).
+const TC_CHUNK: usize = 512;
+
+/// Which kernel computes a bf16 forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Bf16Path {
+    /// Tensor cores (the default).
+    #[default]
+    TensorCore,
+    /// The CUDA-core kernel that f32 inputs use.
+    Simple,
+}
+
+/// Routing for one launch; mirrors `struct GroupTable` in the `.cu` file field for field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GroupTable {
+    /// Device address of each group's `(N, W)` words; 0: the group's rows get zeros.
+    words: [u64; MAX_GROUPS],
+    scale: [f32; MAX_GROUPS],
+    /// Group `g` is `rows[row_begin[g]..row_begin[g + 1]]` (or those rows themselves if
+    /// `identity`).
+    row_begin: [u32; MAX_GROUPS + 1],
+    rows: [u16; MAX_ROWS],
+    n_groups: u32,
+    identity: u32,
+}
+
+// SAFETY: plain `repr(C)` data with the layout of the CUDA struct, passed by value.
+unsafe impl DeviceRepr for GroupTable {}
+
+impl GroupTable {
+    fn empty(identity: bool) -> Self {
+        Self {
+            words: [0; MAX_GROUPS],
+            scale: [0.0; MAX_GROUPS],
+            row_begin: [0; MAX_GROUPS + 1],
+            rows: [0; MAX_ROWS],
+            n_groups: 0,
+            identity: u32::from(identity),
+        }
+    }
+
+    /// The most rows any group of this table has.
+    fn max_group_rows(&self) -> usize {
+        (0..self.n_groups as usize)
+            .map(|g| (self.row_begin[g + 1] - self.row_begin[g]) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// One delta's rows: `words` 0 means zeros.
+struct Group {
+    words: u64,
+    scale: f32,
+    rows: Vec<usize>,
+}
+
+/// Tables for `sign_matmul_t`: rows `0..m` in groups of 32, all with one delta.
+fn identity_tables(m: usize, words: u64, scale: f32) -> candle_core::Result<Vec<GroupTable>> {
+    let mut tables = Vec::new();
+    let mut start = 0usize;
+    while start < m {
+        let mut t = GroupTable::empty(true);
+        t.row_begin[0] = to_u32(start)?;
+        while start < m && (t.n_groups as usize) < MAX_GROUPS {
+            let end = (start + GROUP_ROWS).min(m);
+            t.words[t.n_groups as usize] = words;
+            t.scale[t.n_groups as usize] = scale;
+            t.n_groups += 1;
+            t.row_begin[t.n_groups as usize] = to_u32(end)?;
+            start = end;
+        }
+        tables.push(t);
+    }
+    Ok(tables)
+}
+
+/// Tables for explicit row lists, each group split into pieces of at most 32 rows.
+fn group_tables(groups: &[Group]) -> candle_core::Result<Vec<GroupTable>> {
+    let mut tables = Vec::new();
+    let mut t = GroupTable::empty(false);
+    let mut used = 0usize;
+    for group in groups {
+        for piece in group.rows.chunks(GROUP_ROWS) {
+            if t.n_groups as usize == MAX_GROUPS || used + piece.len() > MAX_ROWS {
+                tables.push(t);
+                t = GroupTable::empty(false);
+                used = 0;
+            }
+            for &row in piece {
+                t.rows[used] = u16::try_from(row).map_err(|_| {
+                    candle_core::Error::msg(format!(
+                        "tenant_delta_matmul on CUDA: row {row} past the 65536 rows a call takes"
+                    ))
+                })?;
+                used += 1;
+            }
+            t.words[t.n_groups as usize] = group.words;
+            t.scale[t.n_groups as usize] = group.scale;
+            t.n_groups += 1;
+            t.row_begin[t.n_groups as usize] = to_u32(used)?;
+        }
+    }
+    if t.n_groups > 0 {
+        tables.push(t);
+    }
+    Ok(tables)
+}
+
+fn to_u32(v: usize) -> candle_core::Result<u32> {
+    u32::try_from(v).map_err(|_| candle_core::Error::msg(format!("{v} rows: too many for u32")))
+}
+
+fn to_i32(v: usize, what: &str) -> candle_core::Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::msg(format!("{what} = {v} exceeds i32")))
+}
+
+/// The sign words of `bits` as a device address on `dev` (read-locked while this lives).
+struct DeviceWords<'a> {
+    guard: candle_core::StorageRef<'a>,
+    offset: usize,
+}
+
+impl<'a> DeviceWords<'a> {
+    fn new(bits: &'a SignBits, dev: &CudaDevice, op: &'static str) -> candle_core::Result<Self> {
+        let (guard, layout) = bits.words().storage_and_layout();
+        let offset = layout.start_offset();
+        match &*guard {
+            Storage::Cuda(cs) if cs.device().same_device(dev) => {}
+            _ => {
+                return Err(KernelError::UnsupportedDevice {
+                    op,
+                    what: "sign words (x is on CUDA)",
+                    device: format!("{:?}", bits.words().device().location()),
+                }
+                .into())
+            }
+        }
+        Ok(Self { guard, offset })
+    }
+
+    fn address(&self, dev: &CudaDevice) -> candle_core::Result<u64> {
+        let Storage::Cuda(cs) = &*self.guard else {
+            candle_core::bail!("sign words left the GPU while locked. This is a bug.")
+        };
+        let slice = cs.as_cuda_slice::<u32>()?;
+        let stream = dev.cuda_stream();
+        let (ptr, _sync) = slice.device_ptr(&stream);
+        Ok(ptr + 4 * self.offset as u64)
+    }
+}
+
+/// The input as a contiguous device buffer: the storage itself when it already is, else a copy.
+fn contiguous(
+    storage: &CudaStorage,
+    layout: &Layout,
+) -> candle_core::Result<(Option<CudaStorage>, usize)> {
+    if let Some((start, _)) = layout.contiguous_offsets() {
+        return Ok((None, start));
+    }
+    let dev = storage.device();
+    let count = layout.shape().elem_count();
+    // SAFETY: the copy below writes all `count` elements.
+    let mut dst = unsafe { dev.alloc_uninit(layout.shape(), storage.dtype()) }?;
+    storage.copy_strided_src(&mut dst, 0, layout)?;
+    debug_assert_eq!(dst.dtype(), storage.dtype(), "{count} elements copied");
+    Ok((Some(dst), 0))
+}
+
+/// Runs the grouped forward `y[row] = scale · x[row] · Sᵀ` for every table; `x` is `(m, k)`
+/// contiguous from element `x_start`, the result `(m, n)`.
+#[allow(clippy::too_many_arguments)]
+fn forward<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    x_storage: &CudaStorage,
+    x_start: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    tables: &[GroupTable],
+    path: Bf16Path,
+) -> candle_core::Result<CudaSlice<T>> {
+    let x_all = x_storage.as_cuda_slice::<T>()?;
+    let x = x_all.slice(x_start..x_start + m * k);
+    // SAFETY: every row belongs to exactly one group and every group writes all its n outputs.
+    let mut y = unsafe { dev.alloc::<T>(m * n) }?;
+    if m == 0 || n == 0 {
+        return Ok(y);
+    }
+    let w = words_per_row(k);
+    let (n_i, k_i, w_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(w, "ceil(K/32)")?);
+    let dtype = x_storage.dtype();
+    if dtype == DType::BF16 && path == Bf16Path::TensorCore {
+        let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
+        // SAFETY: the prep kernel writes all m * kp values and all m corrections.
+        let mut xp = unsafe { dev.alloc::<bf16>(m * kp) }?;
+        let mut corr = unsafe { dev.alloc::<f32>(m) }?;
+        let kp_i = to_i32(kp, "padded K")?;
+        {
+            let f = dev.get_or_load_custom_func("ds_prep_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&mut xp).arg(&mut corr).arg(&k_i).arg(&kp_i);
+            let cfg = LaunchConfig {
+                grid_dim: (to_u32(m)?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match `ds_prep_bf16`; x holds m * k values.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let sms = multiprocessors(dev);
+        for table in tables {
+            let aligned = w % 4 == 0 && table.words[..table.n_groups as usize].iter().all(|p| p % 16 == 0);
+            let rt = match table.max_group_rows() {
+                0..=8 => 1,
+                9..=16 => 2,
+                _ => 4,
+            };
+            let groups = table.n_groups as usize;
+            // The widest tile that still gives every SM two blocks.
+            let mut tiles = 1;
+            for t in [4usize, 2] {
+                if rt * t <= 8 && groups * n.div_ceil(16 * t) >= 2 * sms {
+                    tiles = t;
+                    break;
+                }
+            }
+            let name = format!("ds_tc_bf16_t{tiles}_r{rt}_{}", if aligned { "v" } else { "s" });
+            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(table).arg(&xp).arg(&corr).arg(&mut y).arg(&n_i).arg(&w_i).arg(&kp_i);
+            let cfg = LaunchConfig {
+                grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel; the table's rows are < m, its words [n, w].
+            unsafe { b.launch(cfg) }.w()?;
+        }
+    } else {
+        let name = format!("ds_fwd_simple_{}", dtype_suffix(dtype)?);
+        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        for table in tables {
+            let mut b = f.builder();
+            b.arg(table).arg(&x).arg(&mut y).arg(&n_i).arg(&k_i).arg(&w_i);
+            let cfg = LaunchConfig {
+                grid_dim: (to_u32(n.div_ceil(64))?, table.n_groups, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel; the table's rows are < m, its words [n, w].
+            unsafe { b.launch(cfg) }.w()?;
+        }
+    }
+    Ok(y)
+}
+
+fn multiprocessors(dev: &CudaDevice) -> usize {
+    dev.cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_or(132, |v| v.max(1) as usize)
+}
+
+fn dtype_suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        other => {
+            return Err(KernelError::UnsupportedDType {
+                op: "sign matmul (CUDA)",
+                dtype: format!("{other:?}"),
+            }
+            .into())
+        }
+    })
+}
+
+/// Calls a function generic over the element type with the type of `$dtype`, and wraps the
+/// `CudaSlice` it returns as a `CudaStorage` on `$dev`.
+macro_rules! dispatch {
+    ($dtype:expr, $dev:expr, $fun:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice($fun::<f32>($($arg),*)?, $dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice($fun::<f16>($($arg),*)?, $dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice($fun::<bf16>($($arg),*)?, $dev.clone()),
+            DType::F64 => CudaStorage::wrap_cuda_slice($fun::<f64>($($arg),*)?, $dev.clone()),
+            other => {
+                dtype_suffix(other)?;
+                unreachable!("dtype_suffix accepts only the four dtypes above")
+            }
+        }
+    };
+}
+
+/// The input's shape with its last dimension replaced.
+fn with_last_dim(layout: &Layout, last: usize) -> Shape {
+    let mut dims = layout.dims().to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    Shape::from(dims)
+}
+
+/// `cuda_fwd` of [`crate::sign_matmul_t`]: `x (.., K) · Sᵀ`.
+pub(crate) fn sign_matmul_t_fwd(
+    storage: &CudaStorage,
+    layout: &Layout,
+    signs: &SignBits,
+    path: Bf16Path,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = storage.device();
+    let (n, k) = (signs.n(), signs.k());
+    let m = layout.shape().elem_count() / k;
+    let words = DeviceWords::new(signs, dev, "sign_matmul_t")?;
+    let tables = identity_tables(m, words.address(dev)?, 1.0)?;
+    let (copy, start) = contiguous(storage, layout)?;
+    let x = copy.as_ref().unwrap_or(storage);
+    let y = dispatch!(
+        storage.dtype(),
+        dev,
+        forward(dev, x, start, m, n, k, &tables, path)
+    );
+    drop(words);
+    Ok((y, with_last_dim(layout, n)))
+}
+
+/// `cuda_fwd` of [`crate::tenant_delta_matmul`] (its public function has checked `row_slot`'s
+/// length and `x`'s width).
+pub(crate) fn tenant_delta_matmul_fwd(
+    storage: &CudaStorage,
+    layout: &Layout,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    path: Bf16Path,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = storage.device();
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    let (n, k) = (first.n(), first.k());
+    for (index, d) in deltas.iter().enumerate() {
+        if (d.n(), d.k()) != (n, k) {
+            return Err(KernelError::DeltaShapeMismatch {
+                index,
+                n: d.n(),
+                k: d.k(),
+                n0: n,
+                k0: k,
+            }
+            .into());
+        }
+    }
+    let m = row_slot.len();
+    // Rows of each slot, in batch order (the SGMV "segments"), and the base-only rows.
+    let mut rows_of_slot: Vec<Vec<usize>> = vec![Vec::new(); deltas.len()];
+    let mut base_rows = Vec::new();
+    for (row, slot) in row_slot.iter().enumerate() {
+        match *slot {
+            Some(slot) => rows_of_slot
+                .get_mut(slot as usize)
+                .ok_or(KernelError::SlotOutOfRange {
+                    row,
+                    slot,
+                    num_deltas: deltas.len(),
+                })?
+                .push(row),
+            None => base_rows.push(row),
+        }
+    }
+    let mut locks = Vec::new();
+    let mut groups = Vec::new();
+    for (delta, rows) in deltas.iter().zip(rows_of_slot) {
+        if rows.is_empty() {
+            continue;
+        }
+        let words = DeviceWords::new(delta.signs(), dev, "tenant_delta_matmul")?;
+        groups.push(Group {
+            words: words.address(dev)?,
+            scale: delta.scale(),
+            rows,
+        });
+        locks.push(words);
+    }
+    if !base_rows.is_empty() {
+        groups.push(Group {
+            words: 0,
+            scale: 0.0,
+            rows: base_rows,
+        });
+    }
+    let tables = group_tables(&groups)?;
+    let (copy, start) = contiguous(storage, layout)?;
+    let x = copy.as_ref().unwrap_or(storage);
+    let y = dispatch!(
+        storage.dtype(),
+        dev,
+        forward(dev, x, start, m, n, k, &tables, path)
+    );
+    drop(locks);
+    Ok((y, with_last_dim(layout, n)))
+}
+
+/// `cuda_fwd` of [`crate::sign_matmul_n`]: `g (.., N) · S`.
+pub(crate) fn sign_matmul_n_fwd(
+    storage: &CudaStorage,
+    layout: &Layout,
+    signs: &SignBits,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = storage.device();
+    let (n, k) = (signs.n(), signs.k());
+    let m = layout.shape().elem_count() / n.max(1);
+    let words = DeviceWords::new(signs, dev, "sign_matmul_n")?;
+    let address = words.address(dev)?;
+    let (copy, start) = contiguous(storage, layout)?;
+    let g = copy.as_ref().unwrap_or(storage);
+    let y = dispatch!(
+        storage.dtype(),
+        dev,
+        backward(dev, g, start, m, n, k, address)
+    );
+    drop(words);
+    Ok((y, with_last_dim(layout, k)))
+}
+
+fn backward<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    g_storage: &CudaStorage,
+    g_start: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    words: u64,
+) -> candle_core::Result<CudaSlice<T>> {
+    let g_all = g_storage.as_cuda_slice::<T>()?;
+    let g = g_all.slice(g_start..g_start + m * n);
+    // SAFETY: the kernel writes all m * k outputs (blocks cover every row and column).
+    let mut out = unsafe { dev.alloc::<T>(m * k) }?;
+    if m == 0 {
+        return Ok(out);
+    }
+    let name = format!("ds_bwd_simple_{}", dtype_suffix(g_storage.dtype())?);
+    let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
+    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
+    let mut b = f.builder();
+    b.arg(&g)
+        .arg(&mut out)
+        .arg(&words)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&w_i);
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(k.div_ceil(64))?, to_u32(m.div_ceil(32))?, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match `ds_bwd_simple_*`; words holds [n, ceil(k/32)] u32.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// [`crate::sign_matmul_t`] with a chosen bf16 kernel, forward only (tests and benchmarks compare
+/// the two CUDA paths with it). Inputs on the CPU take the CPU kernels.
+pub fn sign_matmul_t_with(
+    x: &Tensor,
+    signs: &SignBits,
+    path: Bf16Path,
+) -> candle_core::Result<Tensor> {
+    if !x.device().is_cuda() {
+        return crate::sign_matmul_t(x, signs);
+    }
+    let got = x.dims().last().copied().unwrap_or(0);
+    if x.rank() == 0 || got != signs.k() {
+        return Err(KernelError::InputLength {
+            op: "sign_matmul_t",
+            what: "last dim",
+            expected: signs.k(),
+            got,
+        }
+        .into());
+    }
+    x.apply_op1_no_bwd(&SignMatmulTWith { signs, path })
+}
+
+/// [`crate::tenant_delta_matmul`] with a chosen bf16 kernel. Inputs on the CPU take the CPU
+/// kernels.
+pub fn tenant_delta_matmul_with(
+    x: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    path: Bf16Path,
+) -> candle_core::Result<Tensor> {
+    if !x.device().is_cuda() || path == Bf16Path::TensorCore {
+        return crate::tenant_delta_matmul(x, row_slot, deltas);
+    }
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    let (m, k) = x.dims2()?;
+    if k != first.k() {
+        return Err(KernelError::InputLength {
+            op: "tenant_delta_matmul",
+            what: "x last dim",
+            expected: first.k(),
+            got: k,
+        }
+        .into());
+    }
+    if row_slot.len() != m {
+        return Err(KernelError::RowSlotLength {
+            m,
+            got: row_slot.len(),
+        }
+        .into());
+    }
+    x.apply_op1_no_bwd(&TenantDeltaMatmulWith {
+        row_slot,
+        deltas,
+        path,
+    })
+}
+
+struct SignMatmulTWith<'a> {
+    signs: &'a SignBits,
+    path: Bf16Path,
+}
+
+impl CustomOp1 for SignMatmulTWith<'_> {
+    fn name(&self) -> &'static str {
+        "sign_matmul_t_with"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("sign_matmul_t_with: CPU inputs take crate::sign_matmul_t. This is a bug.")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        sign_matmul_t_fwd(storage, layout, self.signs, self.path)
+    }
+}
+
+struct TenantDeltaMatmulWith<'a> {
+    row_slot: &'a [Option<u32>],
+    deltas: &'a [&'a SignDelta],
+    path: Bf16Path,
+}
+
+impl CustomOp1 for TenantDeltaMatmulWith<'_> {
+    fn name(&self) -> &'static str {
+        "tenant_delta_matmul_with"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!(
+            "tenant_delta_matmul_with: CPU inputs take crate::tenant_delta_matmul. This is a bug."
+        )
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        tenant_delta_matmul_fwd(storage, layout, self.row_slot, self.deltas, self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_table_matches_the_cuda_struct_size() {
+        // 32*8 + 32*4 + 33*4 + 512*2 + 4 + 4 = 1548, padded to 8.
+        assert_eq!(std::mem::size_of::<GroupTable>(), 1552);
+    }
+
+    #[test]
+    fn tables_split_groups_of_more_than_32_rows() {
+        let groups = [
+            Group {
+                words: 16,
+                scale: 1.0,
+                rows: (0..70).collect(),
+            },
+            Group {
+                words: 0,
+                scale: 0.0,
+                rows: vec![70, 71],
+            },
+        ];
+        let tables = group_tables(&groups).unwrap();
+        assert_eq!(tables.len(), 1);
+        let t = &tables[0];
+        assert_eq!(t.n_groups, 4);
+        assert_eq!(&t.row_begin[..5], &[0, 32, 64, 70, 72]);
+        assert_eq!(t.max_group_rows(), 32);
+        assert_eq!(t.words[3], 0);
+        let ids = identity_tables(2000, 16, 1.0).unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[0].row_begin[32], 1024);
+        assert_eq!(ids[1].row_begin[0], 1024);
+        assert_eq!(ids[1].row_begin[ids[1].n_groups as usize], 2000);
+    }
+
+    #[test]
+    fn tables_respect_the_row_budget() {
+        let groups: Vec<Group> = (0..20)
+            .map(|g| Group {
+                words: 16,
+                scale: 1.0,
+                rows: (g * 32..g * 32 + 32).collect(),
+            })
+            .collect();
+        let tables = group_tables(&groups).unwrap();
+        assert_eq!(tables.len(), 2);
+        assert_eq!(tables[0].n_groups, 16);
+        assert_eq!(tables[0].row_begin[16], 512);
+        assert_eq!(tables[1].n_groups, 4);
+    }
+}

@@ -1,0 +1,448 @@
+// Packed sign-matrix products on NVIDIA GPUs (sm_90), loaded by `src/cuda.rs` as PTX.
+//
+// Layout of the signs (the same as the CPU kernels and the delta file):
+//   words: (N, W) u32, W = ceil(K / 32), row-major; bit b (LSB = 0) of word w of row n is the
+//   sign of S[n, 32 w + b]: 1 -> +1, 0 -> -1. Bits for columns >= K are ignored (whatever they
+//   hold): every kernel here multiplies them by a zero.
+//
+// Kernels:
+//   ds_prep_bf16         x (M, K) bf16 -> xp (M, Kp) bf16 in tensor-core fragment order, scaled,
+//                        and corr (M) f32; see "the tensor-core path" below.
+//   ds_tc_bf16_*         y = scale * (x . S^T) for row groups sharing one delta (decode and
+//                        prefill), bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
+//   ds_fwd_simple_*      the same product on CUDA cores, f32 (f64) accumulation; for f32, f16 and
+//                        f64 inputs, where the bf16 tensor-core trick would round x.
+//   ds_bwd_simple_*      g . S (the gradient of x . S^T), CUDA cores.
+//
+// Row groups. Every forward launch takes a GroupTable by value (kernel parameter space, so a decode
+// step needs no host-to-device copy): group g is up to 32 rows of x that share one delta
+// (`words[g]`, `scale[g]`); its rows are rows[row_begin[g] .. row_begin[g+1]], or, when
+// `identity` is set, the rows row_begin[g] .. row_begin[g+1] themselves. A group whose words
+// pointer is 0 writes zeros (the base-only rows of a multi-tenant batch). Blocks index
+// (output-feature tile, group), so each distinct delta's bits are read once per launch however many
+// of its (up to 32) rows are in the batch.
+//
+// The tensor-core path. mma needs S as bf16 +-1 values, and expanding 1 bit into a bf16 costs
+// instructions that, at HBM speed (an H100 SM receives ~13 bytes = 104 signs per clock), must stay
+// near 0.5 per sign. A LOP3 `(w & mask) | magic` makes one 32-bit register of two bf16 values from
+// two bits of a word without shifting them: the bits land at the same position p of the two
+// 16-bit halves, and `magic` fills the rest of each half. Each half's value is then v0 (bit clear)
+// or v1 (bit set), an affine function of the bit, so with s = 2b - 1,
+//     s x = alpha_p (x v) - beta_p x,   alpha_p = 2 / (v1 - v0),   beta_p = 2 v0 / (v1 - v0) + 1.
+// Positions used (half-word bit p -> magic, v0, v1, alpha, beta):
+//   p = 0..6  mantissa bit  0x3F80 (1.0)   1, 1 + 2^(p-7)    2^(8-p)   2^(8-p) + 1
+//   p = 7     exponent LSB  0x3F00 (0.5)   0.5, 1            4         3
+//   p = 15    sign          0x3F80 (1.0)   1, -1             -1        0
+// Bits 8..14 of each half would land in the exponent with a non-power-of-two alpha, so they are
+// taken from `w >> 8` at positions 0..6 instead: 16 LOP3 + 1 shift per 32 signs, for any number
+// of rows of x. All alphas are powers of two (or -1), so xp = alpha x is exact in bf16, and
+// x . s = sum(xp * v) - corr with corr = sum(beta x) computed once per row in the prep kernel.
+// The f32 sum(xp * v) is up to ~2^8 times larger than the result, which costs ~8 of the
+// accumulator's 24 bits: ~1e-5 relative error, far below the bf16 rounding of the output.
+//
+// Which bits feed which mma columns does not matter as long as x uses the same order: a sum over k
+// can be taken in any order. So thread (g, t) of a warp (g = lane / 4, t = lane % 4) unpacks its
+// own words of output rows g and g + 8 of a 16-row tile, and the prep kernel writes xp in exactly
+// the order the same thread consumes it as the mma B fragment (see ds_prep_bf16).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define DS_MAX_GROUPS 32
+#define DS_MAX_ROWS 512
+#define DS_GROUP_ROWS 32
+
+struct GroupTable {
+    unsigned long long words[DS_MAX_GROUPS];  // device address of each group's (N, W) words; 0 = zeros
+    float scale[DS_MAX_GROUPS];
+    unsigned int row_begin[DS_MAX_GROUPS + 1];
+    unsigned short rows[DS_MAX_ROWS];
+    unsigned int n_groups;
+    unsigned int identity;
+};
+
+__device__ __forceinline__ int group_row(const GroupTable& tab, unsigned int begin, int j) {
+    return tab.identity ? (int)(begin + j) : (int)tab.rows[begin + j];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core path, bf16 x.
+
+// alpha and beta (see the header) for a column k, from a = k % 16.
+__device__ __forceinline__ float ds_alpha(int a) {
+    if (a < 7) return (float)(1 << (8 - a));
+    if (a == 7) return 4.f;
+    if (a == 15) return -1.f;
+    return (float)(1 << (16 - a));  // a = 8..14, read from w >> 8 at p = a - 8
+}
+__device__ __forceinline__ float ds_beta(int a) {
+    if (a < 7) return (float)((1 << (8 - a)) + 1);
+    if (a == 7) return 3.f;
+    if (a == 15) return 0.f;
+    return (float)((1 << (16 - a)) + 1);
+}
+
+// Register r (0..15) of a word: holds the bits a(r) and a(r) + 16, a(r) = r (r < 8), 15 (r = 8),
+// r - 1 (r > 8). `r` is a compile-time constant after unrolling, so this is one LOP3.
+__device__ __forceinline__ uint32_t ds_unpack(uint32_t w, uint32_t w8, int r) {
+    if (r < 7) return (w & (0x00010001u << r)) | 0x3F803F80u;
+    if (r == 7) return (w & 0x00800080u) | 0x3F003F00u;
+    if (r == 8) return (w & 0x80008000u) | 0x3F803F80u;
+    return (w8 & (0x00010001u << (r - 9))) | 0x3F803F80u;
+}
+
+// xp layout, per row of x, Kp = 512 * ceil(K / 512) values:
+//   pos = ((((sc * 4 + c) * 4 + sp) * 4 + t) * 8 + e)
+// sc: 512-column chunk; thread t of a lane group reads word wi = 16 sc + 4 t + c; sp: pair of mma
+// k-steps s = 2 sp + (e >> 2); within a step, e & 3 = (b0.lo, b0.hi, b1.lo, b1.hi), b0 matching
+// register r = 2 s and b1 register r = 2 s + 1, lo = bit a(r), hi = bit a(r) + 16. So one 16-byte
+// load gives a thread its B fragments of two k-steps, and the 4 threads of a group read 64
+// contiguous bytes.
+extern "C" __global__ void ds_prep_bf16(const __nv_bfloat16* __restrict__ x,
+                                        __nv_bfloat16* __restrict__ xp,
+                                        float* __restrict__ corr, int K, int Kp) {
+    const int row = blockIdx.x;
+    const __nv_bfloat16* xr = x + (size_t)row * K;
+    __nv_bfloat16* xpr = xp + (size_t)row * Kp;
+    for (int pos = threadIdx.x; pos < Kp; pos += blockDim.x) {
+        const int e = pos & 7, t = (pos >> 3) & 3, sp = (pos >> 5) & 3, c = (pos >> 7) & 3;
+        const int sc = pos >> 9;
+        const int s = 2 * sp + (e >> 2), j = e & 3;
+        const int r = 2 * s + (j >> 1), hi = j & 1;
+        const int a = r < 8 ? r : (r == 8 ? 15 : r - 1);
+        const int k = 32 * (16 * sc + 4 * t + c) + a + 16 * hi;
+        float v = 0.f;
+        if (k < K) v = ds_alpha(a) * __bfloat162float(xr[k]);  // exact: a power of two (or -1)
+        xpr[pos] = __float2bfloat16(v);
+    }
+    double sum = 0.0;
+    for (int k = threadIdx.x; k < K; k += blockDim.x)
+        sum += (double)ds_beta(k & 15) * (double)__bfloat162float(xr[k]);
+    __shared__ double part[32];
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); ++i) total += part[i];
+        corr[row] = (float)total;
+    }
+}
+
+__device__ __forceinline__ void ds_mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                            uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Loads words wi0 .. wi0 + 3 of a row (zeros past W). VEC: W % 4 == 0 and 16-byte aligned rows.
+template <bool VEC>
+__device__ __forceinline__ void ds_load4(const uint32_t* __restrict__ row, int wi0, int W,
+                                         uint32_t* out) {
+    if (VEC) {
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (wi0 < W) v = __ldg(reinterpret_cast<const uint4*>(row + wi0));
+        out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+    } else {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) out[c] = (wi0 + c < W) ? __ldg(row + wi0 + c) : 0u;
+    }
+}
+
+// Block: 4 warps splitting K (warp w takes 512-column chunks w, w + 4, ...), each warp T tiles of
+// 16 output features and RT tiles of 8 rows of x; the 4 partial sums meet in shared memory.
+template <int T, int RT, bool VEC>
+__device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
+                                                const float* __restrict__ corr,
+                                                __nv_bfloat16* __restrict__ y, int N, int W,
+                                                int Kp) {
+    const int grp = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned int rb = tab.row_begin[grp];
+    const int R = (int)(tab.row_begin[grp + 1] - rb);
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
+    const int n0 = blockIdx.x * 16 * T;
+
+    if (words == nullptr) {  // base-only rows: zeros
+        for (int idx = threadIdx.x; idx < R * 16 * T; idx += blockDim.x) {
+            const int j = idx / (16 * T), n = n0 + idx % (16 * T);
+            if (n < N) y[(size_t)group_row(tab, rb, j) * N + n] = __float2bfloat16(0.f);
+        }
+        return;
+    }
+
+    const uint32_t* arow[T][2];
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+        const int nl = min(n0 + 16 * i + g, N - 1), nh = min(n0 + 16 * i + g + 8, N - 1);
+        arow[i][0] = words + (size_t)nl * W;
+        arow[i][1] = words + (size_t)nh * W;
+    }
+    const int row_u4 = Kp / 8;  // uint4 per row of xp
+    const uint4* brow[RT];
+    bool bact[RT];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+        const int j = 8 * rt + g;
+        bact[rt] = j < R;
+        brow[rt] = xp + (size_t)(bact[rt] ? group_row(tab, rb, j) : 0) * row_u4;
+    }
+
+    float acc[T][RT][4];
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][rt][q] = 0.f;
+
+    const int SC = Kp / 512;
+    uint32_t a[T][2][4];
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) ds_load4<VEC>(arow[i][h], 16 * warp + 4 * t, W, a[i][h]);
+
+    for (int sc = warp; sc < SC; sc += 4) {
+        // Prefetch the next chunk's words while this one is computed.
+        uint32_t an[T][2][4];
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) ds_load4<VEC>(arow[i][h], 16 * (sc + 4) + 4 * t, W, an[i][h]);
+
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            uint32_t b[RT][8][2];
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+                for (int sp = 0; sp < 4; ++sp) {
+                    uint4 v = make_uint4(0, 0, 0, 0);
+                    if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + sp) * 4 + t);
+                    b[rt][2 * sp][0] = v.x;
+                    b[rt][2 * sp][1] = v.y;
+                    b[rt][2 * sp + 1][0] = v.z;
+                    b[rt][2 * sp + 1][1] = v.w;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < T; ++i) {
+                const uint32_t wl = a[i][0][c], wh = a[i][1][c];
+                const uint32_t wl8 = wl >> 8, wh8 = wh >> 8;
+#pragma unroll
+                for (int s = 0; s < 8; ++s) {
+                    const uint32_t a0 = ds_unpack(wl, wl8, 2 * s);
+                    const uint32_t a1 = ds_unpack(wh, wh8, 2 * s);
+                    const uint32_t a2 = ds_unpack(wl, wl8, 2 * s + 1);
+                    const uint32_t a3 = ds_unpack(wh, wh8, 2 * s + 1);
+#pragma unroll
+                    for (int rt = 0; rt < RT; ++rt)
+                        ds_mma_bf16(acc[i][rt], a0, a1, a2, a3, b[rt][s][0], b[rt][s][1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) a[i][h][c] = an[i][h][c];
+    }
+
+    // Split-K reduction: warps 1..3 hand their partial sums to warp 0.
+    __shared__ float red[3][T][RT][4][32];
+    if (warp > 0) {
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) red[warp - 1][i][rt][q][lane] = acc[i][rt][q];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    const float scale = tab.scale[grp];
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float v = acc[i][rt][q] + red[0][i][rt][q][lane] + red[1][i][rt][q][lane] +
+                                red[2][i][rt][q][lane];
+                // d0, d1: feature g, columns 2t, 2t+1; d2, d3: feature g + 8.
+                const int n = n0 + 16 * i + g + ((q >> 1) << 3);
+                const int j = 8 * rt + 2 * t + (q & 1);
+                if (n < N && j < R) {
+                    const int xr = group_row(tab, rb, j);
+                    y[(size_t)xr * N + n] = __float2bfloat16(scale * (v - corr[xr]));
+                }
+            }
+        }
+    }
+}
+
+#define DS_TC_KERNEL(T, RT)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) ds_tc_bf16_t##T##_r##RT##_v(               \
+        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
+        __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {                                  \
+        ds_tc_bf16_body<T, RT, true>(tab, xp, corr, y, N, W, Kp);                               \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) ds_tc_bf16_t##T##_r##RT##_s(               \
+        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
+        __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {                                  \
+        ds_tc_bf16_body<T, RT, false>(tab, xp, corr, y, N, W, Kp);                              \
+    }
+
+DS_TC_KERNEL(1, 1)
+DS_TC_KERNEL(2, 1)
+DS_TC_KERNEL(4, 1)
+DS_TC_KERNEL(1, 2)
+DS_TC_KERNEL(2, 2)
+DS_TC_KERNEL(4, 2)
+DS_TC_KERNEL(1, 4)
+DS_TC_KERNEL(2, 4)
+
+// ---------------------------------------------------------------------------------------------
+// CUDA-core paths: exact in the accumulator type, any input dtype.
+
+template <typename T> __device__ __forceinline__ float ds_to_f32(T v);
+template <> __device__ __forceinline__ float ds_to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float ds_to_f32<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float ds_to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+
+template <typename T, typename Acc> __device__ __forceinline__ Acc ds_load_acc(T v) {
+    return (Acc)ds_to_f32<T>(v);
+}
+template <> __device__ __forceinline__ double ds_load_acc<double, double>(double v) { return v; }
+
+template <typename T, typename Acc> __device__ __forceinline__ T ds_store(Acc v);
+template <> __device__ __forceinline__ float ds_store<float, float>(float v) { return v; }
+template <> __device__ __forceinline__ __half ds_store<__half, float>(float v) {
+    return __float2half(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 ds_store<__nv_bfloat16, float>(float v) {
+    return __float2bfloat16(v);
+}
+template <> __device__ __forceinline__ double ds_store<double, double>(double v) { return v; }
+
+// y[row] = scale * x[row] . S^T for each group: block = 64 output features x up to 32 rows,
+// thread = 1 feature x 8 rows; one word (32 columns) of x and S per step through shared memory.
+template <typename T, typename Acc>
+__device__ __forceinline__ void ds_fwd_simple_body(const GroupTable& tab, const T* __restrict__ x,
+                                                   T* __restrict__ y, int N, int K, int W) {
+    const int grp = blockIdx.y;
+    const unsigned int rb = tab.row_begin[grp];
+    const int R = (int)(tab.row_begin[grp + 1] - rb);
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
+    const int n0 = blockIdx.x * 64;
+    const int tid = threadIdx.x, col = tid & 63, q = tid >> 6;
+    const int n = n0 + col;
+
+    if (words == nullptr) {
+        for (int i = 0; i < 8; ++i) {
+            const int j = 8 * q + i;
+            if (j < R && n < N) y[(size_t)group_row(tab, rb, j) * N + n] = ds_store<T, Acc>((Acc)0);
+        }
+        return;
+    }
+
+    __shared__ Acc xs[DS_GROUP_ROWS][33];
+    __shared__ uint32_t ws[64];
+    __shared__ int rows[DS_GROUP_ROWS];
+    if (tid < DS_GROUP_ROWS) rows[tid] = tid < R ? group_row(tab, rb, tid) : 0;
+    Acc acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = (Acc)0;
+    __syncthreads();
+    for (int w = 0; w < W; ++w) {
+        for (int idx = tid; idx < DS_GROUP_ROWS * 32; idx += blockDim.x) {
+            const int j = idx >> 5, kk = idx & 31, k = 32 * w + kk;
+            Acc v = (Acc)0;
+            if (j < R && k < K) v = ds_load_acc<T, Acc>(x[(size_t)rows[j] * K + k]);
+            xs[j][kk] = v;
+        }
+        if (tid < 64) ws[tid] = (n0 + tid < N) ? words[(size_t)(n0 + tid) * W + w] : 0u;
+        __syncthreads();
+        const uint32_t bits = ws[col];
+#pragma unroll 8
+        for (int bit = 0; bit < 32; ++bit) {
+            const Acc s = ((bits >> bit) & 1u) ? (Acc)1 : (Acc)-1;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] += s * xs[8 * q + i][bit];
+        }
+        __syncthreads();
+    }
+    const Acc scale = (Acc)tab.scale[grp];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int j = 8 * q + i;
+        if (j < R && n < N) y[(size_t)rows[j] * N + n] = ds_store<T, Acc>(scale * acc[i]);
+    }
+}
+
+// out (M, K) = g (M, N) . S: block = 64 columns (2 words) x 32 rows of g, thread = 1 column x 8
+// rows; 32 output features of S per step through shared memory.
+template <typename T, typename Acc>
+__device__ __forceinline__ void ds_bwd_simple_body(const T* __restrict__ gin, T* __restrict__ out,
+                                                   const uint32_t* __restrict__ words, int M,
+                                                   int N, int K, int W) {
+    const int k0 = blockIdx.x * 64, m0 = blockIdx.y * 32;
+    const int tid = threadIdx.x, col = tid & 63, q = tid >> 6;
+    const int k = k0 + col;
+    const int wcol = (k0 >> 5) + (col >> 5);  // word of column k
+    __shared__ Acc gs[32][33];
+    __shared__ uint32_t ws[32][2];
+    Acc acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = (Acc)0;
+    for (int nb = 0; nb < N; nb += 32) {
+        for (int idx = tid; idx < 32 * 32; idx += blockDim.x) {
+            const int i = idx >> 5, nn = idx & 31;
+            Acc v = (Acc)0;
+            if (m0 + i < M && nb + nn < N) v = ds_load_acc<T, Acc>(gin[(size_t)(m0 + i) * N + nb + nn]);
+            gs[i][nn] = v;
+        }
+        if (tid < 64) {
+            const int nn = tid >> 1, half = tid & 1, wi = (k0 >> 5) + half;
+            ws[nn][half] = (nb + nn < N && wi < W) ? words[(size_t)(nb + nn) * W + wi] : 0u;
+        }
+        __syncthreads();
+        const int half = wcol - (k0 >> 5), bit = k & 31;
+#pragma unroll 8
+        for (int nn = 0; nn < 32; ++nn) {
+            const Acc s = ((ws[nn][half] >> bit) & 1u) ? (Acc)1 : (Acc)-1;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[i] += s * gs[8 * q + i][nn];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int m = m0 + 8 * q + i;
+        if (m < M && k < K) out[(size_t)m * K + k] = ds_store<T, Acc>(acc[i]);
+    }
+}
+
+#define DS_SIMPLE_KERNELS(NAME, T, ACC)                                                          \
+    extern "C" __global__ void __launch_bounds__(256) ds_fwd_simple_##NAME(                      \
+        const GroupTable tab, const T* __restrict__ x, T* __restrict__ y, int N, int K, int W) { \
+        ds_fwd_simple_body<T, ACC>(tab, x, y, N, K, W);                                          \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) ds_bwd_simple_##NAME(                      \
+        const T* __restrict__ g, T* __restrict__ out, const uint32_t* __restrict__ words, int M, \
+        int N, int K, int W) {                                                                   \
+        ds_bwd_simple_body<T, ACC>(g, out, words, M, N, K, W);                                   \
+    }
+
+DS_SIMPLE_KERNELS(f32, float, float)
+DS_SIMPLE_KERNELS(f16, __half, float)
+DS_SIMPLE_KERNELS(bf16, __nv_bfloat16, float)
+DS_SIMPLE_KERNELS(f64, double, double)

@@ -1,0 +1,367 @@
+//! The CUDA kernels against the reference (`reference.rs`, f64 sums) on random inputs of awkward
+//! sizes: K not a multiple of 32 or of the 512-column chunk, N not a multiple of any tile, rows of
+//! one tenant split over several groups, base-only rows, more groups than one launch takes.
+//!
+//! Run on a GPU machine: `cargo test --release --features cuda -p deltaserve-kernels --test cuda`.
+//! Without a CUDA device every test here FAILS (it does not skip): a build with the feature on
+//! is meant to be checked on a GPU.
+//!
+//! Error bounds, as relative Frobenius error ‖y − ref‖ / ‖ref‖, with `ref` computed in f64 from the
+//! same (rounded) inputs:
+//! - f32 inputs (CUDA cores, f32 sums): 1e-5, as for the CPU kernels;
+//! - f64 inputs: 1e-12;
+//! - bf16 outputs: 8e-3. The output is rounded to 8 significant bits (relative error up to 2⁻⁹ ≈
+//!   2e-3 per element, ~1.1e-3 in the Frobenius norm); the tensor-core path adds ~1e-5 (the
+//!   accumulator loses ~8 bits to the offset explained in `sign_matmul.cu`);
+//! - f16 outputs: 3e-3 (11 significant bits).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use deltaserve_kernels::cuda::{sign_matmul_t_with, tenant_delta_matmul_with, Bf16Path};
+use deltaserve_kernels::reference::{
+    sign_matmul_n_ref, sign_matmul_t_ref, tenant_delta_matmul_ref,
+};
+use deltaserve_kernels::{
+    sign_matmul_n, sign_matmul_t, tenant_delta_matmul, words_per_row, SignBits, SignDelta,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const KS: [usize; 8] = [1, 31, 33, 100, 257, 1000, 4096, 4096 + 17];
+const NS: [usize; 4] = [1, 3, 65, 300];
+const MS: [usize; 5] = [1, 2, 5, 17, 64];
+
+fn gpu() -> Device {
+    Device::new_cuda(0).unwrap_or_else(|e| {
+        panic!(
+            "tests/cuda.rs needs a CUDA device (the crate was built with feature `cuda`), \
+             but none could be opened: {e}"
+        )
+    })
+}
+
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F64 => 1e-12,
+        DType::BF16 => 8e-3,
+        DType::F16 => 3e-3,
+        _ => unreachable!(),
+    }
+}
+
+fn random_words(rng: &mut StdRng, n: usize, k: usize) -> Vec<u32> {
+    // Padding bits are random too: every kernel must ignore them.
+    (0..n * words_per_row(k)).map(|_| rng.gen()).collect()
+}
+
+/// A random (dims) tensor on the CPU in `dtype`, and its values as f32 after rounding to `dtype`.
+fn random_x(rng: &mut StdRng, dims: &[usize], dtype: DType) -> (Tensor, Vec<f32>) {
+    let len: usize = dims.iter().product();
+    let v: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+    let t = Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let rounded = flat(&t);
+    (t, rounded)
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite output (an unwritten element?)");
+    let d: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum();
+    let r: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+    if r == 0.0 {
+        d.sqrt()
+    } else {
+        (d / r).sqrt()
+    }
+}
+
+/// Allocates and frees a NaN buffer of `len` values of `dtype` on the GPU, so that the next
+/// allocation of that size likely reuses it: an output element a kernel forgets to write then
+/// reads as NaN and fails `rel_err`.
+fn poison(dev: &Device, len: usize, dtype: DType) {
+    let nan = Tensor::full(f32::NAN, len.max(1), dev).unwrap();
+    drop(nan.to_dtype(dtype).unwrap());
+}
+
+fn signs_on(words: &[u32], n: usize, k: usize, dev: &Device) -> SignBits {
+    SignBits::from_words(words.to_vec(), n, k, dev).unwrap()
+}
+
+#[test]
+fn sign_matmul_t_matches_reference_every_path_and_awkward_size() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut worst = [0f64; 4];
+    for &k in &KS {
+        for &n in &NS {
+            let words = random_words(&mut rng, n, k);
+            let signs = signs_on(&words, n, k, &dev);
+            for &m in &MS {
+                for (i, (dtype, path)) in [
+                    (DType::F32, Bf16Path::TensorCore),
+                    (DType::BF16, Bf16Path::TensorCore),
+                    (DType::BF16, Bf16Path::Simple),
+                    (DType::F16, Bf16Path::TensorCore),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let (x, xr) = random_x(&mut rng, &[m, k], dtype);
+                    let x = x.to_device(&dev).unwrap();
+                    poison(&dev, m * n, dtype);
+                    let y = if path == Bf16Path::TensorCore {
+                        sign_matmul_t(&x, &signs).unwrap()
+                    } else {
+                        sign_matmul_t_with(&x, &signs, path).unwrap()
+                    };
+                    assert_eq!(y.dims(), [m, n]);
+                    assert_eq!(y.dtype(), dtype);
+                    let err = rel_err(&flat(&y), &sign_matmul_t_ref(&xr, &words, n, k));
+                    worst[i] = worst[i].max(err);
+                    assert!(
+                        err < tol(dtype),
+                        "{dtype:?} {path:?} M={m} N={n} K={k}: relative error {err:.2e}"
+                    );
+                }
+            }
+        }
+    }
+    println!("worst relative errors: f32 {:.1e}, bf16 tensor cores {:.1e}, bf16 simple {:.1e}, f16 {:.1e}", worst[0], worst[1], worst[2], worst[3]);
+}
+
+#[test]
+fn prefill_sizes_span_several_groups_and_launches() {
+    // 1100 rows: 35 groups of 32, so two launches of the tensor-core kernel.
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(2);
+    for (m, n, k) in [(300, 65, 257), (1100, 65, 1000), (96, 300, 4096)] {
+        let words = random_words(&mut rng, n, k);
+        let signs = signs_on(&words, n, k, &dev);
+        for dtype in [DType::BF16, DType::F32] {
+            let (x, xr) = random_x(&mut rng, &[m, k], dtype);
+            poison(&dev, m * n, dtype);
+            let y = sign_matmul_t(&x.to_device(&dev).unwrap(), &signs).unwrap();
+            let err = rel_err(&flat(&y), &sign_matmul_t_ref(&xr, &words, n, k));
+            assert!(err < tol(dtype), "{dtype:?} M={m} N={n} K={k}: {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn leading_dims_strided_inputs_and_f64() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(3);
+    let (n, k) = (65, 100);
+    let words = random_words(&mut rng, n, k);
+    let signs = signs_on(&words, n, k, &dev);
+    // (B, T, K) input.
+    let (x, xr) = random_x(&mut rng, &[2, 3, k], DType::BF16);
+    let y = sign_matmul_t(&x.to_device(&dev).unwrap(), &signs).unwrap();
+    assert_eq!(y.dims(), [2, 3, n]);
+    let err = rel_err(&flat(&y), &sign_matmul_t_ref(&xr, &words, n, k));
+    assert!(err < tol(DType::BF16), "3-d input: {err:.2e}");
+    // A transposed (strided) view is gathered first.
+    for dtype in [DType::BF16, DType::F32] {
+        let (xt, _) = random_x(&mut rng, &[k, 5], dtype);
+        let xt = xt.to_device(&dev).unwrap().t().unwrap();
+        assert!(!xt.is_contiguous());
+        let xr = flat(&xt.contiguous().unwrap());
+        let y = sign_matmul_t(&xt, &signs).unwrap();
+        let err = rel_err(&flat(&y), &sign_matmul_t_ref(&xr, &words, n, k));
+        assert!(err < tol(dtype), "strided {dtype:?}: {err:.2e}");
+    }
+    // f64 (gradient checks) against the CPU op in f64.
+    let x64: Vec<f64> = (0..4 * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let x64 = Tensor::from_vec(x64, (4, k), &Device::Cpu).unwrap();
+    let cpu_signs = signs_on(&words, n, k, &Device::Cpu);
+    let want: Vec<f64> = sign_matmul_t(&x64, &cpu_signs)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let got: Vec<f64> = sign_matmul_t(&x64.to_device(&dev).unwrap(), &signs)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d: f64 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let r: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(d / r < tol(DType::F64), "f64: {:.2e}", d / r);
+}
+
+#[test]
+fn sign_matmul_n_matches_reference() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(4);
+    for &k in &KS {
+        for &n in &NS {
+            let words = random_words(&mut rng, n, k);
+            let signs = signs_on(&words, n, k, &dev);
+            for &m in &[1usize, 5, 64] {
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let (g, gr) = random_x(&mut rng, &[m, n], dtype);
+                    poison(&dev, m * k, dtype);
+                    let y = sign_matmul_n(&g.to_device(&dev).unwrap(), &signs).unwrap();
+                    assert_eq!(y.dims(), [m, k]);
+                    let err = rel_err(&flat(&y), &sign_matmul_n_ref(&gr, &words, n, k));
+                    assert!(
+                        err < tol(dtype),
+                        "{dtype:?} M={m} N={n} K={k}: relative error {err:.2e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gradient_flows_through_the_cuda_op() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(5);
+    let (m, n, k) = (3, 65, 257);
+    let words = random_words(&mut rng, n, k);
+    let signs = signs_on(&words, n, k, &dev);
+    let (x, _) = random_x(&mut rng, &[m, k], DType::F32);
+    let x = Var::from_tensor(&x.to_device(&dev).unwrap()).unwrap();
+    let (w, wr) = random_x(&mut rng, &[m, n], DType::F32);
+    let loss = sign_matmul_t(x.as_tensor(), &signs)
+        .unwrap()
+        .mul(&w.to_device(&dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let gx = grads.get(x.as_tensor()).expect("x gets a gradient");
+    // d/dx sum(w ⊙ x·Sᵀ) = w · S
+    let err = rel_err(&flat(gx), &sign_matmul_n_ref(&wr, &words, n, k));
+    assert!(err < 1e-5, "gradient: {err:.2e}");
+}
+
+/// Deltas and a mixed slot assignment with base-only rows.
+fn tenant_case(
+    rng: &mut StdRng,
+    dev: &Device,
+    m: usize,
+    n: usize,
+    k: usize,
+    num_deltas: usize,
+) -> (Vec<SignDelta>, Vec<SignDelta>, Vec<Option<u32>>) {
+    let mut on_gpu = Vec::new();
+    let mut on_cpu = Vec::new();
+    for _ in 0..num_deltas {
+        let words = random_words(rng, n, k);
+        let scale = rng.gen_range(0.001f32..0.05);
+        on_gpu.push(SignDelta::from_words(words.clone(), n, k, scale, dev).unwrap());
+        on_cpu.push(SignDelta::from_words(words, n, k, scale, &Device::Cpu).unwrap());
+    }
+    let row_slot = (0..m)
+        .map(|_| {
+            if rng.gen_bool(0.2) {
+                None
+            } else {
+                Some(rng.gen_range(0..num_deltas as u32))
+            }
+        })
+        .collect();
+    (on_gpu, on_cpu, row_slot)
+}
+
+#[test]
+fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(6);
+    for &k in &[1usize, 33, 257, 1000, 4096 + 17] {
+        for &n in &[3usize, 65, 300] {
+            for &m in &MS {
+                let (deltas, cpu_deltas, row_slot) = tenant_case(&mut rng, &dev, m, n, k, 3);
+                let refs: Vec<&SignDelta> = deltas.iter().collect();
+                for (dtype, path) in [
+                    (DType::BF16, Bf16Path::TensorCore),
+                    (DType::BF16, Bf16Path::Simple),
+                    (DType::F32, Bf16Path::TensorCore),
+                    (DType::F16, Bf16Path::TensorCore),
+                ] {
+                    let (x, xr) = random_x(&mut rng, &[m, k], dtype);
+                    poison(&dev, m * n, dtype);
+                    let y = tenant_delta_matmul_with(&x.to_device(&dev).unwrap(), &row_slot, &refs, path)
+                        .unwrap();
+                    assert_eq!(y.dims(), [m, n]);
+                    let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+                    let got = flat(&y);
+                    let err = rel_err(&got, &want);
+                    assert!(
+                        err < tol(dtype),
+                        "{dtype:?} {path:?} M={m} N={n} K={k} slots {row_slot:?}: {err:.2e}"
+                    );
+                    for (row, slot) in row_slot.iter().enumerate() {
+                        if slot.is_none() {
+                            assert!(got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0), "base-only row {row} not zero");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tenant_delta_matmul_many_rows_per_tenant_and_many_tenants() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(7);
+    // 70 rows of one tenant (three groups), 40 tenants for 64 rows (more groups than a launch
+    // takes), a prefill-sized batch of 600 rows over 5 tenants (more rows than a launch takes).
+    for (m, n, k, num_deltas, all_one) in [
+        (70, 65, 4096, 1, true),
+        (64, 300, 257, 40, false),
+        (600, 65, 1000, 5, false),
+    ] {
+        let (deltas, cpu_deltas, mut row_slot) = tenant_case(&mut rng, &dev, m, n, k, num_deltas);
+        if all_one {
+            row_slot = vec![Some(0); m];
+        }
+        let refs: Vec<&SignDelta> = deltas.iter().collect();
+        for dtype in [DType::BF16, DType::F32] {
+            let (x, xr) = random_x(&mut rng, &[m, k], dtype);
+            poison(&dev, m * n, dtype);
+            let y = tenant_delta_matmul(&x.to_device(&dev).unwrap(), &row_slot, &refs).unwrap();
+            let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+            let err = rel_err(&flat(&y), &want);
+            assert!(err < tol(dtype), "{dtype:?} M={m} N={n} K={k} D={num_deltas}: {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn errors_name_the_misplaced_tensor() {
+    let dev = gpu();
+    let signs = SignBits::from_words(vec![0; 2], 2, 3, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((1, 3), DType::F32, &dev).unwrap();
+    let e = sign_matmul_t(&x, &signs).unwrap_err().to_string();
+    assert!(e.contains("sign words"), "{e}");
+    let delta = SignDelta::new(signs, 1.0);
+    let e = tenant_delta_matmul(&x, &[Some(1)], &[&delta]).unwrap_err().to_string();
+    assert!(e.contains("slot") || e.contains("sign words"), "{e}");
+}
