@@ -20,6 +20,8 @@ enum Command {
     Compress(cmd::compress::Args),
     /// Write base + delta as a complete Hugging Face checkpoint directory.
     Merge(cmd::merge::Args),
+    /// Calibrate a delta's scales so base + delta matches the fine-tune's logits (scale distillation).
+    Calibrate(cmd::calibrate::Args),
     /// Show what a .delta file holds: method, base fingerprint, tensors, scales, bits per parameter.
     Inspect(cmd::inspect::Args),
     /// Serve a base model and its deltas (tenants) over an OpenAI-compatible HTTP API and a web page.
@@ -42,6 +44,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Compress(a) => cmd::compress::run(a),
         Command::Merge(a) => cmd::merge::run(a),
+        Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
         Command::Bench(a) => cmd::bench::run(a),

@@ -1,6 +1,7 @@
 //! Subcommands.
 
 pub mod bench;
+pub mod calibrate;
 pub mod common;
 pub mod compress;
 pub mod generate;
