@@ -28,6 +28,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Write a random Llama-shaped checkpoint (or a noisy fine-tune of one) for tests and benchmarks.
     RandomModel(cmd::random_model::Args),
+    /// Evaluate: perplexity (`eval ppl`), or base vs fine-tune vs deltas (`eval compare`).
+    Eval(cmd::eval::Args),
     /// Benchmarks: `bench kernels` times the packed-delta products against the bandwidth floor.
     Bench(cmd::bench::Args),
 }
@@ -49,6 +51,7 @@ fn main() {
         Command::RandomModel(a) => cmd::random_model::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
     };
     if let Err(e) = result {
         // One line: the error and its causes, outermost first.

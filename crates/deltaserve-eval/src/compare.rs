@@ -229,6 +229,8 @@ pub struct TensorError {
 pub struct DeltaWeights {
     /// The delta's name.
     pub delta: String,
+    /// Whether the delta's scales were calibrated (its header has a calibration record).
+    pub calibrated: bool,
     /// One entry per (layer, projection), layer-major in [`Proj::ALL`] order.
     pub tensors: Vec<TensorError>,
 }
@@ -243,6 +245,9 @@ pub struct CompareReport {
     pub datasets: Vec<DatasetReport>,
     /// Per delta.
     pub weights: Vec<DeltaWeights>,
+    /// Where each model and data set came from, as (name, path or description); filled by
+    /// callers that know (the CLI), listed in the Markdown report.
+    pub sources: Vec<(String, String)>,
 }
 
 /// Short name of a projection.
@@ -484,6 +489,7 @@ pub fn compare(inputs: &CompareInputs<'_>) -> Result<CompareReport> {
             .map(|d| {
                 Ok(DeltaWeights {
                     delta: d.name.clone(),
+                    calibrated: d.header.calibration.is_some(),
                     tensors: weight_errors(
                         inputs.base,
                         inputs.finetuned,
@@ -500,6 +506,7 @@ pub fn compare(inputs: &CompareInputs<'_>) -> Result<CompareReport> {
         models,
         datasets,
         weights,
+        sources: Vec::new(),
     })
 }
 

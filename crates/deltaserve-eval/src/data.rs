@@ -6,7 +6,7 @@
 //!   consecutive, non-overlapping sequences of `seq_len` tokens. Every prediction counts.
 //! - JSONL `{"text": ...}`: each record the same way, on its own.
 //! - JSONL `{"messages": [{"role", "content"}, ...]}`: rendered with the chat template; only the
-//!   assistant's tokens count (its content and the end-of-turn token the template puts right
+//!   assistant's tokens count (its reply, the whitespace opening it, and the end-of-turn token the template puts right
 //!   after it), as the demo fine-tunes were trained and as `scripts/demo/train_family.py` scores
 //!   them. Records longer than `seq_len` are truncated.
 
@@ -267,11 +267,12 @@ fn load_jsonl(path: &Path, text: &str, codec: &TextCodec, seq_len: usize) -> Res
 
 /// Renders a conversation with the chat template and marks the assistant's tokens.
 ///
-/// Assistant turn `i` starts where `render(messages[..i], add_generation_prompt)` ends, and its
-/// content is found right after; the text is tokenized piece by piece at those boundaries (so
+/// Assistant turn `i` starts where `render(messages[..i], add_generation_prompt)` ends (less
+/// its trailing whitespace, which the reply's first token may absorb), and runs to the end of
+/// its content, found right after; the text is tokenized piece by piece at those boundaries (so
 /// the boundaries fall between tokens), and the token right after each assistant content is
 /// scored too when it is a stop token (`<|end|>`, `<|eot_id|>`, ...): the model must learn to
-/// stop. Returns the sequence and whether the split succeeded (if not, all tokens are scored).
+/// stop. On the demo's template this scores exactly what `scripts/demo/train_family.py` does. Returns the sequence and whether the split succeeded (if not, all tokens are scored).
 pub fn encode_chat(codec: &TextCodec, messages: &[ChatMessage]) -> Result<(EvalSequence, bool)> {
     let whole = codec.render_chat(messages, false)?;
     let Some(spans) = assistant_spans(codec, messages, &whole)? else {
@@ -349,8 +350,11 @@ fn assistant_spans(
         let Some(off) = whole[prefix.len()..].find(content) else {
             return Ok(None);
         };
-        let start = prefix.len();
-        let end = start + off + content.len();
+        // The generation prompt's trailing whitespace (the `\n` of `<|assistant|>\n`) belongs to
+        // the reply, as in the demo trainer's targets; the piece boundary then falls right after
+        // a special token, where tokenizers split anyway.
+        let start = prefix.trim_end().len().max(prev_end);
+        let end = prefix.len() + off + content.len();
         spans.push((start, end));
         prev_end = end;
     }

@@ -223,6 +223,7 @@ fn bar_panel(
 pub fn layer_error_png(report: &CompareReport) -> Result<Vec<u8>> {
     per_delta_lines(
         report,
+        false,
         "layer_error.png",
         "Relative error ‖W_rec − W_ft‖ / ‖W_ft − W_base‖ per layer",
         "relative error",
@@ -234,6 +235,7 @@ pub fn layer_error_png(report: &CompareReport) -> Result<Vec<u8>> {
 pub fn scales_png(report: &CompareReport) -> Result<Vec<u8>> {
     per_delta_lines(
         report,
+        true,
         "scales.png",
         "BitDelta scale after / before calibration per layer",
         "scale after / before",
@@ -243,18 +245,24 @@ pub fn scales_png(report: &CompareReport) -> Result<Vec<u8>> {
 
 fn per_delta_lines(
     report: &CompareReport,
+    calibrated_only: bool,
     name: &'static str,
     title: &str,
     y_desc: &str,
     value: impl Fn(&TensorError) -> Option<f64>,
 ) -> Result<Vec<u8>> {
-    let panels_n = report.weights.len().max(1);
+    let weights: Vec<_> = report
+        .weights
+        .iter()
+        .filter(|w| w.calibrated || !calibrated_only)
+        .collect();
+    let panels_n = weights.len().max(1);
     let size = (1200u32, 60 + 420 * panels_n as u32);
     render(name, size, |root| {
         let e = draw_err(name);
         let root = root.titled(title, (FAMILY, 24)).map_err(&e)?;
         let panels = root.split_evenly((panels_n, 1));
-        for (dw, area) in report.weights.iter().zip(&panels) {
+        for (dw, area) in weights.iter().zip(&panels) {
             let layers = dw.tensors.iter().map(|t| t.layer + 1).max().unwrap_or(1) as i32;
             let series: Vec<(&str, Vec<(i32, f64)>)> = PROJS
                 .iter()
@@ -301,7 +309,7 @@ fn per_delta_lines(
                 .margin(14)
                 .x_label_area_size(44)
                 .y_label_area_size(70)
-                .build_cartesian_2d(-1..layers, y0..hi + pad)
+                .build_cartesian_2d(-1..layers + 1, y0..hi + pad)
                 .map_err(&e)?;
             chart
                 .configure_mesh()

@@ -226,6 +226,13 @@ impl CompareReport {
              KL divergence of the next-token distribution from the fine-tune's, and top-1 agreement with it. \
              Deltas are applied to the base model.\n"
         );
+        if !self.sources.is_empty() {
+            let _ = writeln!(s, "## Inputs\n");
+            for (name, what) in &self.sources {
+                let _ = writeln!(s, "- **{name}**: `{what}`");
+            }
+            s.push('\n');
+        }
         let _ = writeln!(s, "## Models\n");
         let _ = writeln!(s, "| model | kind | size | bits/param | bits/param (all) |");
         let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: |");
@@ -355,7 +362,7 @@ fn layer_table(dw: &DeltaWeights) -> String {
         .filter_map(|t| Some(t.scale? / t.scale_before.or(t.scale_init)?))
         .filter(|r| r.is_finite())
         .collect();
-    if !ratios.is_empty() {
+    if dw.calibrated && !ratios.is_empty() {
         let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
         let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
