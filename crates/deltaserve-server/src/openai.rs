@@ -59,6 +59,9 @@ pub struct CommonParams {
     pub stream: bool,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
+    /// Keep generating past end-of-sequence tokens (vLLM's extension; for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/completions`.

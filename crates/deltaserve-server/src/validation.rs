@@ -274,7 +274,7 @@ fn finish(
                 top_k,
                 seed,
             },
-            stop_ids: None,
+            stop_ids: p.ignore_eos.then(Vec::new),
             stop,
         },
         stream: p.stream,

@@ -518,3 +518,33 @@ async fn shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_cancels_what_outlasts_the_timeout() {
+    let base = slow_base();
+    let mut cfg = config(None);
+    cfg.base = base.path().to_path_buf();
+    cfg.shutdown_timeout = Duration::from_millis(300);
+    let s = server(cfg).await;
+    let a = s.addr();
+    let name = s.engine().base_name().to_string();
+    let body = json!({"model": name, "prompt": "x", "max_tokens": 1000, "ignore_eos": true, "stream": true});
+    let in_flight = tokio::spawn(async move { post(a, "/v1/completions", &body).await });
+    let engine = s.engine().clone();
+    while engine.metrics().generated_tokens == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let t0 = std::time::Instant::now();
+    s.shutdown().await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    let r = in_flight.await.unwrap();
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let err: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "shutting_down", "{err}");
+    assert!(engine.metrics().generated_tokens < 1000);
+}

@@ -216,22 +216,54 @@ async fn two_requests_for_one_cold_delta_load_it_once() {
     s.shutdown().await.unwrap();
 }
 
+/// Waits until the engine has cancelled one request and nothing runs; checks it stopped early.
+async fn wait_cancelled(engine: &deltaserve_engine::Engine, max_tokens: u64) {
+    let t0 = Instant::now();
+    loop {
+        let m = engine.metrics();
+        if m.failures.get("cancelled").copied().unwrap_or(0) == 1 && m.running == 0 {
+            assert!(
+                m.generated_tokens < max_tokens,
+                "it ran to the end: {} tokens",
+                m.generated_tokens
+            );
+            eprintln!(
+                "cancelled after {} of {max_tokens} tokens",
+                m.generated_tokens
+            );
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the dropped request still runs: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn long_request(model: &str, stream: bool) -> String {
+    json!({"model": model, "prompt": "def main():", "max_tokens": 1000, "temperature": 0,
+           "ignore_eos": true, "stream": stream})
+    .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropped_client_frees_its_slot() {
+    let base = slow_base();
     let mut cfg = config(None);
+    cfg.base = base.path().to_path_buf();
     // KV room for one long request at a time.
-    cfg.engine.kv_memory = 250 * 512;
+    cfg.engine.kv_memory = 1010 * 2 * 8 * 2 * 32 * 4;
     let s = server(cfg).await;
     let a = s.addr();
+    let name = s.engine().base_name().to_string();
     let engine = s.engine().clone();
 
-    let mut body = completion(BASE, "def main():", 240);
-    body["stream"] = json!(true);
     let resp = send(
         a,
         Method::POST,
         "/v1/completions",
-        Some(&body.to_string()),
+        Some(&long_request(&name, true)),
         None,
     )
     .await;
@@ -243,27 +275,40 @@ async fn dropped_client_frees_its_slot() {
         .unwrap();
     assert!(first.is_some());
     drop(stream);
+    wait_cancelled(&engine, 1000).await;
 
-    // The slot is freed: the sequence leaves the batch long before its 240 tokens.
+    // The slot is free: the next request, which needs the whole KV budget, runs at once.
     let t0 = Instant::now();
-    loop {
-        let m = engine.metrics();
-        if m.failures.get("cancelled").copied().unwrap_or(0) == 1 && m.running == 0 {
-            assert!(
-                m.generated_tokens < 240,
-                "it ran to the end: {} tokens",
-                m.generated_tokens
-            );
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the dropped request still runs: {m:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    // And the next request, which needs the whole KV budget, runs.
-    let r = post(a, "/v1/completions", &completion(BASE, "def main():", 240)).await;
+    let body: serde_json::Value = serde_json::from_str(&long_request(&name, false)).unwrap();
+    let mut short = body.clone();
+    short["max_tokens"] = json!(20);
+    let r = post(a, "/v1/completions", &short).await;
     assert_eq!(r.status, StatusCode::OK);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_client_of_a_whole_response_is_cancelled_too() {
+    let base = slow_base();
+    let mut cfg = config(None);
+    cfg.base = base.path().to_path_buf();
+    let s = server(cfg).await;
+    let a = s.addr();
+    let name = s.engine().base_name().to_string();
+    let engine = s.engine().clone();
+    let body = long_request(&name, false);
+    let pending =
+        tokio::spawn(
+            async move { send(a, Method::POST, "/v1/completions", Some(&body), None).await },
+        );
+    let t0 = Instant::now();
+    while engine.metrics().generated_tokens < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Hang up: aborting the client task drops its connection.
+    pending.abort();
+    wait_cancelled(&engine, 1000).await;
     s.shutdown().await.unwrap();
 }

@@ -36,7 +36,11 @@ async fn run_bounded(mut cmd: Command, limit: Duration) -> (bool, String) {
     match tokio::time::timeout(limit, child).await {
         Ok(Ok(out)) => (
             out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         ),
         Ok(Err(e)) => (false, format!("could not run: {e}")),
         Err(_) => (false, format!("timed out after {limit:?}")),
@@ -46,7 +50,10 @@ async fn run_bounded(mut cmd: Command, limit: Duration) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_python_client() {
     if !succeeds(Command::new("python3").args(["-c", "import openai"])) {
-        return skip("openai_python_client", "python3 with the `openai` package is not installed (pip install openai)");
+        return skip(
+            "openai_python_client",
+            "python3 with the `openai` package is not installed (pip install openai)",
+        );
     }
     let deltas = delta_dir(1);
     let mut cfg = config(Some(deltas.path()));
@@ -54,7 +61,8 @@ async fn openai_python_client() {
     let s = server(cfg).await;
     let url = format!("http://{}/v1", s.addr());
     let mut cmd = Command::new("python3");
-    cmd.arg(manifest_dir().join("tests/openai_client.py")).args([&url, "test-key", BASE, "t0"]);
+    cmd.arg(manifest_dir().join("tests/openai_client.py"))
+        .args([&url, "test-key", BASE, "t0"]);
     let (ok, out) = run_bounded(cmd, Duration::from_secs(120)).await;
     eprintln!("{out}");
     assert!(ok, "the openai client failed:\n{out}");
@@ -65,7 +73,10 @@ async fn openai_python_client() {
 /// Where `require("playwright-core")` can find it: `target/web-test` (what `.ci/run` installs)
 /// and npm's global root.
 fn node_path() -> String {
-    let mut dirs = vec![manifest_dir().join("../../target/web-test/node_modules").display().to_string()];
+    let mut dirs = vec![manifest_dir()
+        .join("../../target/web-test/node_modules")
+        .display()
+        .to_string()];
     if let Ok(out) = Command::new("npm").args(["root", "-g"]).output() {
         dirs.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
@@ -76,17 +87,30 @@ fn node_path() -> String {
 }
 
 fn chromium() -> Option<String> {
-    let candidates = [std::env::var("CHROMIUM").unwrap_or_default(), "/usr/bin/chromium".into(), "/usr/bin/chromium-browser".into()];
-    candidates.into_iter().find(|c| !c.is_empty() && Path::new(c).exists())
+    let candidates = [
+        std::env::var("CHROMIUM").unwrap_or_default(),
+        "/usr/bin/chromium".into(),
+        "/usr/bin/chromium-browser".into(),
+    ];
+    candidates
+        .into_iter()
+        .find(|c| !c.is_empty() && Path::new(c).exists())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn web_page_in_headless_chromium() {
     let Some(chrome) = chromium() else {
-        return skip("web_page_in_headless_chromium", "Debian's chromium is not installed (apt-get install chromium)");
+        return skip(
+            "web_page_in_headless_chromium",
+            "Debian's chromium is not installed (apt-get install chromium)",
+        );
     };
     let np = node_path();
-    if !succeeds(Command::new("node").args(["-e", "require('playwright-core')"]).env("NODE_PATH", &np)) {
+    if !succeeds(
+        Command::new("node")
+            .args(["-e", "require('playwright-core')"])
+            .env("NODE_PATH", &np),
+    ) {
         return skip(
             "web_page_in_headless_chromium",
             "node with playwright-core is not installed (npm install --prefix target/web-test playwright-core)",
@@ -98,7 +122,9 @@ async fn web_page_in_headless_chromium() {
     // What each model answers alone; the page must stream exactly this into each column.
     let mut expected = serde_json::Map::new();
     for model in [BASE, "t0", "t2"] {
-        let text = completion_text(&post(a, "/v1/completions", &completion(model, "def main():", 12)).await);
+        let text = completion_text(
+            &post(a, "/v1/completions", &completion(model, "def main():", 12)).await,
+        );
         expected.insert(model.to_string(), text.into());
     }
     let shot = manifest_dir().join("../../target/web-test/page.png");

@@ -129,6 +129,33 @@ pub fn tenant_bytes() -> usize {
     n
 }
 
+/// A random base with the fixture's tokenizer, deeper and with a longer context than the fixture,
+/// so that a long generation takes long enough (seconds) to be cancelled in the middle.
+pub fn slow_base() -> tempfile::TempDir {
+    use deltaserve_model::random::{RandomCheckpoint, RandomShape};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shape = RandomShape {
+        hidden: 128,
+        intermediate: 344,
+        layers: 8,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 512,
+        max_positions: 1024,
+    };
+    let base = base_dir();
+    let ckpt = RandomCheckpoint {
+        shape,
+        bf16: false,
+        seed: 3,
+        finetune_of: None,
+        max_shard_bytes: usize::MAX,
+        tokenizer_from: Some(&base),
+    };
+    ckpt.write(dir.path()).expect("writing a random base");
+    dir
+}
+
 /// A config for the fixture base on 127.0.0.1, a free port.
 pub fn config(deltas: Option<&Path>) -> ServeConfig {
     let mut cfg = ServeConfig::new(base_dir());
