@@ -14,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job on the shipped demo family: compress, calibrate, compare, then serve.
+    Demo(cmd::demo::Args),
     /// Generate text from a model (optionally with a delta applied) and stream it to stdout.
     Generate(cmd::generate::Args),
     /// Compress a fine-tune against its base into a .delta file (BitDelta: ~1 bit per weight).
@@ -43,6 +45,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Compress(a) => cmd::compress::run(a),
         Command::Merge(a) => cmd::merge::run(a),

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use deltaserve_train::{calibrate, format_table, CalibrateJob, DistillConfig, DistillLoss, Progress, StepReport};
+use deltaserve_train::{
+    calibrate, format_table, CalibrateJob, DistillConfig, DistillLoss, Progress, StepReport,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::common::parse_dtype;
@@ -73,8 +75,8 @@ pub struct Args {
 }
 
 /// Phases on stderr, a progress bar with the loss while training.
-struct Bar {
-    bar: Option<ProgressBar>,
+pub struct Bar {
+    pub bar: Option<ProgressBar>,
 }
 
 impl Progress for Bar {
@@ -85,9 +87,11 @@ impl Progress for Bar {
     fn start_training(&mut self, steps: usize) {
         let bar = ProgressBar::new(steps as u64);
         bar.set_style(
-            ProgressStyle::with_template("training [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})")
-                .expect("the progress template is valid. This is a bug.")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "training [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})",
+            )
+            .expect("the progress template is valid. This is a bug.")
+            .progress_chars("=> "),
         );
         self.bar = Some(bar);
     }

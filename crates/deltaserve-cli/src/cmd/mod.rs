@@ -4,6 +4,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod common;
 pub mod compress;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
