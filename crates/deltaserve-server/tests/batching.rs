@@ -312,3 +312,82 @@ async fn dropped_client_of_a_whole_response_is_cancelled_too() {
     wait_cancelled(&engine, 1000).await;
     s.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compressed_finetune_serves_like_the_single_sequence_loop() {
+    use deltaserve_codecs::bitdelta::{compress, CompressOptions};
+    use deltaserve_model::random::{RandomCheckpoint, RandomShape};
+    use deltaserve_model::Checkpoint;
+
+    // A fine-tune of the fixture (every weight moved), compressed with BitDelta by the codecs crate.
+    let work = tempfile::tempdir().unwrap();
+    let base_ckpt = Checkpoint::open(base_dir()).unwrap();
+    let cfg = base_ckpt.config();
+    let shape = RandomShape {
+        hidden: cfg.hidden_size,
+        intermediate: cfg.intermediate_size,
+        layers: cfg.num_hidden_layers,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        vocab: cfg.vocab_size,
+        max_positions: cfg.max_position_embeddings,
+    };
+    let ft_dir = work.path().join("ft");
+    let bd = base_dir();
+    RandomCheckpoint {
+        shape,
+        bf16: false,
+        seed: 42,
+        finetune_of: Some((&base_ckpt, 0.05)),
+        max_shard_bytes: usize::MAX,
+        tokenizer_from: Some(&bd),
+    }
+    .write(&ft_dir)
+    .unwrap();
+    let deltas = work.path().join("deltas");
+    std::fs::create_dir_all(&deltas).unwrap();
+    let ft = Checkpoint::open(&ft_dir).unwrap();
+    let opts = CompressOptions {
+        out: deltas.join("ft.delta"),
+        force: false,
+        progress: false,
+    };
+    compress(&base_ckpt, &ft, &opts).unwrap();
+
+    let s = server(config(Some(&deltas))).await;
+    let a = s.addr();
+    let base = Base::open(
+        &base_dir(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut alone = Vec::new();
+    for p in PROMPTS {
+        let served = completion_text(&post(a, "/v1/completions", &completion("ft", p, 10)).await);
+        assert_eq!(
+            served,
+            reference_text(&base, Some(&deltas.join("ft.delta")), p, 10),
+            "{p:?}"
+        );
+        let base_text =
+            completion_text(&post(a, "/v1/completions", &completion(BASE, p, 10)).await);
+        assert_ne!(
+            served, base_text,
+            "the fine-tune answers like the base for {p:?}"
+        );
+        alone.push((served, base_text));
+    }
+    // The fine-tune and the base in one batch.
+    let futs = PROMPTS.iter().flat_map(|p| {
+        [("ft", *p), (BASE, *p)].map(|(m, p)| async move {
+            completion_text(&post(a, "/v1/completions", &completion(m, p, 10)).await)
+        })
+    });
+    let together = join_all(futs).await;
+    for (i, (ft_text, base_text)) in alone.iter().enumerate() {
+        assert_eq!(&together[2 * i], ft_text);
+        assert_eq!(&together[2 * i + 1], base_text);
+    }
+    s.shutdown().await.unwrap();
+}
