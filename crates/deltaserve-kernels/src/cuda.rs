@@ -253,7 +253,10 @@ fn forward<T: CudaDType + DeviceRepr>(
         }
         let sms = multiprocessors(dev);
         for table in tables {
-            let aligned = w % 4 == 0 && table.words[..table.n_groups as usize].iter().all(|p| p % 16 == 0);
+            let aligned = w % 4 == 0
+                && table.words[..table.n_groups as usize]
+                    .iter()
+                    .all(|p| p % 16 == 0);
             let rt = match table.max_group_rows() {
                 0..=8 => 1,
                 9..=16 => 2,
@@ -268,10 +271,19 @@ fn forward<T: CudaDType + DeviceRepr>(
                     break;
                 }
             }
-            let name = format!("ds_tc_bf16_t{tiles}_r{rt}_{}", if aligned { "v" } else { "s" });
+            let name = format!(
+                "ds_tc_bf16_t{tiles}_r{rt}_{}",
+                if aligned { "v" } else { "s" }
+            );
             let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(table).arg(&xp).arg(&corr).arg(&mut y).arg(&n_i).arg(&w_i).arg(&kp_i);
+            b.arg(table)
+                .arg(&xp)
+                .arg(&corr)
+                .arg(&mut y)
+                .arg(&n_i)
+                .arg(&w_i)
+                .arg(&kp_i);
             let cfg = LaunchConfig {
                 grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
                 block_dim: (128, 1, 1),
@@ -285,7 +297,12 @@ fn forward<T: CudaDType + DeviceRepr>(
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         for table in tables {
             let mut b = f.builder();
-            b.arg(table).arg(&x).arg(&mut y).arg(&n_i).arg(&k_i).arg(&w_i);
+            b.arg(table)
+                .arg(&x)
+                .arg(&mut y)
+                .arg(&n_i)
+                .arg(&k_i)
+                .arg(&w_i);
             let cfg = LaunchConfig {
                 grid_dim: (to_u32(n.div_ceil(64))?, table.n_groups, 1),
                 block_dim: (256, 1, 1),
@@ -578,7 +595,9 @@ impl CustomOp1 for SignMatmulTWith<'_> {
         _: &candle_core::CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("sign_matmul_t_with: CPU inputs take crate::sign_matmul_t. This is a bug.")
+        candle_core::bail!(
+            "sign_matmul_t_with: CPU inputs take crate::sign_matmul_t. This is a bug."
+        )
     }
 
     fn cuda_fwd(

@@ -111,7 +111,9 @@ pub enum KernelError {
         dtype: String,
     },
     /// The tensors are not where the kernel runs.
-    #[error("{op}: {what} is on {device}, where this op's kernel for the input's device cannot read it")]
+    #[error(
+        "{op}: {what} is on {device}, where this op's kernel for the input's device cannot read it"
+    )]
     UnsupportedDevice {
         /// The operation.
         op: &'static str,

@@ -80,7 +80,10 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "non-finite output (an unwritten element?)");
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "non-finite output (an unwritten element?)"
+    );
     let d: f64 = got
         .iter()
         .zip(want)
@@ -207,7 +210,12 @@ fn leading_dims_strided_inputs_and_f64() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let d: f64 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let d: f64 = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let r: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
     assert!(d / r < tol(DType::F64), "f64: {:.2e}", d / r);
 }
@@ -306,8 +314,13 @@ fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
                 ] {
                     let (x, xr) = random_x(&mut rng, &[m, k], dtype);
                     poison(&dev, m * n, dtype);
-                    let y = tenant_delta_matmul_with(&x.to_device(&dev).unwrap(), &row_slot, &refs, path)
-                        .unwrap();
+                    let y = tenant_delta_matmul_with(
+                        &x.to_device(&dev).unwrap(),
+                        &row_slot,
+                        &refs,
+                        path,
+                    )
+                    .unwrap();
                     assert_eq!(y.dims(), [m, n]);
                     let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
                     let got = flat(&y);
@@ -318,7 +331,10 @@ fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
                     );
                     for (row, slot) in row_slot.iter().enumerate() {
                         if slot.is_none() {
-                            assert!(got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0), "base-only row {row} not zero");
+                            assert!(
+                                got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0),
+                                "base-only row {row} not zero"
+                            );
                         }
                     }
                 }
@@ -349,7 +365,10 @@ fn tenant_delta_matmul_many_rows_per_tenant_and_many_tenants() {
             let y = tenant_delta_matmul(&x.to_device(&dev).unwrap(), &row_slot, &refs).unwrap();
             let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
             let err = rel_err(&flat(&y), &want);
-            assert!(err < tol(dtype), "{dtype:?} M={m} N={n} K={k} D={num_deltas}: {err:.2e}");
+            assert!(
+                err < tol(dtype),
+                "{dtype:?} M={m} N={n} K={k} D={num_deltas}: {err:.2e}"
+            );
         }
     }
 }
@@ -362,6 +381,8 @@ fn errors_name_the_misplaced_tensor() {
     let e = sign_matmul_t(&x, &signs).unwrap_err().to_string();
     assert!(e.contains("sign words"), "{e}");
     let delta = SignDelta::new(signs, 1.0);
-    let e = tenant_delta_matmul(&x, &[Some(1)], &[&delta]).unwrap_err().to_string();
+    let e = tenant_delta_matmul(&x, &[Some(1)], &[&delta])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("slot") || e.contains("sign words"), "{e}");
 }
