@@ -216,7 +216,7 @@ fn compare(
             .collect(),
         datasets: &datasets,
         options: CompareOptions {
-            batch_tokens: 4096,
+            batch_tokens: None,
             progress: true,
             weight_errors: true,
         },
