@@ -9,8 +9,10 @@
 //!   last-level cache, so every call reads them from DRAM, as decoding a whole model does;
 //! - `hot`: one copy, called again and again, so it sits in cache (an upper bound).
 //!
-//! `membw/sum_1GiB` is the reference point: summing a 1 GiB `f32` array on every core. The
-//! fraction of it each kernel reaches is in `BENCHMARKS.md` ("CPU sign-matmul kernels").
+//! `membw/sum_1GiB` is the reference point: summing a 1 GiB `f32` array on every core.
+//! `benches/report.py` turns the results into the table of `BENCHMARKS.md` ("CPU sign-matmul
+//! kernels"), taking the fraction of the faster of that sum and candle's dense f32 GEMV. On a
+//! machine shared with other work, `examples/sign_matmul_per_core.rs` gives CPU-time numbers.
 
 use std::hint::black_box;
 
