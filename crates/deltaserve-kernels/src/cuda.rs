@@ -235,17 +235,18 @@ fn forward<T: CudaDType + DeviceRepr>(
     let dtype = x_storage.dtype();
     if dtype == DType::BF16 && path == Bf16Path::TensorCore {
         let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
-        // SAFETY: the prep kernel writes all m * kp values and all m corrections.
+        let chunks = kp / TC_CHUNK;
+        // SAFETY: the prep kernel writes all m * kp values and all m * chunks partial sums.
         let mut xp = unsafe { dev.alloc::<bf16>(m * kp) }?;
-        let mut corr = unsafe { dev.alloc::<f32>(m) }?;
+        let mut corr = unsafe { dev.alloc::<f32>(m * chunks) }?;
         let kp_i = to_i32(kp, "padded K")?;
         {
             let f = dev.get_or_load_custom_func("ds_prep_bf16", MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&x).arg(&mut xp).arg(&mut corr).arg(&k_i).arg(&kp_i);
             let cfg = LaunchConfig {
-                grid_dim: (to_u32(m)?, 1, 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (to_u32(m)?, to_u32(chunks)?, 1),
+                block_dim: (64, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: arguments match `ds_prep_bf16`; x holds m * k values.

@@ -49,6 +49,10 @@ struct KernelArgs {
     /// Batch mixes, rows x distinct tenants, comma-separated (row i uses tenant i mod tenants).
     #[arg(long, default_value = "1x1,8x1,8x8,32x1,32x8,32x32")]
     mixes: String,
+    /// Prefill row counts (one tenant, tensor-core path) timed against cuBLAS on the merged
+    /// weights, comma-separated; empty to skip.
+    #[arg(long, default_value = "512,2048")]
+    prefill: String,
     /// Also write every number as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -99,6 +103,16 @@ fn kernels(args: KernelArgs) -> Result<()> {
     let iters = args.iters.unwrap_or(if on_cuda { 50 } else { 5 }).max(1);
     let shapes = parse_pairs(&args.shapes, "--shapes")?;
     let mixes = parse_pairs(&args.mixes, "--mixes")?;
+    let prefill: Vec<usize> = args
+        .prefill
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse()
+                .with_context(|| format!("--prefill {p}: not a number"))
+        })
+        .collect::<Result<_>>()?;
     for &(rows, tenants) in &mixes {
         if tenants == 0 || rows < tenants {
             bail!("--mixes {rows}x{tenants}: need 1 <= tenants <= rows");
@@ -113,12 +127,21 @@ fn kernels(args: KernelArgs) -> Result<()> {
     let mut clock = Clock::new(&device);
 
     let copy_bytes: usize = if on_cuda { 1 << 30 } else { 256 << 20 };
-    let big = Tensor::rand(0f32, 1f32, copy_bytes / 4, &device)?;
-    let copy_us = clock.time(iters.min(20), 1, |_| {
-        let _c = big.copy()?;
-        Ok(())
-    })?;
-    drop(big);
+    let copy_us = if on_cuda {
+        let big = Tensor::rand(0f32, 1f32, copy_bytes / 4, &device)?;
+        clock.time(iters.min(20), 1, |_| {
+            let _c = big.copy()?;
+            Ok(())
+        })?
+    } else {
+        // Into a buffer that is already mapped: a fresh allocation would time page faults.
+        let src: Vec<u8> = (0..copy_bytes).map(|i| i as u8).collect();
+        let mut dst = vec![0u8; copy_bytes];
+        clock.time(iters.min(20), 1, |_| {
+            dst.copy_from_slice(&src);
+            Ok(())
+        })?
+    };
     let copy_gbps = 2.0 * copy_bytes as f64 / copy_us / 1e3;
     println!(
         "device {} | copy bandwidth {:.0} GB/s ({} MiB device-to-device copy, read + write, {:.1} us) | timing: {}",
@@ -258,6 +281,35 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 opt(row.step_us.zip(row.step_floor_us).map(|(s, f)| s / f), 2),
             );
             report.rows.push(row);
+        }
+        if !prefill.is_empty() && dense_ok {
+            println!("prefill, one tenant (x . S^T through sign_matmul_t, scale not applied) against cuBLAS on merged weights:");
+            println!(
+                "{:>6} | {:>9} {:>8} | {:>10} {:>8}",
+                "rows", "ours us", "TFLOP/s", "cuBLAS us", "TFLOP/s"
+            );
+            for &rows in &prefill {
+                let x = Tensor::randn(0f32, 1f32, (rows, k), &device)?.to_dtype(DType::BF16)?;
+                let flops = 2.0 * (rows * n * k) as f64;
+                let plen = pool.len();
+                let ours = clock.time(iters.min(20), plen, |i| {
+                    let _y = deltaserve_kernels::sign_matmul_t(&x, pool[i % plen].signs())?;
+                    Ok(())
+                })?;
+                let dlen = dense.len();
+                let dense_us = clock.time(iters.min(20), dlen, |i| {
+                    let _y = x.matmul(&dense[i % dlen].t()?)?;
+                    Ok(())
+                })?;
+                println!(
+                    "{:>6} | {:>9.1} {:>8.0} | {:>10.1} {:>8.0}",
+                    rows,
+                    ours,
+                    flops / ours / 1e6,
+                    dense_us,
+                    flops / dense_us / 1e6
+                );
+            }
         }
     }
     report.timing = clock.method().to_string();

@@ -7,7 +7,7 @@
 //
 // Kernels:
 //   ds_prep_bf16         x (M, K) bf16 -> xp (M, Kp) bf16 in tensor-core fragment order, scaled,
-//                        and corr (M) f32; see "the tensor-core path" below.
+//                        and per-chunk sums for corr; see "the tensor-core path" below.
 //   ds_tc_bf16_*         y = scale * (x . S^T) for row groups sharing one delta (decode and
 //                        prefill), bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
 //   ds_fwd_simple_*      the same product on CUDA cores, f32 (f64) accumulation; for f32, f16 and
@@ -36,7 +36,7 @@
 // Bits 8..14 of each half would land in the exponent with a non-power-of-two alpha, so they are
 // taken from `w >> 8` at positions 0..6 instead: 16 LOP3 + 1 shift per 32 signs, for any number
 // of rows of x. All alphas are powers of two (or -1), so xp = alpha x is exact in bf16, and
-// x . s = sum(xp * v) - corr with corr = sum(beta x) computed once per row in the prep kernel.
+// x . s = sum(xp * v) - corr with corr = sum(beta x) computed per row by the prep kernel.
 // The f32 sum(xp * v) is up to ~2^8 times larger than the result, which costs ~8 of the
 // accumulator's 24 bits: ~1e-5 relative error, far below the bf16 rounding of the output.
 //
@@ -85,11 +85,22 @@ __device__ __forceinline__ float ds_beta(int a) {
 
 // Register r (0..15) of a word: holds the bits a(r) and a(r) + 16, a(r) = r (r < 8), 15 (r = 8),
 // r - 1 (r > 8). `r` is a compile-time constant after unrolling, so this is one LOP3.
-__device__ __forceinline__ uint32_t ds_unpack(uint32_t w, uint32_t w8, int r) {
-    if (r < 7) return (w & (0x00010001u << r)) | 0x3F803F80u;
-    if (r == 7) return (w & 0x00800080u) | 0x3F003F00u;
-    if (r == 8) return (w & 0x80008000u) | 0x3F803F80u;
-    return (w8 & (0x00010001u << (r - 9))) | 0x3F803F80u;
+// `(a & mask) | magic` as one LOP3. Written out because nvcc splits it into an AND and an OR
+// (a LOP3 takes one immediate, and both constants would be immediates), doubling the
+// instructions of the whole kernel; here `mask` becomes the immediate and `magic` a register.
+__device__ __forceinline__ uint32_t ds_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+    return d;
+}
+
+// `one` = 0x3F803F80 (two bf16 1.0) and `half` = 0x3F003F00 (two bf16 0.5), held in registers.
+__device__ __forceinline__ uint32_t ds_unpack(uint32_t w, uint32_t w8, int r, uint32_t one,
+                                              uint32_t half) {
+    if (r < 7) return ds_and_or(w, 0x00010001u << r, one);
+    if (r == 7) return ds_and_or(w, 0x00800080u, half);
+    if (r == 8) return ds_and_or(w, 0x80008000u, one);
+    return ds_and_or(w8, 0x00010001u << (r - 9), one);
 }
 
 // xp layout, per row of x, Kp = 512 * ceil(K / 512) values:
@@ -99,35 +110,52 @@ __device__ __forceinline__ uint32_t ds_unpack(uint32_t w, uint32_t w8, int r) {
 // register r = 2 s and b1 register r = 2 s + 1, lo = bit a(r), hi = bit a(r) + 16. So one 16-byte
 // load gives a thread its B fragments of two k-steps, and the 4 threads of a group read 64
 // contiguous bytes.
-extern "C" __global__ void ds_prep_bf16(const __nv_bfloat16* __restrict__ x,
-                                        __nv_bfloat16* __restrict__ xp,
-                                        float* __restrict__ corr, int K, int Kp) {
-    const int row = blockIdx.x;
+// One block per (row of x, 512-column chunk), 64 threads, each writing 8 consecutive xp values
+// (one 16-byte store) and summing beta x over the chunk's columns into corr_part[row * SC + chunk];
+// the main kernel adds a row's SC partial sums.
+extern "C" __global__ void __launch_bounds__(64) ds_prep_bf16(const __nv_bfloat16* __restrict__ x,
+                                                              uint4* __restrict__ xp,
+                                                              float* __restrict__ corr_part, int K,
+                                                              int Kp) {
+    const int row = blockIdx.x, sc = blockIdx.y, SC = Kp / 512;
+    const int tid = threadIdx.x;
     const __nv_bfloat16* xr = x + (size_t)row * K;
-    __nv_bfloat16* xpr = xp + (size_t)row * Kp;
-    for (int pos = threadIdx.x; pos < Kp; pos += blockDim.x) {
-        const int e = pos & 7, t = (pos >> 3) & 3, sp = (pos >> 5) & 3, c = (pos >> 7) & 3;
-        const int sc = pos >> 9;
-        const int s = 2 * sp + (e >> 2), j = e & 3;
-        const int r = 2 * s + (j >> 1), hi = j & 1;
-        const int a = r < 8 ? r : (r == 8 ? 15 : r - 1);
-        const int k = 32 * (16 * sc + 4 * t + c) + a + 16 * hi;
-        float v = 0.f;
-        if (k < K) v = ds_alpha(a) * __bfloat162float(xr[k]);  // exact: a power of two (or -1)
-        xpr[pos] = __float2bfloat16(v);
-    }
+    __shared__ float xs[512];
     double sum = 0.0;
-    for (int k = threadIdx.x; k < K; k += blockDim.x)
-        sum += (double)ds_beta(k & 15) * (double)__bfloat162float(xr[k]);
-    __shared__ double part[32];
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); ++i) total += part[i];
-        corr[row] = (float)total;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int kk = 8 * tid + i, k = 512 * sc + kk;
+        const float v = k < K ? __bfloat162float(xr[k]) : 0.f;
+        xs[kk] = v;
+        sum += (double)ds_beta(k & 15) * (double)v;
     }
+    __syncthreads();
+    // pos = 512 sc + 8 tid + e with t = tid & 3, sp = (tid >> 2) & 3, c = tid >> 4.
+    const int t = tid & 3, sp = (tid >> 2) & 3, c = tid >> 4;
+    uint32_t packed[4];
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+        uint32_t halves[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int e = 2 * e2 + h;
+            const int s = 2 * sp + (e >> 2), j = e & 3;
+            const int r = 2 * s + (j >> 1), hi = j & 1;
+            const int a = r < 8 ? r : (r == 8 ? 15 : r - 1);
+            const int kk = 32 * (4 * t + c) + a + 16 * hi;  // column within the chunk
+            // exact: a power of two (or -1) times a bf16 value
+            const __nv_bfloat16 v = __float2bfloat16(ds_alpha(a) * xs[kk]);
+            halves[h] = (uint32_t)__bfloat16_as_ushort(v);
+        }
+        packed[e2] = halves[0] | (halves[1] << 16);
+    }
+    xp[((size_t)row * Kp + 512 * sc + 8 * tid) / 8] =
+        make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    __shared__ double part[2];
+    if ((tid & 31) == 0) part[tid >> 5] = sum;
+    __syncthreads();
+    if (tid == 0) corr_part[(size_t)row * SC + sc] = (float)(part[0] + part[1]);
 }
 
 __device__ __forceinline__ void ds_mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
@@ -156,7 +184,7 @@ __device__ __forceinline__ void ds_load4(const uint32_t* __restrict__ row, int w
 // 16 output features and RT tiles of 8 rows of x; the 4 partial sums meet in shared memory.
 template <int T, int RT, bool VEC>
 __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
-                                                const float* __restrict__ corr,
+                                                const float* __restrict__ corr_part,
                                                 __nv_bfloat16* __restrict__ y, int N, int W,
                                                 int Kp) {
     const int grp = blockIdx.y;
@@ -201,6 +229,16 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
             for (int q = 0; q < 4; ++q) acc[i][rt][q] = 0.f;
 
     const int SC = Kp / 512;
+    const uint32_t one = 0x3F803F80u, half = 0x3F003F00u;
+    // corr of each row of the group: the sum of its SC partial sums (read before the loop, used
+    // after the barrier below).
+    __shared__ float corr_s[DS_GROUP_ROWS];
+    if ((int)threadIdx.x < R) {
+        const float* part = corr_part + (size_t)group_row(tab, rb, threadIdx.x) * SC;
+        double total = 0.0;
+        for (int i = 0; i < SC; ++i) total += (double)part[i];
+        corr_s[threadIdx.x] = (float)total;
+    }
     uint32_t a[T][2][4];
 #pragma unroll
     for (int i = 0; i < T; ++i)
@@ -208,7 +246,15 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         for (int h = 0; h < 2; ++h) ds_load4<VEC>(arow[i][h], 16 * warp + 4 * t, W, a[i][h]);
 
     for (int sc = warp; sc < SC; sc += 4) {
-        // Prefetch the next chunk's words while this one is computed.
+        // Ask L2 for the words two chunks ahead (no registers held), then load the next chunk's
+        // words while this one is computed.
+        if (t == 0 && 16 * (sc + 8) < W) {
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"(arow[i][h] + 16 * (sc + 8)));
+        }
         uint32_t an[T][2][4];
 #pragma unroll
         for (int i = 0; i < T; ++i)
@@ -236,10 +282,10 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
                 const uint32_t wl8 = wl >> 8, wh8 = wh >> 8;
 #pragma unroll
                 for (int s = 0; s < 8; ++s) {
-                    const uint32_t a0 = ds_unpack(wl, wl8, 2 * s);
-                    const uint32_t a1 = ds_unpack(wh, wh8, 2 * s);
-                    const uint32_t a2 = ds_unpack(wl, wl8, 2 * s + 1);
-                    const uint32_t a3 = ds_unpack(wh, wh8, 2 * s + 1);
+                    const uint32_t a0 = ds_unpack(wl, wl8, 2 * s, one, half);
+                    const uint32_t a1 = ds_unpack(wh, wh8, 2 * s, one, half);
+                    const uint32_t a2 = ds_unpack(wl, wl8, 2 * s + 1, one, half);
+                    const uint32_t a3 = ds_unpack(wh, wh8, 2 * s + 1, one, half);
 #pragma unroll
                     for (int rt = 0; rt < RT; ++rt)
                         ds_mma_bf16(acc[i][rt], a0, a1, a2, a3, b[rt][s][0], b[rt][s][1]);
@@ -280,7 +326,7 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
                 const int j = 8 * rt + 2 * t + (q & 1);
                 if (n < N && j < R) {
                     const int xr = group_row(tab, rb, j);
-                    y[(size_t)xr * N + n] = __float2bfloat16(scale * (v - corr[xr]));
+                    y[(size_t)xr * N + n] = __float2bfloat16(scale * (v - corr_s[j]));
                 }
             }
         }
