@@ -258,6 +258,14 @@ fn per_delta_lines(
         .collect();
     let panels_n = weights.len().max(1);
     let size = (1200u32, 60 + 420 * panels_n as u32);
+    // One y range for every panel, so deltas compare at a glance.
+    let (g_lo, g_hi) = weights
+        .iter()
+        .flat_map(|w| w.tensors.iter().filter_map(&value))
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
     render(name, size, |root| {
         let e = draw_err(name);
         let root = root.titled(title, (FAMILY, 24)).map_err(&e)?;
@@ -293,11 +301,7 @@ fn per_delta_lines(
                 .map_err(&e)?;
                 continue;
             }
-            let (lo, hi) = all
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-                    (a.min(v), b.max(v))
-                });
+            let (lo, hi) = (g_lo, g_hi);
             let pad = ((hi - lo) * 0.12).max(hi.abs() * 0.02).max(1e-3);
             let y0 = if lo >= 0.0 && lo - pad < 0.0 {
                 0.0
