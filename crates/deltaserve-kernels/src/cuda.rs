@@ -254,10 +254,10 @@ fn forward<T: CudaDType + DeviceRepr>(
         }
         let sms = multiprocessors(dev);
         for table in tables {
-            let aligned = w % 4 == 0
+            let aligned = w.is_multiple_of(4)
                 && table.words[..table.n_groups as usize]
                     .iter()
-                    .all(|p| p % 16 == 0);
+                    .all(|p| p.is_multiple_of(16));
             let rt = match table.max_group_rows() {
                 0..=8 => 1,
                 9..=16 => 2,
