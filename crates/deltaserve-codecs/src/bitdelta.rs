@@ -11,10 +11,10 @@
 //! - everything else (embeddings, norms, `lm_head`, and the projections' biases, which the
 //!   reference drops) is stored as the fine-tune's own values.
 //!
-//! [`compress`] streams: both checkpoints stay memory-mapped, tensors are processed a few at a
-//! time (as many as rayon has threads), each split into row blocks across threads, and results
-//! go straight to their place in the output file ([`DeltaStreamWriter`]). The base fingerprint is
-//! computed in the same pass, so every base tensor is read once.
+//! [`compress`] streams: both checkpoints stay memory-mapped, each thread takes one tensor at a
+//! time and walks it in row blocks, hashing each base block for the fingerprint and compressing
+//! it while it is in cache (so the base is read once), and results go straight to their place in
+//! the output file ([`DeltaStreamWriter`]). At most one tensor per thread is in flight.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use deltaserve_format::{
     words_per_row, BaseFingerprint, DeltaHeader, DeltaStreamWriter, Dtype, FingerprintBuilder,
-    FullValue, TensorEntry, TensorSpec,
+    FullValue, TensorEntry, TensorHasher, TensorSpec,
 };
 use deltaserve_model::{Checkpoint, RawTensor};
 use rayon::prelude::*;
@@ -35,8 +35,8 @@ use crate::progress::Progress;
 /// The method name recorded in delta headers.
 pub const METHOD: &str = "bitdelta";
 
-/// Values per row block: the unit of work one thread takes within a matrix. Kept below the
-/// format crate's threshold for packing in parallel, so packing a block stays on its thread.
+/// Values per row block: the unit a matrix is streamed in (fits in L2 with its inputs). Kept
+/// below the format crate's threshold for packing in parallel, so packing stays on its thread.
 const BLOCK_VALUES: usize = 1 << 15;
 
 /// Whether BitDelta compresses the checkpoint tensor `name` of this shape: a 2-D `*.weight` of a
@@ -179,6 +179,17 @@ enum Work<'a> {
 }
 
 impl Work<'_> {
+    /// Bytes this work reads from both checkpoints.
+    fn bytes(&self) -> u64 {
+        match self {
+            Work::Sign { base, .. } => base.data.len() as u64 + self.finetuned_bytes(),
+            Work::Full { base, .. } => {
+                base.map_or(0, |b| b.data.len() as u64) + self.finetuned_bytes()
+            }
+            Work::BaseOnly { base, .. } => base.data.len() as u64,
+        }
+    }
+
     fn finetuned_bytes(&self) -> u64 {
         match self {
             Work::Sign { finetuned, .. } | Work::Full { finetuned, .. } => {
@@ -366,15 +377,16 @@ pub fn compress(
     let total: u64 = work.iter().map(Work::finetuned_bytes).sum();
     let progress = Progress::new(opts.progress, total, "compressing");
     let fingerprint = FingerprintBuilder::new();
-    // A few tensors at a time (one per thread), so memory stays bounded by a few tensors' worth
-    // of packed signs however rayon schedules the row blocks inside them.
-    let threads = rayon::current_num_threads().max(1);
-    for chunk in work.chunks(threads) {
-        chunk
-            .par_iter()
-            .try_for_each(|w| process(w, &writer, &fingerprint, &header))?;
-        progress.inc(chunk.iter().map(Work::finetuned_bytes).sum());
-    }
+    // One tensor per thread, each processed sequentially in row blocks (base bytes hashed and
+    // compressed while in cache), so at most `threads` tensors are in flight. Largest first, so
+    // the threads finish together.
+    let mut order: Vec<&Work<'_>> = work.iter().collect();
+    order.sort_by_key(|w| std::cmp::Reverse(w.bytes()));
+    order.par_iter().try_for_each(|w| -> Result<()> {
+        process(w, &writer, &fingerprint, &header)?;
+        progress.inc(w.finetuned_bytes());
+        Ok(())
+    })?;
     progress.finish();
 
     header.base = fingerprint.finish();
@@ -433,8 +445,13 @@ fn process(
     fingerprint: &FingerprintBuilder,
     header: &DeltaHeader,
 ) -> Result<()> {
+    let hasher = |name: &str, raw: &RawTensor<'_>| {
+        TensorHasher::new(name, &raw.dtype.to_string(), raw.shape, raw.data.len())
+    };
     let hash = |name: &str, raw: &RawTensor<'_>| {
-        fingerprint.add_tensor(name, &raw.dtype.to_string(), raw.shape, raw.data)
+        let mut h = hasher(name, raw);
+        h.update(raw.data);
+        fingerprint.insert(h.finish());
     };
     match work {
         Work::Sign {
@@ -442,10 +459,9 @@ fn process(
             base,
             finetuned,
         } => {
-            // Hashing and compressing read the same base pages; run them side by side so the
-            // base is read from storage once.
-            let ((), (words, scale)) =
-                rayon::join(|| hash(name, base), || compress_matrix(base, finetuned));
+            let mut h = hasher(name, base);
+            let (words, scale) = compress_matrix_hashing(base, finetuned, Some(&mut h));
+            fingerprint.insert(h.finish());
             let Some(TensorEntry::Sign {
                 signs, scale: s, ..
             }) = header.tensors.get(*name)
@@ -477,6 +493,16 @@ fn process(
 /// have the same one (the f32 difference rounded once, as PyTorch's bf16 subtraction does),
 /// otherwise in f32. The callers have checked that both are `[rows, cols]` float tensors.
 pub fn compress_matrix(base: &RawTensor<'_>, finetuned: &RawTensor<'_>) -> (Vec<u32>, f32) {
+    compress_matrix_hashing(base, finetuned, None)
+}
+
+/// [`compress_matrix`], feeding the base's bytes to `hasher` block by block as they are read,
+/// so the base is read from memory once. Runs on the calling thread.
+fn compress_matrix_hashing(
+    base: &RawTensor<'_>,
+    finetuned: &RawTensor<'_>,
+    mut hasher: Option<&mut TensorHasher>,
+) -> (Vec<u32>, f32) {
     let (rows, cols) = (base.shape[0], base.shape[1]);
     let bd = FloatDtype::from_safetensors(base.dtype).expect("planned as float. This is a bug.");
     let fd =
@@ -485,29 +511,28 @@ pub fn compress_matrix(base: &RawTensor<'_>, finetuned: &RawTensor<'_>) -> (Vec<
     let wpr = words_per_row(cols);
     let block_rows = (BLOCK_VALUES / cols).max(1);
     let mut words = vec![0u32; rows * wpr];
-    let sums: Vec<f64> = words
-        .par_chunks_mut(block_rows * wpr)
-        .enumerate()
-        .map(|(block, out)| {
-            let r0 = block * block_rows;
-            let nr = out.len() / wpr;
-            let n = nr * cols;
-            let mut d = vec![0f32; n];
-            let mut ft = vec![0f32; n];
-            bd.decode_into(&base.data[r0 * cols * bd.size()..][..n * bd.size()], &mut d);
-            fd.decode_into(
-                &finetuned.data[r0 * cols * fd.size()..][..n * fd.size()],
-                &mut ft,
-            );
-            for (d, &f) in d.iter_mut().zip(&ft) {
-                *d = diff_dtype.round(f - *d);
-            }
-            out.copy_from_slice(&deltaserve_format::pack_signs(&d, nr, cols));
-            sum_abs_f64(&d)
-        })
-        .collect();
-    // Summed in block order, so the scale does not depend on the thread count.
-    let total: f64 = sums.iter().sum();
+    let mut d = Vec::with_capacity(block_rows * cols);
+    let mut total = 0f64;
+    for (block, out) in words.chunks_mut(block_rows * wpr).enumerate() {
+        let r0 = block * block_rows;
+        let nr = out.len() / wpr;
+        let n = nr * cols;
+        let base_bytes = &base.data[r0 * cols * bd.size()..][..n * bd.size()];
+        if let Some(h) = hasher.as_deref_mut() {
+            h.update(base_bytes);
+        }
+        d.resize(n, 0.0);
+        diff_dtype.difference_into(
+            base_bytes,
+            bd,
+            &finetuned.data[r0 * cols * fd.size()..][..n * fd.size()],
+            fd,
+            &mut d,
+        );
+        out.copy_from_slice(&deltaserve_format::pack_signs(&d, nr, cols));
+        // Block sums added in order: the scale does not depend on how work is scheduled.
+        total += sum_abs_f64(&d);
+    }
     let scale = (total / (rows * cols) as f64) as f32;
     (words, scale)
 }
