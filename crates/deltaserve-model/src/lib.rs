@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+mod grad;
 pub mod kv_cache;
 pub mod llama;
 pub mod random;

@@ -165,7 +165,7 @@ fn delta_product(x: &Tensor, delta: &LinearDelta) -> Result<Tensor> {
             let u = deltaserve_kernels::sign_matmul_t(x, bits)?;
             Ok(u.broadcast_mul(&scale.to_dtype(u.dtype())?)?)
         }
-        LinearDelta::Dense { diff } => Ok(x.matmul(&diff.t()?)?),
+        LinearDelta::Dense { diff } => Ok(crate::grad::matmul_t(x, diff)?),
     }
 }
 
@@ -387,7 +387,7 @@ impl Model {
                     .or(self.lm_head.as_ref())
                     .unwrap_or(&self.embed_tokens)
             };
-            out.push(h.matmul(&head.t()?)?.to_dtype(accum_dtype(self.dtype))?);
+            out.push(crate::grad::matmul_t(&h, head)?.to_dtype(accum_dtype(self.dtype))?);
         }
         Ok(out)
     }
@@ -396,7 +396,7 @@ impl Model {
     fn linear(&self, l: usize, proj: Proj, x: &Tensor, routing: &Routing<'_>) -> Result<Tensor> {
         let base = &self.layers[l].linears[proj.index()];
         let k = proj.index();
-        let mut y = x.matmul(&base.weight.t()?)?;
+        let mut y = crate::grad::matmul_t(x, &base.weight)?;
         let tenant_bias = routing.any_tenant(|t| t.layers[l].biases[k].is_some());
         if tenant_bias {
             y = routing.map(&y, |y, t| {

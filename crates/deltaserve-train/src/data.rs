@@ -65,15 +65,22 @@ pub struct CalibrationData {
 /// Lists the files under `paths` (directories walked recursively, sorted) with whether each is JSONL.
 pub fn list_files(paths: &[PathBuf]) -> Result<Vec<(PathBuf, bool)>> {
     fn is_jsonl(p: &Path) -> bool {
-        p.extension().and_then(|e| e.to_str()).is_some_and(|e| JSONL_EXTENSIONS.contains(&e))
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| JSONL_EXTENSIONS.contains(&e))
     }
     fn walk(dir: &Path, out: &mut Vec<(PathBuf, bool)>) -> Result<()> {
-        let read = std::fs::read_dir(dir)
-            .map_err(|e| TrainError::BadData { path: dir.to_path_buf(), msg: format!("cannot list directory: {e}") })?;
+        let read = std::fs::read_dir(dir).map_err(|e| TrainError::BadData {
+            path: dir.to_path_buf(),
+            msg: format!("cannot list directory: {e}"),
+        })?;
         let mut entries: Vec<PathBuf> = read.filter_map(|e| e.ok().map(|e| e.path())).collect();
         entries.sort();
         for p in entries {
-            let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
             if hidden {
                 continue;
             }
@@ -81,14 +88,20 @@ pub fn list_files(paths: &[PathBuf]) -> Result<Vec<(PathBuf, bool)>> {
                 walk(&p, out)?;
             } else if is_jsonl(&p) {
                 out.push((p, true));
-            } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| TEXT_EXTENSIONS.contains(&e)) {
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| TEXT_EXTENSIONS.contains(&e))
+            {
                 out.push((p, false));
             }
         }
         Ok(())
     }
     if paths.is_empty() {
-        return Err(TrainError::NoData { what: "no --data path given".into() });
+        return Err(TrainError::NoData {
+            what: "no --data path given".into(),
+        });
     }
     let mut out = Vec::new();
     for p in paths {
@@ -108,7 +121,10 @@ pub fn list_files(paths: &[PathBuf]) -> Result<Vec<(PathBuf, bool)>> {
         } else if p.is_file() {
             out.push((p.clone(), is_jsonl(p)));
         } else {
-            return Err(TrainError::BadData { path: p.clone(), msg: "no such file or directory".into() });
+            return Err(TrainError::BadData {
+                path: p.clone(),
+                msg: "no such file or directory".into(),
+            });
         }
     }
     Ok(out)
@@ -116,10 +132,16 @@ pub fn list_files(paths: &[PathBuf]) -> Result<Vec<(PathBuf, bool)>> {
 
 /// Reads the documents of one file: the whole file for plain text, one per line for JSONL.
 pub fn read_documents(path: &Path, jsonl: bool) -> Result<Vec<Document>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::BadData { path: path.to_path_buf(), msg: format!("cannot read as UTF-8 text: {e}") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::BadData {
+        path: path.to_path_buf(),
+        msg: format!("cannot read as UTF-8 text: {e}"),
+    })?;
     if !jsonl {
-        return Ok(if text.trim().is_empty() { vec![] } else { vec![Document::Text(text)] });
+        return Ok(if text.trim().is_empty() {
+            vec![]
+        } else {
+            vec![Document::Text(text)]
+        });
     }
     let mut docs = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -128,16 +150,22 @@ pub fn read_documents(path: &Path, jsonl: bool) -> Result<Vec<Document>> {
         }
         let at = || PathBuf::from(format!("{}:{}", path.display(), i + 1));
         let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| TrainError::BadData { path: at(), msg: format!("not JSON: {e}") })?;
+            serde_json::from_str(line).map_err(|e| TrainError::BadData {
+                path: at(),
+                msg: format!("not JSON: {e}"),
+            })?;
         if let Some(t) = value.get("text").and_then(|t| t.as_str()) {
             if !t.trim().is_empty() {
                 docs.push(Document::Text(t.to_string()));
             }
         } else if let Some(m) = value.get("messages") {
-            let messages: Vec<ChatMessage> = serde_json::from_value(m.clone()).map_err(|e| TrainError::BadData {
-                path: at(),
-                msg: format!("`messages` must be a list of {{\"role\", \"content\"}} objects: {e}"),
-            })?;
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(m.clone()).map_err(|e| TrainError::BadData {
+                    path: at(),
+                    msg: format!(
+                        "`messages` must be a list of {{\"role\", \"content\"}} objects: {e}"
+                    ),
+                })?;
             if !messages.is_empty() {
                 docs.push(Document::Chat(messages));
             }
@@ -181,7 +209,12 @@ fn held_out_len(total: usize, fraction: f64) -> usize {
 impl CalibrationData {
     /// Reads, tokenizes and splits every file under `paths`. `separator` (the EOS id) goes between
     /// documents; `None` concatenates them directly.
-    pub fn load(paths: &[PathBuf], codec: &TextCodec, separator: Option<u32>, opts: DataOptions) -> Result<Self> {
+    pub fn load(
+        paths: &[PathBuf],
+        codec: &TextCodec,
+        separator: Option<u32>,
+        opts: DataOptions,
+    ) -> Result<Self> {
         let files = list_files(paths)?;
         let mut docs = Vec::new();
         for (path, jsonl) in &files {
@@ -201,7 +234,10 @@ impl CalibrationData {
         sources: Vec<PathBuf>,
     ) -> Result<Self> {
         if opts.seq_len < 2 {
-            return Err(TrainError::Setting(format!("--seq-len {}: a window needs at least 2 tokens", opts.seq_len)));
+            return Err(TrainError::Setting(format!(
+                "--seq-len {}: a window needs at least 2 tokens",
+                opts.seq_len
+            )));
         }
         if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
             return Err(TrainError::Setting(format!(
@@ -216,7 +252,9 @@ impl CalibrationData {
         };
         let docs: Vec<Vec<u32>> = docs.into_iter().filter(|d| !d.is_empty()).collect();
         if docs.is_empty() {
-            return Err(TrainError::NoData { what: format!("{} hold no text", describe(&sources)) });
+            return Err(TrainError::NoData {
+                what: format!("{} hold no text", describe(&sources)),
+            });
         }
         let documents = docs.len();
         let mut stream = Vec::with_capacity(docs.iter().map(|d| d.len() + 1).sum());
@@ -242,7 +280,13 @@ impl CalibrationData {
         }
         let val_len = held_out_len(stream.len(), opts.val_fraction);
         let val = stream.split_off(stream.len() - val_len);
-        Ok(Self { train: stream, val, documents, sources, opts })
+        Ok(Self {
+            train: stream,
+            val,
+            documents,
+            sources,
+            opts,
+        })
     }
 
     /// Tokens per window.
@@ -257,7 +301,12 @@ impl CalibrationData {
 
     /// Every training step's windows: `steps` batches of `batch_size` windows of `seq_len` tokens,
     /// with start positions drawn uniformly from the training stream by an RNG seeded with `seed`.
-    pub fn training_batches(&self, steps: usize, batch_size: usize, seed: u64) -> Vec<Vec<Vec<u32>>> {
+    pub fn training_batches(
+        &self,
+        steps: usize,
+        batch_size: usize,
+        seed: u64,
+    ) -> Vec<Vec<Vec<u32>>> {
         let mut rng = StdRng::seed_from_u64(seed);
         let last_start = self.train.len() - self.opts.seq_len;
         (0..steps)
@@ -275,7 +324,12 @@ impl CalibrationData {
     /// The held-out stream cut into consecutive windows of `seq_len` tokens (the last may be shorter,
     /// if it has at least 2), at most `max` of them.
     pub fn validation_windows(&self, max: usize) -> Vec<Vec<u32>> {
-        self.val.chunks(self.opts.seq_len).filter(|c| c.len() >= 2).take(max).map(<[u32]>::to_vec).collect()
+        self.val
+            .chunks(self.opts.seq_len)
+            .filter(|c| c.len() >= 2)
+            .take(max)
+            .map(<[u32]>::to_vec)
+            .collect()
     }
 }
 
@@ -297,13 +351,17 @@ mod tests {
     use super::*;
 
     fn opts(seq_len: usize, val_fraction: f64) -> DataOptions {
-        DataOptions { seq_len, val_fraction }
+        DataOptions {
+            seq_len,
+            val_fraction,
+        }
     }
 
     #[test]
     fn separator_goes_between_documents_and_tail_is_held_out() {
         let docs = vec![(0..30).collect::<Vec<u32>>(), (100..130).collect()];
-        let d = CalibrationData::from_token_documents(docs, Some(999), opts(8, 0.1), vec![]).unwrap();
+        let d =
+            CalibrationData::from_token_documents(docs, Some(999), opts(8, 0.1), vec![]).unwrap();
         // 61 tokens, ceil(6.1) = 7 held out.
         assert_eq!(d.train.len() + d.val.len(), 61);
         assert_eq!(d.val.len(), 7);
@@ -321,7 +379,10 @@ mod tests {
         for w in a.iter().flatten() {
             assert_eq!(w.len(), 16);
             assert!(w.iter().all(|&t| (t as usize) < d.train.len()));
-            assert!(w.windows(2).all(|p| p[1] == p[0] + 1), "a window is a contiguous slice");
+            assert!(
+                w.windows(2).all(|p| p[1] == p[0] + 1),
+                "a window is a contiguous slice"
+            );
         }
         let v = d.validation_windows(100);
         assert_eq!(v.concat(), d.val);
@@ -333,16 +394,32 @@ mod tests {
         let needed = tokens_needed(&opts(128, 0.1));
         // 128 training tokens need 143 in all: ceil(0.1 * 143) = 15 held out leaves 128.
         assert_eq!(needed, 143);
-        let e = CalibrationData::from_token_documents(vec![vec![1; 100]], None, opts(128, 0.1), vec!["a.txt".into()])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("100 tokens") && e.contains("at least 143") && e.contains("a.txt"), "{e}");
-        assert!(CalibrationData::from_token_documents(vec![vec![1; 143]], None, opts(128, 0.1), vec![]).is_ok());
+        let e = CalibrationData::from_token_documents(
+            vec![vec![1; 100]],
+            None,
+            opts(128, 0.1),
+            vec!["a.txt".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("100 tokens") && e.contains("at least 143") && e.contains("a.txt"),
+            "{e}"
+        );
+        assert!(CalibrationData::from_token_documents(
+            vec![vec![1; 143]],
+            None,
+            opts(128, 0.1),
+            vec![]
+        )
+        .is_ok());
     }
 
     #[test]
     fn no_documents_is_no_data() {
-        let e = CalibrationData::from_token_documents(vec![vec![], vec![]], None, opts(8, 0.1), vec![]).unwrap_err();
+        let e =
+            CalibrationData::from_token_documents(vec![vec![], vec![]], None, opts(8, 0.1), vec![])
+                .unwrap_err();
         assert!(matches!(e, TrainError::NoData { .. }), "{e}");
     }
 
@@ -374,8 +451,10 @@ mod tests {
         std::fs::write(dir.path().join("skip.bin"), "x").unwrap();
         std::fs::write(dir.path().join(".hidden.txt"), "x").unwrap();
         let files = list_files(&[dir.path().to_path_buf()]).unwrap();
-        let names: Vec<String> =
-            files.iter().map(|(p, j)| format!("{}:{j}", p.strip_prefix(dir.path()).unwrap().display())).collect();
+        let names: Vec<String> = files
+            .iter()
+            .map(|(p, j)| format!("{}:{j}", p.strip_prefix(dir.path()).unwrap().display()))
+            .collect();
         assert_eq!(names, ["a.jsonl:true", "b.txt:false", "sub/c.md:false"]);
         let empty = tempfile::tempdir().unwrap();
         let e = list_files(&[empty.path().to_path_buf()]).unwrap_err();

@@ -96,7 +96,12 @@ fn logits(
 ) -> Result<Tensor> {
     let mut seqs: Vec<SeqInput<'_>> = windows
         .iter()
-        .map(|w| SeqInput { tokens: w, cache: None, tenant, logits: LogitsWanted::All })
+        .map(|w| SeqInput {
+            tokens: w,
+            cache: None,
+            tenant,
+            logits: LogitsWanted::All,
+        })
         .collect();
     let out = model.forward(&mut seqs, opts)?;
     Ok(Tensor::cat(&out, 0)?)
@@ -104,7 +109,12 @@ fn logits(
 
 impl<'a> ScaleDistiller<'a> {
     /// Sets up training of `student` on top of `base` towards `teacher`.
-    pub fn new(base: &'a Model, teacher: &'a Model, student: TrainableDelta, cfg: DistillConfig) -> Result<Self> {
+    pub fn new(
+        base: &'a Model,
+        teacher: &'a Model,
+        student: TrainableDelta,
+        cfg: DistillConfig,
+    ) -> Result<Self> {
         if cfg.steps == 0 || cfg.batch_size == 0 {
             return Err(TrainError::Setting(format!(
                 "--steps {} --batch-size {}: both must be at least 1",
@@ -112,7 +122,10 @@ impl<'a> ScaleDistiller<'a> {
             )));
         }
         if cfg.lr.is_nan() || cfg.lr < 0.0 {
-            return Err(TrainError::Setting(format!("--lr {}: must be a number >= 0", cfg.lr)));
+            return Err(TrainError::Setting(format!(
+                "--lr {}: must be a number >= 0",
+                cfg.lr
+            )));
         }
         let params = ParamsAdamW {
             lr: cfg.lr,
@@ -122,7 +135,14 @@ impl<'a> ScaleDistiller<'a> {
             weight_decay: cfg.weight_decay,
         };
         let opt = AdamW::new(student.trainable_vars(), params)?;
-        Ok(Self { base, teacher, student, opt, cfg, step: 0 })
+        Ok(Self {
+            base,
+            teacher,
+            student,
+            opt,
+            cfg,
+            step: 0,
+        })
     }
 
     /// The settings.
@@ -154,7 +174,14 @@ impl<'a> ScaleDistiller<'a> {
     pub fn loss(&self, windows: &[Vec<u32>]) -> Result<Tensor> {
         let target = self.teacher_logits(windows)?;
         let tenant = self.student.tenant(true)?;
-        let student = logits(self.base, Some(&tenant), windows, ForwardOptions { differentiable: true })?;
+        let student = logits(
+            self.base,
+            Some(&tenant),
+            windows,
+            ForwardOptions {
+                differentiable: true,
+            },
+        )?;
         Ok(distill_loss(self.cfg.loss, &student, &target)?)
     }
 
@@ -166,17 +193,30 @@ impl<'a> ScaleDistiller<'a> {
         let loss = self.loss(windows)?;
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(TrainError::NonFinite { what: "the loss".into(), value, step: self.step, steps: self.cfg.steps });
+            return Err(TrainError::NonFinite {
+                what: "the loss".into(),
+                value,
+                step: self.step,
+                steps: self.cfg.steps,
+            });
         }
         let grads = loss.backward()?;
         self.opt.set_learning_rate(lr);
         self.opt.step(&grads)?;
-        Ok(StepReport { step: self.step, loss: value, lr })
+        Ok(StepReport {
+            step: self.step,
+            loss: value,
+            lr,
+        })
     }
 
     /// Runs every batch (one step each) and returns the losses. `on_step` sees each step's report
     /// (for a progress bar). After the last step, the parameters are checked to be finite.
-    pub fn train(&mut self, batches: &[Vec<Vec<u32>>], mut on_step: impl FnMut(&StepReport)) -> Result<Vec<f64>> {
+    pub fn train(
+        &mut self,
+        batches: &[Vec<Vec<u32>>],
+        mut on_step: impl FnMut(&StepReport),
+    ) -> Result<Vec<f64>> {
         let mut losses = Vec::with_capacity(batches.len());
         for batch in batches {
             let r = self.step(batch)?;
@@ -236,20 +276,33 @@ pub fn evaluate(
     for batch in windows.chunks(batch_size.max(1)) {
         let mut seqs: Vec<SeqInput<'_>> = batch
             .iter()
-            .map(|w| SeqInput { tokens: w, cache: None, tenant: None, logits: LogitsWanted::All })
+            .map(|w| SeqInput {
+                tokens: w,
+                cache: None,
+                tenant: None,
+                logits: LogitsWanted::All,
+            })
             .collect();
         let target = teacher.forward(&mut seqs, opts)?;
         for (i, c) in candidates.iter().enumerate() {
             let mut seqs: Vec<SeqInput<'_>> = batch
                 .iter()
-                .map(|w| SeqInput { tokens: w, cache: None, tenant: c.tenant, logits: LogitsWanted::All })
+                .map(|w| SeqInput {
+                    tokens: w,
+                    cache: None,
+                    tenant: c.tenant,
+                    logits: LogitsWanted::All,
+                })
                 .collect();
             let out = c.model.forward(&mut seqs, opts)?;
             for ((w, l), t) in batch.iter().zip(&out).zip(&target) {
                 nll[i] += next_token_nll_sum(l, w)?;
                 let v = l.dim(1)?.min(t.dim(1)?);
                 let rows = kl_rows(&t.narrow(1, 0, v)?, &l.narrow(1, 0, v)?)?;
-                kl[i] += rows.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+                kl[i] += rows
+                    .to_dtype(candle_core::DType::F64)?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
             }
         }
         predictions += batch.iter().map(|w| w.len() - 1).sum::<usize>();

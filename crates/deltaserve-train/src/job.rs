@@ -54,7 +54,13 @@ pub struct CalibrateJob {
 
 impl CalibrateJob {
     /// A job with the reference's defaults (see [`DistillConfig::default`]), on the CPU in f32.
-    pub fn new(base: PathBuf, finetuned: PathBuf, delta: PathBuf, data: Vec<PathBuf>, out: PathBuf) -> Self {
+    pub fn new(
+        base: PathBuf,
+        finetuned: PathBuf,
+        delta: PathBuf,
+        data: Vec<PathBuf>,
+        out: PathBuf,
+    ) -> Self {
         Self {
             base,
             finetuned,
@@ -131,7 +137,10 @@ pub fn calibrate(job: &CalibrateJob, progress: &mut dyn Progress) -> Result<Cali
         )));
     }
     if !job.overwrite && job.out.symlink_metadata().is_ok() {
-        return Err(deltaserve_format::FormatError::OutputExists { path: job.out.clone() }.into());
+        return Err(deltaserve_format::FormatError::OutputExists {
+            path: job.out.clone(),
+        }
+        .into());
     }
 
     progress.phase("opening the delta and checkpoints");
@@ -144,8 +153,16 @@ pub fn calibrate(job: &CalibrateJob, progress: &mut dyn Progress) -> Result<Cali
 
     progress.phase("reading calibration data");
     let codec = TextCodec::from_dir(base_ckpt.dir(), &base_ckpt.config().eos_token_ids)?;
-    let separator = base_ckpt.config().eos_token_ids.first().copied().or_else(|| codec.stop_ids().first().copied());
-    let opts = DataOptions { seq_len: job.seq_len, val_fraction: job.val_fraction };
+    let separator = base_ckpt
+        .config()
+        .eos_token_ids
+        .first()
+        .copied()
+        .or_else(|| codec.stop_ids().first().copied());
+    let opts = DataOptions {
+        seq_len: job.seq_len,
+        val_fraction: job.val_fraction,
+    };
     let data = CalibrationData::load(&job.data, &codec, separator, opts)?;
     let max_pos = base_ckpt.config().max_position_embeddings;
     if job.seq_len > max_pos {
@@ -157,15 +174,23 @@ pub fn calibrate(job: &CalibrateJob, progress: &mut dyn Progress) -> Result<Cali
     let batches = data.training_batches(job.distill.steps, job.distill.batch_size, job.seed);
     let val = data.validation_windows(job.max_val_windows);
     if let Some(path) = &job.dump_windows {
-        let dump = WindowDump { seq_len: job.seq_len, seed: job.seed, train: batches.clone(), val: val.clone() };
+        let dump = WindowDump {
+            seq_len: job.seq_len,
+            seed: job.seed,
+            train: batches.clone(),
+            val: val.clone(),
+        };
         let text = serde_json::to_string(&dump).map_err(|e| TrainError::Setting(e.to_string()))?;
-        deltaserve_format::write_atomic(path, true, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        deltaserve_format::write_atomic(path, true, |w| {
+            std::io::Write::write_all(w, text.as_bytes())
+        })?;
     }
 
     progress.phase("loading the base and fine-tune");
     let base = Model::load(&base_ckpt, job.dtype, &job.device)?;
     let teacher = Model::load(&ft_ckpt, job.dtype, &job.device)?;
-    let student = TrainableDelta::from_delta(&file, &base_ckpt, &base, job.distill.train_uncompressed)?;
+    let student =
+        TrainableDelta::from_delta(&file, &base_ckpt, &base, job.distill.train_uncompressed)?;
 
     progress.phase("evaluating before calibration");
     let eval_batch = job.distill.batch_size;
@@ -173,9 +198,21 @@ pub fn calibrate(job: &CalibrateJob, progress: &mut dyn Progress) -> Result<Cali
     let mut table = evaluate(
         &teacher,
         &[
-            Candidate { name: "base".into(), model: &base, tenant: None },
-            Candidate { name: "fine-tune".into(), model: &teacher, tenant: None },
-            Candidate { name: "delta, uncalibrated".into(), model: &base, tenant: Some(&before) },
+            Candidate {
+                name: "base".into(),
+                model: &base,
+                tenant: None,
+            },
+            Candidate {
+                name: "fine-tune".into(),
+                model: &teacher,
+                tenant: None,
+            },
+            Candidate {
+                name: "delta, uncalibrated".into(),
+                model: &base,
+                tenant: Some(&before),
+            },
         ],
         &val,
         eval_batch,
@@ -196,14 +233,21 @@ pub fn calibrate(job: &CalibrateJob, progress: &mut dyn Progress) -> Result<Cali
     let after = student.tenant(false)?;
     table.extend(evaluate(
         &teacher,
-        &[Candidate { name: "delta, calibrated".into(), model: &base, tenant: Some(&after) }],
+        &[Candidate {
+            name: "delta, calibrated".into(),
+            model: &base,
+            tenant: Some(&after),
+        }],
         &val,
         eval_batch,
     )?);
 
     let scales = student.scale_values()?;
-    let changes: Vec<f64> =
-        scales.iter().filter(|(_, a, _)| *a != 0.0).map(|(_, a, b)| f64::from(((b - a) / a).abs())).collect();
+    let changes: Vec<f64> = scales
+        .iter()
+        .filter(|(_, a, _)| *a != 0.0)
+        .map(|(_, a, b)| f64::from(((b - a) / a).abs()))
+        .collect();
     let mean_change = changes.iter().sum::<f64>() / changes.len().max(1) as f64;
     let cfg = &job.distill;
     let calibration = json!({
@@ -239,13 +283,28 @@ pub fn calibrate(job: &CalibrateJob, progress: &mut dyn Progress) -> Result<Cali
         "previous": file.header().calibration,
     });
     progress.phase("writing the calibrated delta");
-    student.write(&file, &base_ckpt, &job.out, calibration.clone(), job.overwrite)?;
-    Ok(CalibrationOutcome { table, losses, seconds_per_step, calibration, out: job.out.clone() })
+    student.write(
+        &file,
+        &base_ckpt,
+        &job.out,
+        calibration.clone(),
+        job.overwrite,
+    )?;
+    Ok(CalibrationOutcome {
+        table,
+        losses,
+        seconds_per_step,
+        calibration,
+        out: job.out.clone(),
+    })
 }
 
 /// The validation table as aligned text.
 pub fn format_table(rows: &[EvalRow]) -> String {
-    let mut s = format!("{:<22} {:>12} {:>16}\n", "model", "val ppl", "KL(ft || model)");
+    let mut s = format!(
+        "{:<22} {:>12} {:>16}\n",
+        "model", "val ppl", "KL(ft || model)"
+    );
     for r in rows {
         s.push_str(&format!("{:<22} {:>12.4} {:>16.6}\n", r.model, r.ppl, r.kl));
     }

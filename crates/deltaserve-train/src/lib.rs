@@ -38,7 +38,9 @@ pub mod origin;
 pub mod student;
 
 pub use data::{CalibrationData, DataOptions};
-pub use distill::{cosine_lr, evaluate, Candidate, DistillConfig, EvalRow, ScaleDistiller, StepReport};
+pub use distill::{
+    cosine_lr, evaluate, Candidate, DistillConfig, EvalRow, ScaleDistiller, StepReport,
+};
 pub use error::{Result, TrainError};
 pub use job::{calibrate, format_table, CalibrateJob, CalibrationOutcome, Progress, Quiet};
 pub use loss::DistillLoss;

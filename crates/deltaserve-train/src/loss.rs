@@ -53,7 +53,11 @@ pub fn kl_rows(teacher: &Tensor, student: &Tensor) -> candle_core::Result<Tensor
 }
 
 /// The training loss between `(rows, vocab)` logits; a scalar.
-pub fn distill_loss(kind: DistillLoss, student: &Tensor, teacher: &Tensor) -> candle_core::Result<Tensor> {
+pub fn distill_loss(
+    kind: DistillLoss,
+    student: &Tensor,
+    teacher: &Tensor,
+) -> candle_core::Result<Tensor> {
     match kind {
         DistillLoss::Mse => (student - teacher)?.sqr()?.mean_all(),
         DistillLoss::Kl => kl_rows(teacher, student)?.mean_all(),
@@ -92,7 +96,12 @@ mod tests {
         let expect = p[0] * -2.0 + p[2] * 2.0;
         assert!((kl[0] - expect).abs() < 1e-12, "{kl:?} vs {expect}");
         assert!(kl[1].abs() < 1e-15);
-        let zero = kl_rows(&t, &t).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let zero = kl_rows(&t, &t)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(zero.abs() < 1e-15);
     }
 
@@ -100,7 +109,10 @@ mod tests {
     fn mse_is_the_mean_over_every_element() {
         let a = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
         let b = Tensor::new(&[[1f32, 0.], [0., 4.]], &Device::Cpu).unwrap();
-        let l = distill_loss(DistillLoss::Mse, &a, &b).unwrap().to_scalar::<f32>().unwrap();
+        let l = distill_loss(DistillLoss::Mse, &a, &b)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(l, (4.0 + 9.0) / 4.0);
     }
 

@@ -34,9 +34,18 @@ fn decode_rows(raw: deltaserve_model::RawTensor<'_>, values: usize) -> Option<Ve
     };
     let bytes = raw.data.get(..values * size)?;
     Some(match raw.dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        _ => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
     })
 }
 
@@ -49,31 +58,48 @@ pub fn check_finetune(file: &DeltaFile, base: &Checkpoint, finetuned: &Checkpoin
     };
     match &file.header().finetuned.config {
         Some(stored) if stored != finetuned.config_json() => {
-            let differing: Vec<String> = match (stored.as_object(), finetuned.config_json().as_object()) {
-                (Some(a), Some(b)) => {
-                    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-                    keys.sort();
-                    keys.dedup();
-                    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| format!("`{k}`")).take(5).collect()
-                }
-                _ => vec![],
-            };
+            let differing: Vec<String> =
+                match (stored.as_object(), finetuned.config_json().as_object()) {
+                    (Some(a), Some(b)) => {
+                        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+                        keys.sort();
+                        keys.dedup();
+                        keys.into_iter()
+                            .filter(|k| a.get(*k) != b.get(*k))
+                            .map(|k| format!("`{k}`"))
+                            .take(5)
+                            .collect()
+                    }
+                    _ => vec![],
+                };
             return Err(wrong(format!(
                 "its config.json differs from the one stored in the delta (fields {})",
                 differing.join(", ")
             )));
         }
         Some(_) => {}
-        None => tracing::warn!("delta {} stores no fine-tune config.json; not compared", file.path().display()),
+        None => tracing::warn!(
+            "delta {} stores no fine-tune config.json; not compared",
+            file.path().display()
+        ),
     }
 
-    let Some((name, entry)) = file.header().tensors.iter().find(|(_, e)| matches!(e, TensorEntry::Sign { .. })) else {
+    let Some((name, entry)) = file
+        .header()
+        .tensors
+        .iter()
+        .find(|(_, e)| matches!(e, TensorEntry::Sign { .. }))
+    else {
         return Ok(());
     };
-    let TensorEntry::Sign { shape: [n, k], .. } = entry else { return Ok(()) };
+    let TensorEntry::Sign { shape: [n, k], .. } = entry else {
+        return Ok(());
+    };
     let rows = SIGN_CHECK_ROWS.min(*n);
     let (Ok(b), Ok(f)) = (base.raw(name), finetuned.raw(name)) else {
-        return Err(wrong(format!("tensor `{name}` is missing from the base or the fine-tune")));
+        return Err(wrong(format!(
+            "tensor `{name}` is missing from the base or the fine-tune"
+        )));
     };
     if b.shape != [*n, *k] || f.shape != [*n, *k] {
         return Err(wrong(format!(

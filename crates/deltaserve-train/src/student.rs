@@ -50,7 +50,11 @@ impl FullSlot {
             _ => {}
         }
         if let Some((l, p, bias)) = Proj::parse_tensor_name(name) {
-            return Some(if bias { Self::Bias(l, p) } else { Self::Linear(l, p) });
+            return Some(if bias {
+                Self::Bias(l, p)
+            } else {
+                Self::Linear(l, p)
+            });
         }
         let rest = name.strip_prefix("model.layers.")?;
         let (l, rest) = rest.split_once('.')?;
@@ -70,7 +74,10 @@ impl FullSlot {
 
     fn layer(self) -> Option<usize> {
         match self {
-            Self::InputLayernorm(l) | Self::PostAttentionLayernorm(l) | Self::Bias(l, _) | Self::Linear(l, _) => Some(l),
+            Self::InputLayernorm(l)
+            | Self::PostAttentionLayernorm(l)
+            | Self::Bias(l, _)
+            | Self::Linear(l, _) => Some(l),
             _ => None,
         }
     }
@@ -146,11 +153,36 @@ fn candle_dtype(d: Dtype) -> Option<DType> {
 pub fn tensor_le_bytes(t: &Tensor, dtype: Dtype) -> Result<Vec<u8>> {
     let flat = t.flatten_all()?;
     Ok(match dtype {
-        Dtype::F32 => flat.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F64 => flat.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::BF16 => flat.to_dtype(DType::BF16)?.to_vec1::<bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F16 => flat.to_dtype(DType::F16)?.to_vec1::<f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        other => return Err(candle_core::Error::Msg(format!("cannot store a trained tensor as {other}")).into()),
+        Dtype::F32 => flat
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        Dtype::F64 => flat
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        Dtype::BF16 => flat
+            .to_dtype(DType::BF16)?
+            .to_vec1::<bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        Dtype::F16 => flat
+            .to_dtype(DType::F16)?
+            .to_vec1::<f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "cannot store a trained tensor as {other}"
+            ))
+            .into())
+        }
     })
 }
 
@@ -158,11 +190,19 @@ impl TrainableDelta {
     /// Reads every entry of `file` onto `model`'s device. `base` is the checkpoint `model` was
     /// loaded from (for `difference` entries); `train_uncompressed` makes embeddings, norms and
     /// `lm_head` trainable.
-    pub fn from_delta(file: &DeltaFile, base: &Checkpoint, model: &Model, train_uncompressed: bool) -> Result<Self> {
+    pub fn from_delta(
+        file: &DeltaFile,
+        base: &Checkpoint,
+        model: &Model,
+        train_uncompressed: bool,
+    ) -> Result<Self> {
         let device = model.device();
         let pdt = param_dtype(model.dtype());
         let layers = model.config().num_hidden_layers;
-        let bad = |msg: String| TrainError::BadDelta { path: file.path().to_path_buf(), msg };
+        let bad = |msg: String| TrainError::BadDelta {
+            path: file.path().to_path_buf(),
+            msg,
+        };
         let mut scales = Vec::new();
         let mut full = Vec::new();
         let mut dense = Vec::new();
@@ -180,16 +220,31 @@ impl TrainableDelta {
                     let bits = SignBits::from_words(file.sign_words(entry)?, *n, *k, device)?;
                     let initial = file.scale(entry)?;
                     let var = Var::from_tensor(&Tensor::new(&[initial], device)?.to_dtype(pdt)?)?;
-                    scales.push(ScaleParam { name: name.clone(), layer, proj, bits, var, initial });
+                    scales.push(ScaleParam {
+                        name: name.clone(),
+                        layer,
+                        proj,
+                        bits,
+                        var,
+                        initial,
+                    });
                 }
                 TensorEntry::Full { tensor, value, .. } => {
                     let slot = FullSlot::of(name)
                         .filter(|s| s.layer().is_none_or(|l| l < layers))
-                        .ok_or_else(|| bad(format!("full entry `{name}` is not a tensor of this {layers}-layer model")))?;
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "full entry `{name}` is not a tensor of this {layers}-layer model"
+                            ))
+                        })?;
                     let (bytes, stored, shape) = file.tensor_bytes(tensor)?;
-                    let dt = candle_dtype(stored)
-                        .ok_or_else(|| bad(format!("full entry `{name}` has dtype {stored}; expected a float type")))?;
-                    let mut t = Tensor::from_raw_buffer(bytes, dt, shape, &Device::Cpu)?.to_dtype(pdt)?;
+                    let dt = candle_dtype(stored).ok_or_else(|| {
+                        bad(format!(
+                            "full entry `{name}` has dtype {stored}; expected a float type"
+                        ))
+                    })?;
+                    let mut t =
+                        Tensor::from_raw_buffer(bytes, dt, shape, &Device::Cpu)?.to_dtype(pdt)?;
                     if *value == FullValue::Difference {
                         t = (t + base.load_any(name, pdt, &Device::Cpu)?)?;
                     }
@@ -201,32 +256,68 @@ impl TrainableDelta {
                     }
                     let var = Var::from_tensor(&t)?;
                     let trained = train_uncompressed && slot.trainable();
-                    full.push(FullParam { name: name.clone(), slot, var, trained, stored, value: *value });
+                    full.push(FullParam {
+                        name: name.clone(),
+                        slot,
+                        var,
+                        trained,
+                        stored,
+                        value: *value,
+                    });
                 }
-                other => return Err(bad(format!("entry `{name}` of kind `{}` cannot be calibrated", other.kind()))),
+                other => {
+                    return Err(bad(format!(
+                        "entry `{name}` of kind `{}` cannot be calibrated",
+                        other.kind()
+                    )))
+                }
             }
         }
         if scales.is_empty() {
-            return Err(bad("has no compressed (sign) matrices, so there are no scales to calibrate".into()));
+            return Err(bad(
+                "has no compressed (sign) matrices, so there are no scales to calibrate".into(),
+            ));
         }
-        Ok(Self { scales, full, dense, layers, model_dtype: model.dtype() })
+        Ok(Self {
+            scales,
+            full,
+            dense,
+            layers,
+            model_dtype: model.dtype(),
+        })
     }
 
     /// The `Var`s the optimizer updates: every scale, and the trained full tensors.
     pub fn trainable_vars(&self) -> Vec<Var> {
         let mut v: Vec<Var> = self.scales.iter().map(|s| s.var.clone()).collect();
-        v.extend(self.full.iter().filter(|f| f.trained).map(|f| f.var.clone()));
+        v.extend(
+            self.full
+                .iter()
+                .filter(|f| f.trained)
+                .map(|f| f.var.clone()),
+        );
         v
     }
 
     /// The tenant for a forward pass. With `track`, tensors are the `Var`s themselves (or casts of
     /// them), so the loss's gradient reaches them; without, they are detached copies (evaluation).
     pub fn tenant(&self, track: bool) -> Result<TenantWeights> {
-        let pick = |v: &Var| if track { v.as_tensor().clone() } else { v.as_tensor().detach() };
-        let mut t = TenantWeights { layers: vec![LayerDelta::default(); self.layers], ..Default::default() };
+        let pick = |v: &Var| {
+            if track {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            }
+        };
+        let mut t = TenantWeights {
+            layers: vec![LayerDelta::default(); self.layers],
+            ..Default::default()
+        };
         for s in &self.scales {
-            t.layers[s.layer].linears[s.proj.index()] =
-                Some(LinearDelta::Sign { bits: s.bits.clone(), scale: pick(&s.var) });
+            t.layers[s.layer].linears[s.proj.index()] = Some(LinearDelta::Sign {
+                bits: s.bits.clone(),
+                scale: pick(&s.var),
+            });
         }
         for f in &self.full {
             let v = pick(&f.var).to_dtype(self.model_dtype)?;
@@ -235,7 +326,9 @@ impl TrainableDelta {
                 FullSlot::Norm => t.norm = Some(v),
                 FullSlot::LmHead => t.lm_head = Some(v),
                 FullSlot::InputLayernorm(l) => t.layers[l].input_layernorm = Some(v),
-                FullSlot::PostAttentionLayernorm(l) => t.layers[l].post_attention_layernorm = Some(v),
+                FullSlot::PostAttentionLayernorm(l) => {
+                    t.layers[l].post_attention_layernorm = Some(v)
+                }
                 FullSlot::Bias(l, p) => t.layers[l].biases[p.index()] = Some(v),
                 FullSlot::Linear(..) => {}
             }
@@ -262,13 +355,24 @@ impl TrainableDelta {
     /// The first non-finite value among the trained parameters, as (name, value).
     pub fn first_non_finite(&self) -> Result<Option<(String, f64)>> {
         for s in &self.scales {
-            let v = s.var.as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+            let v = s
+                .var
+                .as_tensor()
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?[0];
             if !v.is_finite() {
                 return Ok(Some((s.name.clone(), v)));
             }
         }
         for f in self.full.iter().filter(|f| f.trained) {
-            let sum = f.var.as_tensor().to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+            let sum = f
+                .var
+                .as_tensor()
+                .to_dtype(DType::F64)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
             if !sum.is_finite() {
                 return Ok(Some((f.name.clone(), sum)));
             }
@@ -281,7 +385,12 @@ impl TrainableDelta {
         self.scales
             .iter()
             .map(|s| {
-                let now = s.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+                let now = s
+                    .var
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?[0];
                 Ok((s.name.clone(), s.initial, now))
             })
             .collect()
@@ -300,10 +409,16 @@ impl TrainableDelta {
     ) -> Result<()> {
         let mut header = input.header().clone();
         header.calibration = Some(calibration);
-        let mut replaced: std::collections::HashMap<String, Vec<u8>> = std::collections::HashMap::new();
+        let mut replaced: std::collections::HashMap<String, Vec<u8>> =
+            std::collections::HashMap::new();
         for s in &self.scales {
             if let TensorEntry::Sign { scale, .. } = input.entry(&s.name)? {
-                let v = s.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+                let v = s
+                    .var
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?[0];
                 replaced.insert(scale.clone(), v.to_le_bytes().to_vec());
             }
         }
@@ -311,7 +426,8 @@ impl TrainableDelta {
             if let TensorEntry::Full { tensor, .. } = input.entry(&f.name)? {
                 let mut t = f.var.as_tensor().to_device(&Device::Cpu)?;
                 if f.value == FullValue::Difference {
-                    t = (t.to_dtype(DType::F64)? - base.load_any(&f.name, DType::F64, &Device::Cpu)?)?;
+                    t = (t.to_dtype(DType::F64)?
+                        - base.load_any(&f.name, DType::F64, &Device::Cpu)?)?;
                 }
                 replaced.insert(tensor.clone(), tensor_le_bytes(&t, f.stored)?);
             }
@@ -320,7 +436,11 @@ impl TrainableDelta {
         let mut specs = Vec::with_capacity(names.len());
         for name in &names {
             let (_, dtype, shape) = input.tensor_bytes(name)?;
-            specs.push(TensorSpec { name: name.clone(), dtype, shape: shape.to_vec() });
+            specs.push(TensorSpec {
+                name: name.clone(),
+                dtype,
+                shape: shape.to_vec(),
+            });
         }
         let writer = deltaserve_format::DeltaStreamWriter::create(out, &header, specs, overwrite)?;
         for name in &names {
@@ -340,16 +460,31 @@ mod tests {
 
     #[test]
     fn full_slots_parse_checkpoint_names() {
-        assert_eq!(FullSlot::of("model.embed_tokens.weight"), Some(FullSlot::EmbedTokens));
+        assert_eq!(
+            FullSlot::of("model.embed_tokens.weight"),
+            Some(FullSlot::EmbedTokens)
+        );
         assert_eq!(FullSlot::of("lm_head.weight"), Some(FullSlot::LmHead));
-        assert_eq!(FullSlot::of("model.layers.3.input_layernorm.weight"), Some(FullSlot::InputLayernorm(3)));
+        assert_eq!(
+            FullSlot::of("model.layers.3.input_layernorm.weight"),
+            Some(FullSlot::InputLayernorm(3))
+        );
         assert_eq!(
             FullSlot::of("model.layers.0.post_attention_layernorm.weight"),
             Some(FullSlot::PostAttentionLayernorm(0))
         );
-        assert_eq!(FullSlot::of("model.layers.1.self_attn.q_proj.bias"), Some(FullSlot::Bias(1, Proj::Q)));
-        assert_eq!(FullSlot::of("model.layers.1.mlp.down_proj.weight"), Some(FullSlot::Linear(1, Proj::Down)));
-        assert_eq!(FullSlot::of("model.layers.1.self_attn.rotary_emb.inv_freq"), None);
+        assert_eq!(
+            FullSlot::of("model.layers.1.self_attn.q_proj.bias"),
+            Some(FullSlot::Bias(1, Proj::Q))
+        );
+        assert_eq!(
+            FullSlot::of("model.layers.1.mlp.down_proj.weight"),
+            Some(FullSlot::Linear(1, Proj::Down))
+        );
+        assert_eq!(
+            FullSlot::of("model.layers.1.self_attn.rotary_emb.inv_freq"),
+            None
+        );
         assert!(!FullSlot::Bias(0, Proj::Q).trainable());
         assert!(FullSlot::Norm.trainable());
     }

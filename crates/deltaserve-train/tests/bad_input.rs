@@ -17,7 +17,10 @@ fn job(pair: &common::Pair) -> CalibrateJob {
     );
     job.seq_len = 32;
     job.max_val_windows = 4;
-    job.distill = DistillConfig { steps: 4, ..Default::default() };
+    job.distill = DistillConfig {
+        steps: 4,
+        ..Default::default()
+    };
     job
 }
 
@@ -27,7 +30,11 @@ fn fails(pair: &common::Pair, job: &CalibrateJob) -> (TrainError, String) {
     let err = calibrate(job, &mut Quiet).expect_err("calibration should fail");
     let msg = err.to_string();
     assert!(!msg.contains('\n'), "error is not one line: {msg}");
-    assert_eq!(std::fs::read(&pair.delta).unwrap(), before, "input delta changed ({msg})");
+    assert_eq!(
+        std::fs::read(&pair.delta).unwrap(),
+        before,
+        "input delta changed ({msg})"
+    );
     if job.out != job.delta {
         assert!(!job.out.exists(), "an output was written ({msg})");
     }
@@ -47,7 +54,10 @@ fn no_data_is_named() {
     std::fs::write(pair.path("empty.txt"), "  \n").unwrap();
     j.data = vec![pair.path("empty.txt")];
     let (err, msg) = fails(&pair, &j);
-    assert!(matches!(err, TrainError::NoData { .. }) && msg.contains("empty.txt"), "{msg}");
+    assert!(
+        matches!(err, TrainError::NoData { .. }) && msg.contains("empty.txt"),
+        "{msg}"
+    );
 
     j.data = vec![];
     let (err, _) = fails(&pair, &j);
@@ -56,11 +66,17 @@ fn no_data_is_named() {
     std::fs::create_dir(pair.path("nothing")).unwrap();
     j.data = vec![pair.path("nothing")];
     let (_, msg) = fails(&pair, &j);
-    assert!(msg.contains("nothing") && msg.contains("no calibration data"), "{msg}");
+    assert!(
+        msg.contains("nothing") && msg.contains("no calibration data"),
+        "{msg}"
+    );
 
     j.data = vec![pair.path("missing.txt")];
     let (_, msg) = fails(&pair, &j);
-    assert!(msg.contains("missing.txt") && msg.contains("no such file"), "{msg}");
+    assert!(
+        msg.contains("missing.txt") && msg.contains("no such file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -71,8 +87,14 @@ fn data_shorter_than_one_window_says_how_many_tokens() {
     std::fs::write(pair.path("short.txt"), "twenty bytes of text").unwrap();
     j.data = vec![pair.path("short.txt")];
     let (err, msg) = fails(&pair, &j);
-    assert!(matches!(err, TrainError::TooShort { found: 20, .. }), "{msg}");
-    assert!(msg.contains("20 tokens") && msg.contains("at least 36") && msg.contains("--seq-len 32"), "{msg}");
+    assert!(
+        matches!(err, TrainError::TooShort { found: 20, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("20 tokens") && msg.contains("at least 36") && msg.contains("--seq-len 32"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -92,7 +114,11 @@ fn delta_from_another_finetune_is_rejected() {
     let pair = common::pair();
     // Same config.json, other weights: caught by the signs.
     let other = pair.path("other_ft");
-    common::write_model(&other, &common::finetune_of(&common::random_base(1), 9), &common::config());
+    common::write_model(
+        &other,
+        &common::finetune_of(&common::random_base(1), 9),
+        &common::config(),
+    );
     let mut j = job(&pair);
     j.finetuned = other.clone();
     let (err, msg) = fails(&pair, &j);
@@ -104,7 +130,10 @@ fn delta_from_another_finetune_is_rejected() {
     cfg["rms_norm_eps"] = 1e-6.into();
     std::fs::write(other.join("config.json"), cfg.to_string()).unwrap();
     let (_, msg) = fails(&pair, &j);
-    assert!(msg.contains("config.json") && msg.contains("`rms_norm_eps`"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("`rms_norm_eps`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -113,7 +142,10 @@ fn infinite_learning_rate_stops_at_the_step_that_diverged() {
     let mut j = job(&pair);
     j.distill.lr = f64::INFINITY;
     let (err, msg) = fails(&pair, &j);
-    assert!(matches!(err, TrainError::NonFinite { step: 2, .. }), "{msg}");
+    assert!(
+        matches!(err, TrainError::NonFinite { step: 2, .. }),
+        "{msg}"
+    );
     assert!(msg.contains("step 2 of 4") && msg.contains("--lr"), "{msg}");
 }
 
@@ -131,7 +163,10 @@ fn poisoned_finetune_stops_at_the_first_step() {
     let mut j = job(&pair);
     j.finetuned = poisoned;
     let (err, msg) = fails(&pair, &j);
-    assert!(matches!(err, TrainError::NonFinite { step: 1, .. }), "{msg}");
+    assert!(
+        matches!(err, TrainError::NonFinite { step: 1, .. }),
+        "{msg}"
+    );
 }
 
 #[test]

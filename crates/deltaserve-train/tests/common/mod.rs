@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use deltaserve_format::{
-    fingerprint_safetensors, pack_signs, write_delta, DeltaHeader, Dtype, FinetuneInfo, FullValue, OwnedTensor,
-    TensorEntry,
+    fingerprint_safetensors, pack_signs, write_delta, DeltaHeader, Dtype, FinetuneInfo, FullValue,
+    OwnedTensor, TensorEntry,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -75,7 +75,15 @@ fn shapes() -> Vec<(String, Vec<usize>)> {
     ];
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
-        let outs = [HEADS * hd, KV_HEADS * hd, KV_HEADS * hd, HIDDEN, INTER, INTER, HIDDEN];
+        let outs = [
+            HEADS * hd,
+            KV_HEADS * hd,
+            KV_HEADS * hd,
+            HIDDEN,
+            INTER,
+            INTER,
+            HIDDEN,
+        ];
         let ins = [HIDDEN, HIDDEN, HIDDEN, HEADS * hd, HIDDEN, HIDDEN, INTER];
         for ((proj, o), i) in PROJS.iter().zip(outs).zip(ins) {
             v.push((format!("{p}.{proj}.weight"), vec![o, i]));
@@ -106,7 +114,10 @@ pub fn random_base(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
             let values = if shape.len() == 1 {
-                randn(&mut rng, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
+                randn(&mut rng, n, 0.1)
+                    .into_iter()
+                    .map(|v| 1.0 + v)
+                    .collect()
             } else {
                 randn(&mut rng, n, 0.2)
             };
@@ -118,7 +129,10 @@ pub fn random_base(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// The base plus structured noise: per matrix a rank-2 change with its own magnitude plus small
 /// dense noise (so one scale per matrix cannot represent it exactly), and small changes to
 /// embeddings, norms and lm_head.
-pub fn finetune_of(base: &[(String, Vec<usize>, Vec<f32>)], seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn finetune_of(
+    base: &[(String, Vec<usize>, Vec<f32>)],
+    seed: u64,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = StdRng::seed_from_u64(seed);
     base.iter()
         .map(|(name, shape, values)| {
@@ -201,14 +215,27 @@ pub fn write_tokenizer(dir: &Path) {
     std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
 }
 
-pub fn write_model(dir: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], config: &serde_json::Value) {
+pub fn write_model(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    config: &serde_json::Value,
+) {
     std::fs::create_dir_all(dir).unwrap();
     let map: HashMap<String, Tensor> = tensors
         .iter()
-        .map(|(n, s, v)| (n.clone(), Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap()))
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap(),
+            )
+        })
         .collect();
     candle_core::safetensors::save(&map, dir.join("model.safetensors")).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
     write_tokenizer(dir);
 }
 
@@ -220,12 +247,22 @@ pub fn compress(base_dir: &Path, ft_dir: &Path, out: &Path) {
 
 /// [`compress`], with every scale multiplied by `factor` (a deliberately mis-initialised delta).
 pub fn compress_with_scale_factor(base_dir: &Path, ft_dir: &Path, out: &Path, factor: f32) {
-    let load = |d: &Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let load = |d: &Path| {
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
     let (base, ft) = (load(base_dir), load(ft_dir));
     let ft_config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ft_dir.join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(ft_dir.join("config.json")).unwrap())
+            .unwrap();
     let fp = fingerprint_safetensors(&[base_dir.join("model.safetensors")]).unwrap();
-    let mut header = DeltaHeader::new("bitdelta", fp, FinetuneInfo { config: Some(ft_config), ..Default::default() });
+    let mut header = DeltaHeader::new(
+        "bitdelta",
+        fp,
+        FinetuneInfo {
+            config: Some(ft_config),
+            ..Default::default()
+        },
+    );
     let mut tensors = Vec::new();
     let mut names: Vec<&String> = ft.keys().collect();
     names.sort();
@@ -234,16 +271,30 @@ pub fn compress_with_scale_factor(base_dir: &Path, ft_dir: &Path, out: &Path, fa
         let is_proj = name.starts_with("model.layers.") && w.rank() == 2;
         if is_proj {
             let (r, c) = w.dims2().unwrap();
-            let d: Vec<f32> = (w - &base[name]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let d: Vec<f32> = (w - &base[name])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             // BitDelta eq. (2): alpha = mean |W_ft - W_base|.
-            let scale = factor * (d.iter().map(|x| f64::from(x.abs())).sum::<f64>() / d.len() as f64) as f32;
+            let scale = factor
+                * (d.iter().map(|x| f64::from(x.abs())).sum::<f64>() / d.len() as f64) as f32;
             let words = pack_signs(&d, r, c);
-            header.tensors.insert(name.clone(), TensorEntry::sign(name, [r, c], Dtype::F32));
-            tensors.push((format!("{name}.signs"), OwnedTensor::from_u32(vec![r, c.div_ceil(32)], &words)));
+            header
+                .tensors
+                .insert(name.clone(), TensorEntry::sign(name, [r, c], Dtype::F32));
+            tensors.push((
+                format!("{name}.signs"),
+                OwnedTensor::from_u32(vec![r, c.div_ceil(32)], &words),
+            ));
             tensors.push((format!("{name}.scale"), OwnedTensor::scale(scale)));
         } else {
             let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-            header.tensors.insert(name.clone(), TensorEntry::full(name, FullValue::Finetuned, w.dims().to_vec(), Dtype::F32));
+            header.tensors.insert(
+                name.clone(),
+                TensorEntry::full(name, FullValue::Finetuned, w.dims().to_vec(), Dtype::F32),
+            );
             tensors.push((name.clone(), OwnedTensor::from_f32(w.dims().to_vec(), &v)));
         }
     }
@@ -253,7 +304,10 @@ pub fn compress_with_scale_factor(base_dir: &Path, ft_dir: &Path, out: &Path, fa
 /// Text that exercises every byte range a little; `n` repetitions of a few varied paragraphs.
 pub fn calibration_text(n: usize, seed: u64) -> String {
     let mut rng = StdRng::seed_from_u64(seed);
-    let words = ["def", "return", "self", "value", "import", "class", "None", "for", "in", "range", "(", ")", ":", "=", "+"];
+    let words = [
+        "def", "return", "self", "value", "import", "class", "None", "for", "in", "range", "(",
+        ")", ":", "=", "+",
+    ];
     let mut s = String::new();
     for i in 0..n {
         for _ in 0..40 {
@@ -278,5 +332,11 @@ pub fn pair() -> Pair {
     compress(&base, &finetuned, &delta);
     let data = dir.path().join("calib.txt");
     std::fs::write(&data, calibration_text(30, 3)).unwrap();
-    Pair { dir, base, finetuned, delta, data }
+    Pair {
+        dir,
+        base,
+        finetuned,
+        delta,
+        data,
+    }
 }
