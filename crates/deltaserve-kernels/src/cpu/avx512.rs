@@ -133,6 +133,9 @@ pub(super) unsafe fn matmul_t_block(
     }
 }
 
+/// Cache lines (16 words) ahead that [`lut_tile`] prefetches in each sign row; 0 turns it off.
+const PREFETCH_LINES: usize = 2;
+
 /// Up to 32 sign rows and up to 4 rows of tables, for [`lut_tile`].
 #[derive(Clone, Copy)]
 struct Block {
@@ -158,6 +161,19 @@ unsafe fn lut_tile<const RM: usize, const TWO: bool>(b: &Block, res: &mut [[f32;
     let mut acc = [[[_mm512_setzero_ps(); 2]; 2]; RM];
     let zero = _mm512_setzero_si512();
     for wi in 0..b.wpr {
+        if PREFETCH_LINES > 0 && wi % 16 == 0 {
+            // Each of the block's rows is its own stream through memory: ask for the line
+            // PREFETCH_LINES ahead in every row at once rather than leave it to the prefetcher.
+            let ahead = wi + 16 * PREFETCH_LINES;
+            if ahead < b.wpr {
+                let rows = if TWO { 32 } else { 16 };
+                for r in 0..rows {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        b.words.wrapping_add(r * b.wpr + ahead) as *const i8
+                    );
+                }
+            }
+        }
         let p = b.words.add(wi) as *const i32;
         let wa = _mm512_mask_i32gather_epi32::<4>(zero, b.ka, b.idx_a, p);
         let wb = if TWO {
