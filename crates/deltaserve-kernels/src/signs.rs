@@ -83,7 +83,7 @@ impl<'a> SignsView<'a> {
 /// An `[n, k]` sign matrix `S` held as a `u32` tensor of shape `[n, ceil(k/32)]` (layout in the
 /// [crate docs](crate#layout)). Cloning is cheap: the tensor is reference-counted.
 ///
-/// The tensor lives on the device the kernels run on; today that is the CPU.
+/// The tensor lives on the device the kernels run on: the CPU, or a GPU with the `cuda` feature.
 #[derive(Debug, Clone)]
 pub struct SignBits {
     words: Tensor,
