@@ -28,13 +28,32 @@ pub enum EvalError {
     },
     /// Loading or running a model failed.
     #[error(transparent)]
-    Model(#[from] deltaserve_model::ModelError),
+    Model(Box<deltaserve_model::ModelError>),
     /// Reading a delta file failed.
     #[error(transparent)]
-    Format(#[from] deltaserve_format::FormatError),
+    Format(Box<deltaserve_format::FormatError>),
     /// An error from the tensor library.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+// The wrapped errors are boxed so `Result<_, EvalError>` stays small (clippy::result_large_err).
+impl From<deltaserve_model::ModelError> for EvalError {
+    fn from(e: deltaserve_model::ModelError) -> Self {
+        EvalError::Model(Box::new(e))
+    }
+}
+
+impl From<deltaserve_format::FormatError> for EvalError {
+    fn from(e: deltaserve_format::FormatError) -> Self {
+        EvalError::Format(Box::new(e))
+    }
+}
+
+impl From<candle_core::Error> for EvalError {
+    fn from(e: candle_core::Error) -> Self {
+        EvalError::Candle(Box::new(e))
+    }
 }
 
 /// Result with [`EvalError`].
