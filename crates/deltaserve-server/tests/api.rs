@@ -547,3 +547,22 @@ async fn shutdown_cancels_what_outlasts_the_timeout() {
     assert_eq!(err["error"]["code"], "shutting_down", "{err}");
     assert!(engine.metrics().generated_tokens < 1000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delta_larger_than_the_whole_delta_memory_fails_clearly() {
+    let deltas = delta_dir(1);
+    let mut cfg = config(Some(deltas.path()));
+    cfg.engine.delta_memory = 1000;
+    let s = server(cfg).await;
+    let m = post(s.addr(), "/v1/completions", &completion("t0", "x", 2))
+        .await
+        .error_message(500);
+    assert!(m.contains("t0") && m.contains("--delta-memory"), "{m}");
+    assert_eq!(
+        post(s.addr(), "/v1/completions", &completion(BASE, "x", 2))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    s.shutdown().await.unwrap();
+}

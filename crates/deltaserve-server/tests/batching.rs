@@ -391,3 +391,36 @@ async fn compressed_finetune_serves_like_the_single_sequence_loop() {
     }
     s.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prompts_prefilled_in_chunks_answer_as_in_one_piece() {
+    let deltas = delta_dir(2);
+    let mut cfg = config(Some(deltas.path()));
+    // Three tokens per step: every prompt below is prefilled over several steps, next to decodes.
+    cfg.engine.max_batch_tokens = 3;
+    let s = server(cfg).await;
+    let a = s.addr();
+    let base = Base::open(
+        &base_dir(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let prompt = "def compute_total(items, tax_rate):\n    total = 0\n";
+    assert!(base.codec.encode(prompt, true).unwrap().len() > 6);
+    let futs = [BASE, "t0", "t1"].map(|m| async move {
+        (
+            m,
+            completion_text(&post(a, "/v1/completions", &completion(m, prompt, 8)).await),
+        )
+    });
+    for (model, text) in join_all(futs).await {
+        let file = (model != BASE).then(|| deltas.path().join(format!("{model}.delta")));
+        assert_eq!(
+            text,
+            reference_text(&base, file.as_deref(), prompt, 8),
+            "{model}"
+        );
+    }
+    s.shutdown().await.unwrap();
+}
