@@ -5,7 +5,7 @@
 //!   from their memory maps and writes a `.delta` file.
 //! - [`tenant`]: a delta file to the [`deltaserve_model::TenantWeights`] the forward pass
 //!   applies on top of a shared base ([`load_tenant`]).
-//! - [`merge`]: base + delta to a complete Hugging Face checkpoint directory ([`merge()`]).
+//! - [`mod@merge`]: base + delta to a complete Hugging Face checkpoint directory ([`merge()`]).
 //! - [`inspect`]: what a delta holds, for people and tools ([`inspect::describe`]).
 //!
 //! This crate is where a codec's numerics live. It is not where the file format is defined
