@@ -65,7 +65,12 @@ impl DeltaSpec {
 
 /// Writes a BitDelta-style delta of the fixture base: random signs on every projection.
 pub fn write_test_delta(path: &Path, spec: &DeltaSpec) {
-    let ckpt = Checkpoint::open(base_dir()).expect("fixture base");
+    write_delta_for(&base_dir(), path, spec)
+}
+
+/// Writes a BitDelta-style delta of the base in `base`: random signs on every projection.
+pub fn write_delta_for(base: &Path, path: &Path, spec: &DeltaSpec) {
+    let ckpt = Checkpoint::open(base).expect("base checkpoint");
     let mut fp = fingerprint_safetensors(&ckpt.weight_files()).expect("fingerprint");
     if spec.wrong_base {
         fp.hex = "0".repeat(fp.hex.len());
