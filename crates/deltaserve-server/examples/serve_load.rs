@@ -146,7 +146,7 @@ async fn main() {
                     let mut body = resp.into_body();
                     let mut ttft = None;
                     while let Some(frame) = tokio::time::timeout(Duration::from_secs(600), body.frame()).await.expect("stalled") {
-                        if ttft.is_none() && frame.is_ok_and(|f| f.data_ref().is_some_and(|d| d.len() > 0)) {
+                        if ttft.is_none() && frame.is_ok_and(|f| f.data_ref().is_some_and(|d| !d.is_empty())) {
                             ttft = Some(start.elapsed().as_secs_f64());
                         }
                     }
