@@ -6,6 +6,9 @@
 #   .bin/deltaserve          cargo build --release --features cuda -p deltaserve-cli
 #   .bin/kernels-cuda-tests  cargo test --release --features cuda -p deltaserve-kernels --no-run
 #                            (the `cuda-*` test executable it prints)
+# Stripped, the two are ~105 MB, over what a device call carries; ship them as
+# `.bin/bin.tar.xz` (tar | xz -6: ~14 MB) and start the call with
+# `tar xJf .bin/bin.tar.xz -C .bin && bash scripts/gpu/kernels_check.sh`.
 # Logs, JSON and the SASS land in $OUT (or ./gpu-out when OUT is unset): 7 files.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -15,19 +18,19 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 
 echo "== tests"
-timeout 240 .bin/kernels-cuda-tests --test-threads=4 --nocapture 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout 150 .bin/kernels-cuda-tests --test-threads=4 --nocapture 2>&1 | tee "$OUT/tests.log" | tail -25
 
 echo "== compute-sanitizer (memcheck) on the tests"
-timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 .bin/kernels-cuda-tests --test-threads=1 \
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 .bin/kernels-cuda-tests --test-threads=1 \
   tenant_delta_matmul_many_rows prefill_sizes leading_dims sign_matmul_n gradient_flows 2>&1 \
   | tee "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|test result|panicked|Invalid|error" | head -20
 echo "sanitizer exit ${PIPESTATUS[0]}"
 
 echo "== bench kernels"
-timeout 200 .bin/deltaserve bench kernels --device cuda:0 --iters 50 --json "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log"
+timeout 150 .bin/deltaserve bench kernels --device cuda:0 --iters 50 --json "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log"
 
 echo "== BitDelta Triton"
-timeout 200 python3 scripts/reference/bitdelta_triton_bench.py --iters 30 --ours "$OUT/ours.json" --json "$OUT/triton.json" 2>&1 | tee "$OUT/triton.log"
+timeout 130 python3 scripts/reference/bitdelta_triton_bench.py --iters 30 --ours "$OUT/ours.json" --json "$OUT/triton.json" 2>&1 | tee "$OUT/triton.log"
 
 echo "== SASS"
 if nvcc --cubin -O3 -std=c++17 -arch=sm_90 -Xptxas -v -o /tmp/sm.cubin crates/deltaserve-kernels/src/cuda/sign_matmul.cu > /tmp/ptxas.log 2>&1; then
