@@ -42,7 +42,8 @@ pub fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
             } else {
                 *f
             };
-            let is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            // transformers: is_medium = ~(wavelen < high) & ~(wavelen > low); NaN-free here.
+            let is_medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
             *f = if is_medium {
                 let smooth = (old / wavelen - low) / (high - low);
                 (1.0 - smooth) * scaled / factor + smooth * scaled

@@ -117,7 +117,7 @@ pub fn run(a: Args) -> Result<()> {
             // tokens come out whole.
             if let Ok(text) = codec.decode(&ids) {
                 if text.len() > printed && text.is_char_boundary(printed) {
-                    let _ = out.write_all(text[printed..].as_bytes());
+                    let _ = out.write_all(&text.as_bytes()[printed..]);
                     let _ = out.flush();
                     printed = text.len();
                 }
