@@ -207,3 +207,76 @@ fn dumped_windows_are_the_ones_trained_on() {
         .all(|b| b.len() == 4 && b.iter().all(|w| w.len() == 32)));
     assert!(!dump.val.is_empty());
 }
+
+#[test]
+fn qwen2_biases_keep_the_finetunes_values() {
+    // The reference's BinaryDiff drops projection biases; we apply the fine-tune's and never train them.
+    let dir = tempfile::tempdir().unwrap();
+    let base_t = common::with_qkv_biases(common::random_base(1), 10);
+    let ft_t = common::with_qkv_biases(common::finetune_of(&common::random_base(1), 2), 11);
+    let (base_dir, ft_dir) = (dir.path().join("base"), dir.path().join("ft"));
+    common::write_model(&base_dir, &base_t, &common::qwen2_config());
+    common::write_model(&ft_dir, &ft_t, &common::qwen2_config());
+    let delta = dir.path().join("ft.delta");
+    common::compress(&base_dir, &ft_dir, &delta);
+    let data = dir.path().join("calib.txt");
+    std::fs::write(&data, common::calibration_text(30, 3)).unwrap();
+
+    let ckpt = Checkpoint::open(&base_dir).unwrap();
+    let base = Model::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let file = DeltaFile::open(&delta).unwrap();
+    let student = TrainableDelta::from_delta(&file, &ckpt, &base, true).unwrap();
+    let biases: Vec<_> = student
+        .full
+        .iter()
+        .filter(|f| f.name.ends_with(".bias"))
+        .collect();
+    assert_eq!(biases.len(), 3 * common::LAYERS);
+    assert!(
+        biases.iter().all(|b| !b.trained),
+        "biases are never trained"
+    );
+    let tenant = student.tenant(false).unwrap();
+    for layer in &tenant.layers {
+        assert!(
+            layer.biases[..3].iter().all(Option::is_some)
+                && layer.biases[3..].iter().all(Option::is_none)
+        );
+    }
+
+    let mut job = CalibrateJob::new(
+        base_dir,
+        ft_dir,
+        delta.clone(),
+        vec![data],
+        dir.path().join("out.delta"),
+    );
+    job.seq_len = 32;
+    job.max_val_windows = 8;
+    job.distill = DistillConfig {
+        steps: 10,
+        lr: 1e-3,
+        train_uncompressed: true,
+        ..Default::default()
+    };
+    let outcome = calibrate(&job, &mut Quiet).unwrap();
+    assert!(
+        outcome.table[3].kl < outcome.table[2].kl,
+        "{:?}",
+        outcome.table
+    );
+    let out = DeltaFile::open(&job.out).unwrap();
+    for b in &biases {
+        assert_eq!(
+            out.tensor_bytes(&b.name).unwrap().0,
+            file.tensor_bytes(&b.name).unwrap().0,
+            "{}",
+            b.name
+        );
+    }
+    assert_ne!(
+        out.tensor_bytes("model.norm.weight").unwrap().0,
+        file.tensor_bytes("model.norm.weight").unwrap().0,
+        "norms are trained with --train-uncompressed"
+    );
+}

@@ -66,6 +66,34 @@ pub fn config() -> serde_json::Value {
     })
 }
 
+/// A Qwen2 config (biases on q/k/v) of the same shape.
+pub fn qwen2_config() -> serde_json::Value {
+    let mut c = config();
+    c["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    c["model_type"] = "qwen2".into();
+    c
+}
+
+/// Adds q/k/v biases (as Qwen2 has) to a list of tensors, seeded.
+pub fn with_qkv_biases(
+    mut tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    seed: u64,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let hd = HIDDEN / HEADS;
+    for l in 0..LAYERS {
+        for (proj, out) in [
+            ("q_proj", HEADS * hd),
+            ("k_proj", KV_HEADS * hd),
+            ("v_proj", KV_HEADS * hd),
+        ] {
+            let name = format!("model.layers.{l}.self_attn.{proj}.bias");
+            tensors.push((name, vec![out], randn(&mut rng, out, 0.5)));
+        }
+    }
+    tensors
+}
+
 fn shapes() -> Vec<(String, Vec<usize>)> {
     let hd = HIDDEN / HEADS;
     let mut v = vec![
