@@ -36,8 +36,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let shape = RandomShape::preset(&a.shape)
-        .with_context(|| format!("--shape {}: expected tiny, llama-100m or llama2-7b", a.shape))?;
+    let shape = RandomShape::preset(&a.shape).with_context(|| {
+        format!(
+            "--shape {}: expected tiny, llama-100m or llama2-7b",
+            a.shape
+        )
+    })?;
     let base = a.finetune_of.as_ref().map(Checkpoint::open).transpose()?;
     RandomCheckpoint {
         shape,
