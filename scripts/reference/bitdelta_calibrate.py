@@ -173,6 +173,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.kernel == "triton" and args.exact_grad:
+        ap.error("--exact-grad needs --kernel dense: the Triton kernel has no backward pass")
     if args.kernel == "triton":
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "third_party"))
     torch.manual_seed(args.seed)

@@ -52,7 +52,7 @@ fn loss_before_after(
     let file = DeltaFile::open(delta).unwrap();
     let codec = TextCodec::from_dir(&pair.base, &[]).unwrap();
     let data = CalibrationData::load(
-        &[pair.data.clone()],
+        std::slice::from_ref(&pair.data),
         &codec,
         Some(256),
         DataOptions {

@@ -23,7 +23,7 @@ fn text_jsonl_and_chat_messages_become_one_stream_with_eos_between_documents() {
         seq_len: 4,
         val_fraction: 0.1,
     };
-    let d = CalibrationData::load(&[data.clone()], &codec, Some(256), opts).unwrap();
+    let d = CalibrationData::load(std::slice::from_ref(&data), &codec, Some(256), opts).unwrap();
     assert_eq!(d.documents, 3);
     assert_eq!(d.sources.len(), 2);
     let stream: Vec<u32> = d.train.iter().chain(&d.val).copied().collect();
