@@ -197,8 +197,10 @@ def main():
                             "seq_len": win["seq_len"], "torch": torch.__version__},
                "table": {k: {"ppl": p, "kl": q} for k, (p, q) in table.items()}, "runs": {}}
     modes = ["scales", "all"] if args.mode == "both" else [args.mode]
-    for mode in modes:
-        model = copy.deepcopy(start)
+    for i, mode in enumerate(modes):
+        # A copy for every mode but the last, so each starts from the same uncalibrated delta
+        # (and a single-mode run, e.g. a 7B speed run, holds one compressed model, as the reference).
+        model = copy.deepcopy(start) if i + 1 < len(modes) else start
         if mode == "scales":
             for n, p in model.named_parameters():
                 p.requires_grad_(n.endswith(".coeff"))
