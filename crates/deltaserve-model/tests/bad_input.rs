@@ -20,7 +20,7 @@ fn broken_copy() -> tempfile::TempDir {
 
 fn load_err(dir: &Path) -> String {
     let r = Checkpoint::open(dir).and_then(|c| Model::load(&c, DType::F32, &Device::Cpu));
-    let e = r.err().expect("loading should fail").to_string();
+    let e = r.expect_err("loading should fail").to_string();
     assert!(!e.contains('\n'), "error is not one line: {e}");
     e
 }

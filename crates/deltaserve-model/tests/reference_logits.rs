@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::{max_abs, max_abs_diff, model_dir, Reference};
 use deltaserve_model::{Checkpoint, ForwardOptions, LogitsWanted, Model, SeqInput};
 

@@ -39,14 +39,12 @@ fn random_tenant(model: &Model, seed: u64) -> TenantWeights {
             let scale = Tensor::new(&[0.01f32 + 0.01 * rng.gen::<f32>()], &m_dev(model)).unwrap();
             t.layers[l].linears[p.index()] = Some(LinearDelta::Sign { bits, scale });
         }
-        let h = layer.input_layernorm.dim(0).unwrap();
         t.layers[l].input_layernorm = Some((layer.input_layernorm.clone() * 1.1).unwrap());
         if l == 0 {
             let (n, k) = layer.linears[Proj::Up.index()].weight.dims2().unwrap();
             let diff = Tensor::randn(0f32, 0.02, (n, k), &m_dev(model)).unwrap();
             t.layers[l].linears[Proj::Up.index()] = Some(LinearDelta::Dense { diff });
         }
-        let _ = h;
     }
     t.norm = Some((model.norm.clone() * 0.9).unwrap());
     t
