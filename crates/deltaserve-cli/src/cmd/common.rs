@@ -33,23 +33,3 @@ pub fn load_model(spec: &str, device: &Device, dtype: DType) -> Result<Loaded> {
         Model::load(&ckpt, dtype, device).with_context(|| format!("loading {}", dir.display()))?;
     Ok(Loaded { dir, ckpt, model })
 }
-
-/// Opens a delta file and builds its tenant weights for `loaded`'s base (checking the base
-/// fingerprint first).
-pub fn load_delta(
-    loaded: &Loaded,
-    path: &std::path::Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<deltaserve_model::TenantWeights> {
-    let delta = deltaserve_format::DeltaFile::open(path)?;
-    let fingerprint = deltaserve_format::fingerprint_safetensors(&loaded.ckpt.weight_files())
-        .with_context(|| format!("fingerprinting the base {}", loaded.dir.display()))?;
-    Ok(deltaserve_codecs::load_tenant(
-        &delta,
-        &loaded.ckpt,
-        &fingerprint,
-        dtype,
-        device,
-    )?)
-}

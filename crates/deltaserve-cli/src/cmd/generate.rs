@@ -55,7 +55,7 @@ pub fn run(a: Args) -> Result<()> {
     let dtype = parse_dtype(&a.dtype, &device)?;
     let loaded = load_model(&a.model, &device, dtype)?;
     let tenant = match &a.delta {
-        Some(path) => Some(super::common::load_delta(&loaded, path, dtype, &device)?),
+        Some(path) => Some(super::eval::load_delta(path, &loaded, dtype, &device)?.1),
         None => None,
     };
     let codec = TextCodec::from_dir(&loaded.dir, &loaded.model.config().eos_token_ids)?;
