@@ -69,22 +69,19 @@ impl Reference {
     }
 }
 
-/// Max |a-b|, with the first pairs printed on failure (as llm.c's check_tensor does).
+/// A tensor's values on the host, flattened.
+pub fn host(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Max |a-b| over all elements.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (host(a), host(b));
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(&b)
@@ -92,35 +89,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Max |a| over all elements (the logit scale tolerances are relative to).
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.to_device(&Device::Cpu)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    host(a).iter().fold(0.0, |m, x| m.max(x.abs()))
 }
 
 /// Root-mean-square of a-b.
 pub fn rms_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (host(a), host(b));
+    assert_eq!(a.len(), b.len());
     let s: f64 = a
         .iter()
         .zip(&b)
