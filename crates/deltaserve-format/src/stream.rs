@@ -204,7 +204,7 @@ impl DeltaStreamWriter {
         let json = metadata_json(path, header, &infos)?;
         let json_room = (json.len() + HEADER_SLACK).next_multiple_of(8);
 
-        let tmp_path = temp_sibling(path)?;
+        let tmp_path = crate::write::temp_sibling(path)?;
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -380,23 +380,6 @@ fn metadata_json(
         field: ".".to_owned(),
         detail: e.to_string(),
     })
-}
-
-/// `.{name}.tmp-{pid}` beside `path`, as [`crate::write_atomic`] names its temporary files.
-fn temp_sibling(path: &Path) -> Result<PathBuf> {
-    let file_name = path.file_name().ok_or_else(|| FormatError::Io {
-        path: path.to_owned(),
-        action: "write",
-        source: io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    Ok(dir.join(tmp_name))
 }
 
 #[cfg(test)]

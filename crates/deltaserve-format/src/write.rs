@@ -200,19 +200,10 @@ pub fn write_atomic(
             source,
         }
     };
-    let file_name = path.file_name().ok_or_else(|| FormatError::Io {
-        path: path.to_owned(),
-        action: "write",
-        source: io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp_path = dir.join(tmp_name);
+    let tmp_path = temp_sibling(path)?;
+    let dir = tmp_path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
 
     let file = OpenOptions::new()
         .write(true)
@@ -259,6 +250,24 @@ impl Drop for RemoveOnDrop {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// `.{name}.tmp-{pid}` beside `path`: where [`write_atomic`] and the stream writer put a file
+/// before renaming it onto `path`.
+pub(crate) fn temp_sibling(path: &Path) -> Result<PathBuf> {
+    let file_name = path.file_name().ok_or_else(|| FormatError::Io {
+        path: path.to_owned(),
+        action: "write",
+        source: io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    Ok(dir.join(tmp_name))
 }
 
 #[cfg(test)]
