@@ -187,6 +187,7 @@ pub fn tenant_bytes(t: &TenantWeights) -> usize {
             n += match d {
                 LinearDelta::Sign { bits, scale } => size(bits.words()) + size(scale),
                 LinearDelta::Dense { diff } => size(diff),
+                LinearDelta::LowRank { down, up } => size(down) + size(up),
             };
         }
         n += l.biases.iter().flatten().map(size).sum::<usize>();

@@ -582,15 +582,19 @@ pub fn weight_errors(
             let delta = tenant.layers.get(l).and_then(|ld| ld.linears[k].as_ref());
             let (kind, err_sq, scale, rel_err_init) = match delta {
                 None => ("none", delta_sq, None, None),
-                Some(LinearDelta::Dense { diff: rec }) => {
-                    let rec = host_f32(rec)?;
+                Some(d @ (LinearDelta::Dense { .. } | LinearDelta::LowRank { .. })) => {
+                    let rec = host_f32(&d.to_dense_f32()?)?;
                     check_len(&name, rec.len(), diff.len())?;
                     let e: f64 = rec
                         .par_iter()
                         .zip(&diff)
                         .map(|(&r, &d)| ((r - d) as f64).powi(2))
                         .sum();
-                    ("dense", e, None, None)
+                    let kind = match d {
+                        LinearDelta::LowRank { .. } => "lowrank",
+                        _ => "dense",
+                    };
+                    (kind, e, None, None)
                 }
                 Some(LinearDelta::Sign { bits, scale }) => {
                     let words = bits.to_host_words()?;

@@ -136,6 +136,19 @@ pub enum FormatError {
         /// The kinds this crate knows, comma-separated.
         known: &'static str,
     },
+    /// A coded entry lacks a part its codec needs (the writer was broken or the file was edited).
+    #[error(
+        "delta {}: a {codec} entry has no part \"{role}\"; recompress the delta with `deltaserve compress`",
+        path.display()
+    )]
+    MissingPart {
+        /// The delta file.
+        path: PathBuf,
+        /// The entry's codec.
+        codec: String,
+        /// The role asked for.
+        role: String,
+    },
     /// A dtype name in the header is not a safetensors dtype.
     #[error(
         "delta {}: tensor entry \"{tensor}\" has dtype \"{dtype}\", which is not a safetensors dtype name (e.g. \"BF16\")",

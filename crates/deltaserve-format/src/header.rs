@@ -17,7 +17,7 @@ use crate::{FORMAT_MAJOR, FORMAT_MINOR};
 pub const METADATA_KEY: &str = "deltaserve";
 
 /// The tensor-entry kinds this version knows, as written in the `kind` field.
-pub const KNOWN_KINDS: &str = "sign, full";
+pub const KNOWN_KINDS: &str = "sign, full, coded";
 
 /// The `format_version` this crate writes: `"{FORMAT_MAJOR}.{FORMAT_MINOR}"`.
 pub fn format_version() -> String {
@@ -112,6 +112,37 @@ pub enum TensorEntry {
         /// The container tensor's dtype name.
         dtype: String,
     },
+    /// A weight stored by a named codec (low-rank, grouped quantisation, sparse, …) as several
+    /// container tensors, its *parts*. The format checks that each part exists with the declared
+    /// dtype and shape; what the parts mean is the codec's, documented per codec in
+    /// docs/FORMAT.md ("Codecs") and decoded by `deltaserve-codecs`. Added in format 1.1.
+    Coded {
+        /// The codec's name, e.g. `"lowrank"`, `"deltadq"`, `"rtn"`, `"gptq"`, `"nf"`.
+        codec: String,
+        /// `[rows, cols]` = `[out_features, in_features]`, the weight's own shape.
+        shape: [usize; 2],
+        /// The base weight's dtype name (`"BF16"`): what the reconstruction is computed in.
+        dtype: String,
+        /// What the decoded matrix is: `W_ft − W_base` (`difference`, delta codecs) or `W_ft`
+        /// itself (`finetuned`, codecs that quantise the whole fine-tune, e.g. the GPTQ baseline).
+        value: FullValue,
+        /// The container tensors, keyed by the role the codec gives them (`"u"`, `"codes"`, …).
+        parts: BTreeMap<String, CodedPart>,
+        /// The codec's settings (rank, bits, group size, seed, …), as the codec documents them.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        params: BTreeMap<String, serde_json::Value>,
+    },
+}
+
+/// One container tensor of a [`TensorEntry::Coded`] entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodedPart {
+    /// The container tensor's name, conventionally `"{weight}.{role}"`.
+    pub tensor: String,
+    /// Its dtype name (`"U8"`, `"F16"`, …).
+    pub dtype: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
 }
 
 /// What a [`TensorEntry::Full`] holds.
@@ -131,13 +162,24 @@ impl TensorEntry {
         match self {
             TensorEntry::Sign { .. } => "sign",
             TensorEntry::Full { .. } => "full",
+            TensorEntry::Coded { .. } => "coded",
+        }
+    }
+
+    /// The codec that reads this entry: `"bitdelta"` for sign entries, `"full"` for full
+    /// ones, the named codec for coded ones.
+    pub fn codec(&self) -> &str {
+        match self {
+            TensorEntry::Sign { .. } => "bitdelta",
+            TensorEntry::Full { .. } => "full",
+            TensorEntry::Coded { codec, .. } => codec,
         }
     }
 
     /// The shape of the weight this entry reconstructs.
     pub fn shape(&self) -> Vec<usize> {
         match self {
-            TensorEntry::Sign { shape, .. } => shape.to_vec(),
+            TensorEntry::Sign { shape, .. } | TensorEntry::Coded { shape, .. } => shape.to_vec(),
             TensorEntry::Full { shape, .. } => shape.clone(),
         }
     }
@@ -145,7 +187,9 @@ impl TensorEntry {
     /// The dtype name of the weight this entry reconstructs.
     pub fn dtype(&self) -> &str {
         match self {
-            TensorEntry::Sign { dtype, .. } | TensorEntry::Full { dtype, .. } => dtype,
+            TensorEntry::Sign { dtype, .. }
+            | TensorEntry::Full { dtype, .. }
+            | TensorEntry::Coded { dtype, .. } => dtype,
         }
     }
 
@@ -182,6 +226,15 @@ impl TensorEntry {
                 shape: shape.clone(),
                 why: String::new(),
             }],
+            TensorEntry::Coded { codec, parts, .. } => parts
+                .iter()
+                .map(|(role, part)| ExpectedTensor {
+                    name: &part.tensor,
+                    dtype: parse_dtype(&part.dtype),
+                    shape: part.shape.clone(),
+                    why: format!(" (part \"{role}\" of a {codec} entry)"),
+                })
+                .collect(),
         }
     }
 }
@@ -246,7 +299,7 @@ impl DeltaHeader {
         if let Some(tensors) = object.get("tensors").and_then(|t| t.as_object()) {
             for (name, entry) in tensors {
                 if let Some(kind) = entry.get("kind").and_then(|k| k.as_str()) {
-                    if !matches!(kind, "sign" | "full") {
+                    if !matches!(kind, "sign" | "full" | "coded") {
                         return Err(FormatError::UnknownTensorKind {
                             path: path.to_owned(),
                             tensor: name.clone(),
@@ -275,6 +328,17 @@ impl DeltaHeader {
                     tensor: name.clone(),
                     dtype: entry.dtype().to_owned(),
                 });
+            }
+            if let TensorEntry::Coded { parts, .. } = entry {
+                for part in parts.values() {
+                    if parse_dtype(&part.dtype).is_none() {
+                        return Err(FormatError::UnknownDtype {
+                            path: path.to_owned(),
+                            tensor: part.tensor.clone(),
+                            dtype: part.dtype.clone(),
+                        });
+                    }
+                }
             }
             if checked_numel(&entry.shape()).is_none() {
                 return Err(FormatError::BadHeader {
@@ -442,7 +506,7 @@ mod tests {
             parse_format_version(&format_version()),
             Some((FORMAT_MAJOR, FORMAT_MINOR))
         );
-        assert_eq!(format_version(), "1.0");
+        assert_eq!(format_version(), "1.1");
     }
 
     #[test]
@@ -511,6 +575,50 @@ mod tests {
     fn unknown_dtype_is_rejected() {
         let mut v: serde_json::Value = serde_json::from_str(&header().to_json()).unwrap();
         v["tensors"]["n"]["dtype"] = "Q7".into();
+        let err = DeltaHeader::from_json(&v.to_string(), Path::new("x")).unwrap_err();
+        assert!(matches!(err, FormatError::UnknownDtype { .. }), "{err}");
+    }
+
+    #[test]
+    fn coded_entries_round_trip_and_count_their_parts() {
+        let mut h = header();
+        let part = |tensor: &str, dtype: &str, shape: Vec<usize>| CodedPart {
+            tensor: tensor.into(),
+            dtype: dtype.into(),
+            shape,
+        };
+        h.tensors.insert(
+            "lr".into(),
+            TensorEntry::Coded {
+                codec: "lowrank".into(),
+                shape: [8, 6],
+                dtype: "BF16".into(),
+                value: FullValue::Difference,
+                parts: BTreeMap::from([
+                    ("u".into(), part("lr.u", "F16", vec![8, 2])),
+                    ("v".into(), part("lr.v", "F16", vec![2, 6])),
+                ]),
+                params: BTreeMap::from([("rank".into(), 2.into())]),
+            },
+        );
+        let json = h.to_json();
+        assert!(json.contains(r#""kind":"coded""#), "{json}");
+        let back = DeltaHeader::from_json(&json, Path::new("x")).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.tensors["lr"].codec(), "lowrank");
+        let s = back.summary();
+        // w as before (52 bytes, 280 params) plus lr: (16 + 12) f16 values for 48 params.
+        assert_eq!(s.compressed_params, 280 + 48);
+        assert_eq!(s.compressed_bytes, 52 + 56);
+        let names: Vec<_> = back.tensors["lr"]
+            .expected_tensors()
+            .iter()
+            .map(|e| e.name.to_owned())
+            .collect();
+        assert_eq!(names, ["lr.u", "lr.v"]);
+
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["tensors"]["lr"]["parts"]["u"]["dtype"] = "Q3".into();
         let err = DeltaHeader::from_json(&v.to_string(), Path::new("x")).unwrap_err();
         assert!(matches!(err, FormatError::UnknownDtype { .. }), "{err}");
     }

@@ -65,7 +65,7 @@ pub use fingerprint::{
     FINGERPRINT_ALGORITHM,
 };
 pub use header::{
-    format_version, parse_dtype, parse_format_version, DeltaHeader, DeltaSummary, ExpectedTensor,
+    format_version, parse_dtype, parse_format_version, CodedPart, DeltaHeader, DeltaSummary, ExpectedTensor,
     FinetuneInfo, FullValue, TensorEntry, TensorSummary, KNOWN_KINDS, METADATA_KEY,
 };
 pub use read::DeltaFile;
@@ -80,4 +80,4 @@ pub use write::{write_atomic, write_delta, OwnedTensor};
 pub const FORMAT_MAJOR: u32 = 1;
 /// The format's minor version: readers accept files with a newer minor (it only adds
 /// optional fields).
-pub const FORMAT_MINOR: u32 = 0;
+pub const FORMAT_MINOR: u32 = 1;

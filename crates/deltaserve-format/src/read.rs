@@ -169,6 +169,20 @@ impl DeltaFile {
         Ok(f32::from_le_bytes(word))
     }
 
+    /// A coded entry's part `role`: its raw little-endian bytes, dtype and shape, borrowed from
+    /// the map. `open` has checked the part against the header, so dtype and shape are as declared.
+    pub fn part(&self, entry: &TensorEntry, role: &str) -> Result<(&[u8], Dtype, &[usize])> {
+        let TensorEntry::Coded { parts, codec, .. } = entry else {
+            return Err(self.wrong_kind("part", "coded", entry));
+        };
+        let part = parts.get(role).ok_or_else(|| FormatError::MissingPart {
+            path: self.path.clone(),
+            codec: codec.clone(),
+            role: role.to_owned(),
+        })?;
+        self.tensor_bytes(&part.tensor)
+    }
+
     /// Checks that `base` (the fingerprint of the model at `base_path`) is the base this delta
     /// was compressed from.
     pub fn check_base(&self, base: &BaseFingerprint, base_path: &Path) -> Result<()> {

@@ -166,6 +166,10 @@ fn delta_product(x: &Tensor, delta: &LinearDelta) -> Result<Tensor> {
             Ok(u.broadcast_mul(&scale.to_dtype(u.dtype())?)?)
         }
         LinearDelta::Dense { diff } => Ok(crate::grad::matmul_t(x, diff)?),
+        LinearDelta::LowRank { down, up } => {
+            let h = crate::grad::matmul_t(x, down)?;
+            Ok(crate::grad::matmul_t(&h, up)?)
+        }
     }
 }
 

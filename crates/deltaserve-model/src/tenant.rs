@@ -87,6 +87,34 @@ pub enum LinearDelta {
         /// (out, in), in the model's dtype.
         diff: Tensor,
     },
+    /// A low-rank difference W_ft − W_base ≈ up · down, applied as (x · downᵀ) · upᵀ so the
+    /// product is never expanded: 2·r·(in + out) flops per row instead of in·out.
+    LowRank {
+        /// (rank, in), in the model's dtype.
+        down: Tensor,
+        /// (out, rank), in the model's dtype.
+        up: Tensor,
+    },
+}
+
+impl LinearDelta {
+    /// The dense difference this delta adds to the base weight, (out, in) in f32: what a merge
+    /// or an error report needs. Sign deltas are unpacked, low-rank ones multiplied out.
+    pub fn to_dense_f32(&self) -> candle_core::Result<Tensor> {
+        use candle_core::DType;
+        match self {
+            LinearDelta::Sign { bits, scale } => {
+                let words = bits.to_host_words()?;
+                let signs = deltaserve_format::unpack_signs(&words, bits.n(), bits.k());
+                let s = Tensor::from_vec(signs, (bits.n(), bits.k()), scale.device())?;
+                s.broadcast_mul(&scale.to_dtype(DType::F32)?)
+            }
+            LinearDelta::Dense { diff } => diff.to_dtype(DType::F32),
+            LinearDelta::LowRank { down, up } => up
+                .to_dtype(DType::F32)?
+                .matmul(&down.to_dtype(DType::F32)?),
+        }
+    }
 }
 
 /// One decoder layer's changes. `None` means "as the base".

@@ -44,6 +44,11 @@ fn random_tenant(model: &Model, seed: u64) -> TenantWeights {
             let (n, k) = layer.linears[Proj::Up.index()].weight.dims2().unwrap();
             let diff = Tensor::randn(0f32, 0.02, (n, k), &m_dev(model)).unwrap();
             t.layers[l].linears[Proj::Up.index()] = Some(LinearDelta::Dense { diff });
+            // A rank-3 difference on down_proj: the forward applies it without expanding it.
+            let (n, k) = layer.linears[Proj::Down.index()].weight.dims2().unwrap();
+            let down = Tensor::randn(0f32, 0.1, (3, k), &m_dev(model)).unwrap();
+            let up = Tensor::randn(0f32, 0.1, (n, 3), &m_dev(model)).unwrap();
+            t.layers[l].linears[Proj::Down.index()] = Some(LinearDelta::LowRank { down, up });
         }
     }
     t.norm = Some((model.norm.clone() * 0.9).unwrap());
@@ -68,6 +73,9 @@ fn merged(model: &Model, t: &TenantWeights) -> Model {
                     lin.weight = (&lin.weight + s.broadcast_mul(scale).unwrap()).unwrap();
                 }
                 Some(LinearDelta::Dense { diff }) => lin.weight = (&lin.weight + diff).unwrap(),
+                Some(LinearDelta::LowRank { down, up }) => {
+                    lin.weight = (&lin.weight + up.matmul(down).unwrap()).unwrap()
+                }
                 None => {}
             }
         }
