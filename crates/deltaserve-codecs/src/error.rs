@@ -136,6 +136,17 @@ pub enum CodecError {
         base_dir: PathBuf,
     },
 
+    /// A coded entry cannot be decoded (unknown codec, parts or params that do not fit).
+    #[error("delta {}: tensor {tensor}: {detail}", delta.display())]
+    BadCoded {
+        /// The delta file.
+        delta: PathBuf,
+        /// The weight.
+        tensor: String,
+        /// What is wrong, and the fix where there is one.
+        detail: String,
+    },
+
     // === Files ===
     /// An operating-system call on `path` failed.
     #[error("cannot {action} {}: {source}", path.display())]

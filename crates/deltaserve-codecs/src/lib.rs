@@ -26,9 +26,11 @@
 #![deny(missing_docs)]
 
 pub mod bitdelta;
+pub mod codec;
 mod error;
 pub mod files;
 pub mod inspect;
+pub mod lowrank;
 pub mod merge;
 pub mod numeric;
 mod progress;
