@@ -165,6 +165,13 @@ impl Engine {
         self.inner.base.context_len()
     }
 
+    /// KV cache bytes one token of one sequence takes (keys and values of every layer): what
+    /// `kv_memory` is divided by. For Llama-2-7B in bf16, 2 · 32 layers · 32 heads · 128 · 2 B
+    /// = 512 KiB, so 32 requests of 128 + 128 tokens need 4 GiB.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.inner.kv_bytes_per_token
+    }
+
     /// The largest `max_tokens` a request with a prompt of `prompt_len` tokens may ask for: what
     /// fits both the context and the KV budget (0 if the prompt alone does not fit).
     pub fn max_new_tokens(&self, prompt_len: usize) -> usize {

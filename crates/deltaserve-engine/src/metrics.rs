@@ -63,6 +63,7 @@ pub struct Metrics {
     pub(crate) steps: AtomicU64,
     pub(crate) step_sequences: AtomicU64,
     pub(crate) step_tokens: AtomicU64,
+    pub(crate) step_tenants: AtomicU64,
     pub(crate) forward_micros: AtomicU64,
     pub(crate) prompt_tokens: AtomicU64,
     pub(crate) generated_tokens: AtomicU64,
@@ -99,6 +100,9 @@ pub struct MetricsSnapshot {
     pub step_sequences: u64,
     /// Tokens summed over steps.
     pub step_tokens: u64,
+    /// Distinct tenants summed over steps (the base counts as none): each step's delta part reads
+    /// every distinct tenant's delta once, so `step_tenants / steps` is what a step pays for.
+    pub step_tenants: u64,
     /// Seconds spent in the forward pass.
     pub forward_seconds: f64,
     /// Prompt tokens prefilled.
@@ -174,6 +178,7 @@ impl Metrics {
             steps: g(&self.steps),
             step_sequences: g(&self.step_sequences),
             step_tokens: g(&self.step_tokens),
+            step_tenants: g(&self.step_tenants),
             forward_seconds: g(&self.forward_micros) as f64 / 1e6,
             prompt_tokens: g(&self.prompt_tokens),
             generated_tokens: g(&self.generated_tokens),

@@ -416,6 +416,14 @@ impl Scheduler {
         m.step_sequences
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         m.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        let mut tenants: Vec<TenantId> = batch
+            .iter()
+            .filter_map(|&i| self.running[i].tenant)
+            .collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        m.step_tenants
+            .fetch_add(tenants.len() as u64, Ordering::Relaxed);
 
         let snapshots: Vec<KvCache> = batch
             .iter()

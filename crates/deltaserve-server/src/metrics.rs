@@ -61,6 +61,12 @@ pub fn render(m: &MetricsSnapshot) -> String {
         m.step_tokens.to_string(),
     );
     one(
+        "step_tenants_total",
+        "counter",
+        "Distinct tenants summed over forward steps (each step reads each one's delta once).",
+        m.step_tenants.to_string(),
+    );
+    one(
         "forward_seconds_total",
         "counter",
         "Seconds spent in forward steps.",
