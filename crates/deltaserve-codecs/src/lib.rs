@@ -26,14 +26,17 @@
 #![deny(missing_docs)]
 
 pub mod bitdelta;
+pub mod eora;
 pub mod codec;
 mod error;
 pub mod files;
+pub mod gptq;
 pub mod inspect;
 pub mod lowrank;
 pub mod merge;
 pub mod numeric;
 mod progress;
+pub mod rtn;
 pub mod tenant;
 
 pub use error::{CodecError, Result};
