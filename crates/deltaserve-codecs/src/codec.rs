@@ -334,6 +334,8 @@ pub struct SpecArgs {
     spec: String,
     info: &'static CodecInfo,
     values: BTreeMap<String, String>,
+    /// The wrapped codec's spec, after the first `+` (`eora:rank=8+gptq:bits=4`).
+    inner: Option<String>,
 }
 
 impl SpecArgs {
@@ -413,12 +415,24 @@ impl SpecArgs {
         )
     }
 
+    /// The spec after the first `+`, for wrapper codecs (EoRA) that build the codec they wrap
+    /// with [`parse_codec`] or route it to BitDelta. Taking it is what makes `+` valid.
+    pub fn inner_spec(&mut self) -> Option<String> {
+        self.inner.take()
+    }
+
     /// An error about the combination of settings.
     pub fn invalid(&self, detail: impl Into<String>) -> CodecError {
         self.bad(detail.into())
     }
 
     fn finish(self) -> Result<()> {
+        if let Some(inner) = &self.inner {
+            return Err(self.bad(format!(
+                "{} does not wrap another codec (\"+{inner}\"); only eora:...+<codec> does",
+                self.info.name
+            )));
+        }
         if let Some(key) = self.values.keys().next() {
             return Err(self.bad(format!(
                 "unknown setting \"{key}\" for {} (valid: {})",
@@ -436,7 +450,12 @@ pub fn parse_codec(spec: &str) -> Result<Box<dyn Codec>> {
         option: BAD_SPEC,
         detail: format!("\"{spec}\": {detail}"),
     };
-    let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    // `outer+inner`: everything after the first `+` is the wrapped codec's own spec.
+    let (outer, inner) = match spec.split_once('+') {
+        Some((o, i)) => (o, Some(i.trim().to_owned())),
+        None => (spec, None),
+    };
+    let (name, rest) = outer.split_once(':').unwrap_or((outer, ""));
     let name = name.trim();
     let info = codec_info(name).ok_or_else(|| {
         bad(format!(
@@ -463,6 +482,7 @@ pub fn parse_codec(spec: &str) -> Result<Box<dyn Codec>> {
         spec: spec.to_owned(),
         info,
         values,
+        inner,
     };
     let codec = (info.build)(&mut args)?;
     args.finish()?;
