@@ -5,7 +5,10 @@
 //! model plus the compressed delta reproduces the fine-tune's logits on a little calibration text,
 //! which recovers most of what the signs lose. It sits after the codecs in deltaserve's flow
 //! (a delta comes in, a calibrated delta goes out) and is what `deltaserve calibrate` runs.
-//! It is not a general training library: LoRA or full fine-tuning do not live here.
+//! It also holds adapter fine-tuning on a frozen (possibly quantized) base, what
+//! `deltaserve finetune` runs: LoRA, Q-BaRA and QA-HiRA adapters ([`adapters`], [`lora`]) trained
+//! on the causal-LM loss with AdamW, gradient accumulation and resumable checkpoints
+//! ([`finetune`]), written out as a `lowrank` delta. Full fine-tuning does not live here.
 //!
 //! - [`data`]: calibration text (plain, JSONL `text`/`messages`, directories) to token windows.
 //! - [`student`]: a delta file as trainable `Var`s, and back to a delta file.
@@ -29,19 +32,25 @@
 //! # Ok::<(), deltaserve_train::TrainError>(())
 //! ```
 
+pub mod adapters;
 pub mod data;
 pub mod distill;
 mod error;
+pub mod finetune;
 pub mod job;
+pub mod lora;
 pub mod loss;
 pub mod origin;
 pub mod student;
 
+pub use adapters::{AdapterKind, AdapterSpec};
 pub use data::{CalibrationData, DataOptions};
 pub use distill::{
     cosine_lr, evaluate, Candidate, DistillConfig, EvalRow, ScaleDistiller, StepReport,
 };
 pub use error::{Result, TrainError};
+pub use finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome, Finetuner};
 pub use job::{calibrate, format_table, CalibrateJob, CalibrationOutcome, Progress, Quiet};
+pub use lora::AdapterSet;
 pub use loss::DistillLoss;
 pub use student::TrainableDelta;
