@@ -118,7 +118,7 @@ fn compress_inspect_merge_and_their_errors() {
         ],
     );
     assert!(
-        err.contains("unknown compression method \"zip\" (known: bitdelta)"),
+        err.contains("unknown compression method \"zip\" (known: bitdelta, lowrank, lowrank-mixed, dare, deltadq"),
         "{err}"
     );
     let err = fails(

@@ -160,8 +160,8 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// How one tensor of the pair is handled.
-enum Work<'a> {
+/// How one tensor of the pair is handled (shared with the coded pipeline, [`crate::coded`]).
+pub(crate) enum Work<'a> {
     /// Compressed to signs + scale.
     Sign {
         name: &'a str,
@@ -180,7 +180,7 @@ enum Work<'a> {
 
 impl Work<'_> {
     /// Bytes this work reads from both checkpoints.
-    fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         match self {
             Work::Sign { base, .. } => base.data.len() as u64 + self.finetuned_bytes(),
             Work::Full { base, .. } => {
@@ -190,7 +190,7 @@ impl Work<'_> {
         }
     }
 
-    fn finetuned_bytes(&self) -> u64 {
+    pub(crate) fn finetuned_bytes(&self) -> u64 {
         match self {
             Work::Sign { finetuned, .. } | Work::Full { finetuned, .. } => {
                 finetuned.data.len() as u64
@@ -241,7 +241,7 @@ pub fn check_pair(base: &Checkpoint, finetuned: &Checkpoint) -> Result<()> {
 
 /// Decides, for every tensor of either checkpoint, what to do with it; fails on the first
 /// tensor that cannot be handled.
-fn plan<'a>(base: &'a Checkpoint, finetuned: &'a Checkpoint) -> Result<Vec<Work<'a>>> {
+pub(crate) fn plan<'a>(base: &'a Checkpoint, finetuned: &'a Checkpoint) -> Result<Vec<Work<'a>>> {
     let mut work = Vec::new();
     let ft_names: HashSet<&str> = finetuned.tensor_names().into_iter().collect();
     for name in finetuned.tensor_names() {
@@ -580,22 +580,25 @@ pub fn reconstruct_sign(
     bytes
 }
 
-/// The compression methods [`compress_with`] knows.
+/// The compression methods [`compress_with`] knows by bare name (every codec of
+/// [`crate::codec::CODECS`] besides BitDelta; settings go after a colon, see
+/// [`crate::codec::MethodSpec`]).
 pub const METHODS: &[&str] = &[METHOD];
 
-/// Compresses with the method named `method` (as `--method` takes it).
+/// Compresses with the method spec `method` (as `--method` takes it: `bitdelta`,
+/// `lowrank:rank=16`, …). BitDelta goes through [`compress`] (streaming, unchanged); every other
+/// method through [`crate::coded::compress_coded`] without calibration data.
 pub fn compress_with(
     method: &str,
     base: &Checkpoint,
     finetuned: &Checkpoint,
     opts: &CompressOptions,
 ) -> Result<CompressReport> {
-    match method {
-        METHOD => compress(base, finetuned, opts),
-        other => Err(CodecError::UnknownMethod {
-            method: other.to_owned(),
-            known: METHODS.join(", "),
-        }),
+    match crate::codec::MethodSpec::parse(method)? {
+        crate::codec::MethodSpec::BitDelta => compress(base, finetuned, opts),
+        crate::codec::MethodSpec::Coded(codec) => {
+            crate::coded::compress_coded(base, finetuned, codec.as_ref(), None, opts)
+        }
     }
 }
 

@@ -297,7 +297,12 @@ impl CodecInfo {
 }
 
 /// Every codec `compress --method` knows besides `bitdelta`. Add new codecs here.
-pub const CODECS: &[CodecInfo] = &[crate::lowrank::INFO, crate::lowrank::MIXED_INFO];
+pub const CODECS: &[CodecInfo] = &[
+    crate::lowrank::INFO,
+    crate::lowrank::MIXED_INFO,
+    crate::dare::INFO,
+    crate::deltadq::INFO,
+];
 
 /// The registry entry named `name`.
 pub fn codec_info(name: &str) -> Option<&'static CodecInfo> {
@@ -457,11 +462,9 @@ pub fn parse_codec(spec: &str) -> Result<Box<dyn Codec>> {
     };
     let (name, rest) = outer.split_once(':').unwrap_or((outer, ""));
     let name = name.trim();
-    let info = codec_info(name).ok_or_else(|| {
-        bad(format!(
-            "unknown method \"{name}\" (known: {})",
-            method_names().join(", ")
-        ))
+    let info = codec_info(name).ok_or_else(|| CodecError::UnknownMethod {
+        method: name.to_owned(),
+        known: method_names().join(", "),
     })?;
     let mut values = BTreeMap::new();
     for kv in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -726,7 +729,9 @@ mod tests {
         let err = |s: &str| MethodSpec::parse(s).unwrap_err().to_string();
         let e = err("zip");
         assert!(
-            e.contains("unknown method \"zip\"") && e.contains("bitdelta, lowrank"),
+            e.starts_with(
+                "unknown compression method \"zip\" (known: bitdelta, lowrank, lowrank-mixed, dare, deltadq"
+            ),
             "{e}"
         );
         let e = err("lowrank:rnk=4");

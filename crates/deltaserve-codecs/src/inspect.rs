@@ -87,6 +87,17 @@ pub fn describe(delta: &DeltaFile) -> Result<DeltaDescription> {
                 ),
                 None,
             ),
+            // Coded entries show their codec and settings: `lowrank rank=16`.
+            TensorEntry::Coded { codec, params, .. } => {
+                let settings: Vec<String> = params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.to_string().replace(['[', ']', '"'], "")))
+                    .collect();
+                (
+                    Some(format!("{codec} {}", settings.join(" ")).trim().to_owned()),
+                    None,
+                )
+            }
             _ => (None, None),
         };
         tensors.push(TensorDescription {

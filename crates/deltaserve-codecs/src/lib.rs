@@ -28,6 +28,9 @@
 pub mod bitdelta;
 pub mod eora;
 pub mod codec;
+pub mod coded;
+pub mod dare;
+pub mod deltadq;
 mod error;
 pub mod files;
 pub mod gptq;

@@ -119,6 +119,13 @@ enum Source<'a> {
         base: RawTensor<'a>,
         entry: &'a TensorEntry,
     },
+    /// A coded entry ([`crate::codec`]), decoded to f32 and added to the base (or, for a
+    /// `finetuned` value, taken as the weight).
+    Coded {
+        base: RawTensor<'a>,
+        name: &'a str,
+        entry: &'a TensorEntry,
+    },
     /// The fine-tune's value, stored in the delta.
     Finetuned { bytes: &'a [u8], dtype: Dtype },
     /// Base + a stored difference.
@@ -248,6 +255,19 @@ fn plan<'a>(
                     source: Source::Sign { base: b, entry },
                 }
             }
+            TensorEntry::Coded { .. } => {
+                let b = base_float(name, &shape)?;
+                Planned {
+                    name,
+                    dtype: dtype.map_or(b.dtype, FloatDtype::safetensors),
+                    shape,
+                    source: Source::Coded {
+                        base: b,
+                        name,
+                        entry,
+                    },
+                }
+            }
             TensorEntry::Full { tensor, value, .. } => {
                 let (bytes, stored, _) = delta.tensor_bytes(tensor)?;
                 let float = FloatDtype::from_safetensors(stored);
@@ -304,7 +324,7 @@ fn plan<'a>(
                         delta.header().method,
                         other.kind()
                     ),
-                    supported: "entries of kind sign and full",
+                    supported: "entries of kind sign, full and coded",
                 })
             }
         };
@@ -353,6 +373,26 @@ fn materialise<'a>(p: &Planned<'a>, delta: &DeltaFile) -> Result<Cow<'a, [u8]>> 
             let words = delta.sign_words(entry)?;
             let scale = delta.scale(entry)?;
             Ok(Cow::Owned(reconstruct_sign(base, &words, scale, out)))
+        }
+        (Source::Coded { base, name, entry }, Some(out)) => {
+            let decoded = crate::codec::decode_dense(delta, name, entry)?;
+            let w: Vec<f32> = match entry {
+                TensorEntry::Coded {
+                    value: FullValue::Finetuned,
+                    ..
+                } => decoded.into_iter().map(|x| out.round(x)).collect(),
+                // As a stored difference: `weight.add_(diff.to(weight.dtype))`.
+                _ => FloatDtype::from_safetensors(base.dtype)
+                    .expect("planned: base is float. This is a bug.")
+                    .decode(base.data)
+                    .into_iter()
+                    .zip(decoded)
+                    .map(|(b, d)| out.round(out.round(b) + out.round(d)))
+                    .collect(),
+            };
+            let mut encoded = Vec::with_capacity(w.len() * out.size());
+            out.encode_into(&w, &mut encoded);
+            Ok(Cow::Owned(encoded))
         }
         (Source::Finetuned { bytes, dtype }, _) if *dtype == p.dtype => Ok(Cow::Borrowed(bytes)),
         (Source::Finetuned { bytes, dtype }, Some(out)) => {

@@ -3,12 +3,16 @@
 //! Sign entries stay packed ([`LinearDelta::Sign`], the kernels multiply by the bits directly);
 //! tensors stored in full go to their place by name (embeddings, norms, `lm_head`, biases), and a
 //! projection weight stored in full becomes a dense difference ([`LinearDelta::Dense`]).
+//! Coded entries ([`crate::codec`]) that decode to factors (`lowrank`, `lowrank-mixed`) become
+//! [`LinearDelta::LowRank`], applied unexpanded; every other codec (DARE, DeltaDQ, RTN, GPTQ, …)
+//! is decoded on load to a dense difference ([`LinearDelta::Dense`]).
 
 use candle_core::{DType, Device, Tensor};
 use deltaserve_format::{BaseFingerprint, DeltaFile, FullValue, TensorEntry};
 use deltaserve_kernels::SignBits;
 use deltaserve_model::{Checkpoint, LinearDelta, Proj, TenantWeights};
 
+use crate::codec::Decoded;
 use crate::error::{CodecError, Result};
 use crate::numeric::FloatDtype;
 
@@ -116,6 +120,51 @@ pub fn load_tenant(
             (TensorEntry::Sign { .. }, _) => {
                 return Err(unknown(
                     "a sign entry must be a projection weight (q/k/v/o/gate/up/down_proj)".into(),
+                ))
+            }
+            (
+                TensorEntry::Coded {
+                    value,
+                    shape: [rows, cols],
+                    ..
+                },
+                Slot::ProjWeight(l, proj),
+            ) => {
+                let (rows, cols) = (*rows, *cols);
+                let linear = match (crate::codec::decode(delta, name, entry)?, value) {
+                    // Factors stay factors: the forward applies `x·downᵀ·upᵀ` unexpanded.
+                    (Decoded::LowRank { rank, down, up }, FullValue::Difference) => {
+                        let on = |v: Vec<f32>, shape: (usize, usize)| -> Result<Tensor> {
+                            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+                                .to_dtype(dtype)?
+                                .to_device(device)?)
+                        };
+                        LinearDelta::LowRank {
+                            down: on(down, (rank, cols))?,
+                            up: on(up, (rows, rank))?,
+                        }
+                    }
+                    // Every other codec decodes on load to a dense difference.
+                    (decoded, value) => {
+                        let m = Tensor::from_vec(
+                            decoded.into_dense(rows, cols),
+                            (rows, cols),
+                            &Device::Cpu,
+                        )?;
+                        let diff = match value {
+                            FullValue::Difference => m,
+                            FullValue::Finetuned => (m - base_tensor(base, name)?)?,
+                        };
+                        LinearDelta::Dense {
+                            diff: diff.to_dtype(dtype)?.to_device(device)?,
+                        }
+                    }
+                };
+                tenant.layers[l].linears[proj.index()] = Some(linear);
+            }
+            (TensorEntry::Coded { .. }, _) => {
+                return Err(unknown(
+                    "a coded entry must be a projection weight (q/k/v/o/gate/up/down_proj)".into(),
                 ))
             }
             (TensorEntry::Full { value, .. }, slot) => {

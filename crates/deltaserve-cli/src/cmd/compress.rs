@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use deltaserve_codecs::bitdelta::{compress_with, CompressOptions, METHODS};
+use deltaserve_codecs::bitdelta::{compress, CompressOptions};
+use deltaserve_codecs::codec::MethodSpec;
+use deltaserve_codecs::coded::compress_coded;
 use deltaserve_model::Checkpoint;
 
 #[derive(ClapArgs)]
@@ -16,8 +18,14 @@ pub struct Args {
     /// The fine-tuned model: a Hugging Face directory or a Hub id in the local cache.
     #[arg(long)]
     finetuned: String,
-    /// Compression method. bitdelta: one sign bit per weight of every attention and MLP
-    /// projection plus one scale per matrix; other tensors stored as the fine-tune's values.
+    /// Compression method spec, NAME or NAME:KEY=VALUE,KEY=VALUE. Every method codes the
+    /// attention and MLP projections and stores the other tensors as the fine-tune's values.
+    /// bitdelta (default): one sign bit per weight plus one scale per matrix.
+    /// lowrank: truncated SVD, e.g. lowrank:rank=16 or lowrank:energy=0.9 (dtype=f16|bf16|f32,
+    /// power=N, oversample=N). lowrank-mixed: Delta-CoMe, e.g.
+    /// lowrank-mixed:ranks=2/32/64,bits=8/3/2. dare: drop and rescale, e.g. dare:p=0.9,seed=0.
+    /// deltadq: group-wise dropout + quantization, e.g. deltadq:ratio=32 or
+    /// deltadq:keep=8,bits=4 (group=N fixes the group size). A bad spec lists the valid settings.
     #[arg(long, default_value = "bitdelta")]
     method: String,
     /// The delta file to write (conventionally NAME.delta).
@@ -32,13 +40,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    // An unknown method fails before any checkpoint is opened.
-    anyhow::ensure!(
-        METHODS.contains(&a.method.as_str()),
-        "unknown compression method \"{}\" (known: {})",
-        a.method,
-        METHODS.join(", ")
-    );
+    // A bad method spec fails before any checkpoint is opened.
+    let method = MethodSpec::parse(&a.method)?;
     let open = |spec: &str, what: &str| -> Result<Checkpoint> {
         let dir = deltaserve_model::resolve_model_dir(spec)
             .with_context(|| format!("--{what} {spec}"))?;
@@ -52,7 +55,11 @@ pub fn run(a: Args) -> Result<()> {
         force: a.force,
         progress: !a.quiet,
     };
-    let report = compress_with(&a.method, &base, &finetuned, &opts).with_context(|| {
+    let report = match &method {
+        MethodSpec::BitDelta => compress(&base, &finetuned, &opts),
+        MethodSpec::Coded(codec) => compress_coded(&base, &finetuned, codec.as_ref(), None, &opts),
+    }
+    .with_context(|| {
         format!(
             "compressing {} against {}",
             finetuned.dir().display(),
