@@ -15,8 +15,22 @@
 //! Factors are stored in f16 as the reference stores them; [`LowRankCorrection::round_f16`]
 //! rounds them so the encoder's error accounting matches what is decoded.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use deltaserve_format::{
+    pack_signs, unpack_signs, words_per_row, BaseFingerprint, DeltaFile, DeltaHeader, FinetuneInfo,
+    FullValue, OwnedTensor, TensorEntry,
+};
 use faer::{Mat, Side};
 use half::f16;
+
+use crate::codec::{
+    float_tensor, parse_codec, Codec, CodecInfo, CodedView, Decoded, Encoded, EncodedBuilder,
+    MatrixInput, Setting, SpecArgs,
+};
+use crate::error::{CodecError, Result};
+use crate::numeric::FloatDtype;
 
 /// A rank-`r` correction `B·A`.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,7 +99,7 @@ pub fn eora_correction(
     cols: usize,
     h: &[f64],
     rank: usize,
-) -> Result<LowRankCorrection, EoraError> {
+) -> std::result::Result<LowRankCorrection, EoraError> {
     assert_eq!(
         err.len(),
         rows * cols,
@@ -150,4 +164,262 @@ pub fn eora_correction(
         b,
         a,
     })
+}
+
+/// What EoRA wraps.
+#[derive(Debug)]
+enum Inner {
+    /// BitDelta's sign + scale of `D = W_ft − W_base` (eq. 1-2 of arXiv 2402.10193), stored as
+    /// parts here because BitDelta's own `sign` entries are not coded entries.
+    BitDelta,
+    /// A codec of the registry.
+    Codec(Box<dyn Codec>),
+}
+
+/// The `eora` codec: any codec plus EoRA's rank-`r` correction of its error.
+///
+/// Entry: `codec: "eora"`, `value` = the inner codec's. Parts: the inner codec's parts under
+/// roles `inner.<role>` (container tensors keep the inner codec's names), plus `eora_b` F16
+/// `[rows, rank]` and `eora_a` F16 `[rank, cols]`. Params: `rank`, `inner` (the inner codec's
+/// name, `bitdelta` for sign + scale parts `inner.signs` U32 `[rows, ceil(cols/32)]` and
+/// `inner.scale` F32 `[1]`), `inner_params` (its params). Decodes to inner + `eora_b · eora_a`;
+/// the extra bits per parameter are `16 · rank · (rows + cols) / (rows · cols)`.
+#[derive(Debug)]
+pub struct Eora {
+    /// The correction's rank.
+    pub rank: usize,
+    inner: Inner,
+}
+
+/// Registry entry of [`Eora`].
+pub const INFO: CodecInfo = CodecInfo {
+    name: "eora",
+    summary: "EoRA: another codec plus a rank-r correction of its error in the eigenspace of \
+              the layer's inputs (eora:rank=8+bitdelta, eora:rank=4+gptq:bits=4; needs \
+              calibration data)",
+    settings: &[Setting {
+        key: "rank",
+        help: "N: rank of the correction (default 8); the wrapped codec follows a +",
+    }],
+    build: build_eora,
+    decode: decode_eora,
+};
+
+fn build_eora(args: &mut SpecArgs) -> Result<Box<dyn Codec>> {
+    let rank = args.usize("rank")?.unwrap_or(8);
+    let inner = args.inner_spec().ok_or_else(|| {
+        args.invalid(
+            "eora wraps a codec: write eora:rank=8+bitdelta (or +gptq, +lowrank:rank=4, ...)",
+        )
+    })?;
+    let inner = if inner == crate::bitdelta::METHOD {
+        Inner::BitDelta
+    } else {
+        let codec = parse_codec(&inner)?;
+        if codec.name() == INFO.name {
+            return Err(args.invalid("eora cannot wrap eora"));
+        }
+        Inner::Codec(codec)
+    };
+    Ok(Box::new(Eora { rank, inner }))
+}
+
+static SCRATCH: AtomicUsize = AtomicUsize::new(0);
+
+/// Decodes an inner codec's freshly encoded matrix. Decoders read from a delta file, so the
+/// entry goes through a scratch file in the temp directory (small: one matrix).
+fn decode_in_memory(name: &str, enc: &Encoded) -> Result<Vec<f32>> {
+    let path = std::env::temp_dir().join(format!(
+        ".deltaserve-eora-{}-{}.delta",
+        std::process::id(),
+        SCRATCH.fetch_add(1, Ordering::Relaxed)
+    ));
+    let base = BaseFingerprint {
+        algorithm: deltaserve_format::FINGERPRINT_ALGORITHM.to_owned(),
+        hex: "0".repeat(64),
+        tensors: 0,
+    };
+    let mut header = DeltaHeader::new("eora-scratch", base, FinetuneInfo::default());
+    header.tensors.insert(name.to_owned(), enc.entry.clone());
+    let result = (|| {
+        deltaserve_format::write_delta(&path, &header, enc.tensors.clone(), true)?;
+        let delta = DeltaFile::open(&path)?;
+        crate::codec::decode_dense(&delta, name, &enc.entry)
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+impl Codec for Eora {
+    fn name(&self) -> &'static str {
+        INFO.name
+    }
+
+    fn spec(&self) -> String {
+        let inner = match &self.inner {
+            Inner::BitDelta => crate::bitdelta::METHOD.to_owned(),
+            Inner::Codec(c) => c.spec(),
+        };
+        format!("eora:rank={}+{inner}", self.rank)
+    }
+
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+
+    fn encode(&self, m: &MatrixInput<'_>) -> Result<Encoded> {
+        let calib = m.calibration.ok_or_else(|| CodecError::BadOption {
+            option: "--method",
+            detail: format!(
+                "eora needs calibration statistics for {}; give calibration data (--data)",
+                m.name
+            ),
+        })?;
+        let (rows, cols) = (m.rows, m.cols);
+        let mut b = EncodedBuilder::new(INFO.name, m).param("rank", self.rank);
+        // Inner encoding, what it decodes to, and what it should have decoded to.
+        let (decoded, target, inner_name) = match &self.inner {
+            Inner::BitDelta => {
+                let d = m.delta();
+                // BitDelta eq. 2: scale = mean |D|, summed in f64.
+                let scale = (d.iter().map(|&v| f64::from(v.abs())).sum::<f64>()
+                    / d.len().max(1) as f64) as f32;
+                let words = pack_signs(&d, rows, cols);
+                let dec: Vec<f32> = unpack_signs(&words, rows, cols)
+                    .into_iter()
+                    .map(|s| s * scale)
+                    .collect();
+                b = b
+                    .part(
+                        "inner.signs",
+                        OwnedTensor::from_u32(vec![rows, words_per_row(cols)], &words),
+                    )
+                    .part("inner.scale", OwnedTensor::scale(scale))
+                    .param("inner_params", serde_json::json!({}));
+                (dec, d, crate::bitdelta::METHOD)
+            }
+            Inner::Codec(c) => {
+                let enc = c.encode(m)?;
+                let dec = decode_in_memory(m.name, &enc)?;
+                let TensorEntry::Coded {
+                    value,
+                    parts,
+                    params,
+                    ..
+                } = &enc.entry
+                else {
+                    return Err(CodecError::BadOption {
+                        option: "--method",
+                        detail: format!("eora: {} did not produce a coded entry", c.name()),
+                    });
+                };
+                let target = match value {
+                    FullValue::Finetuned => {
+                        b = b.finetuned_value();
+                        m.finetuned.to_vec()
+                    }
+                    FullValue::Difference => m.delta(),
+                };
+                b = b.param(
+                    "inner_params",
+                    serde_json::to_value(params).unwrap_or_default(),
+                );
+                let by_tensor: BTreeMap<&str, &str> = parts
+                    .iter()
+                    .map(|(role, p)| (p.tensor.as_str(), role.as_str()))
+                    .collect();
+                for (tname, t) in enc.tensors {
+                    let role = by_tensor.get(tname.as_str()).copied().unwrap_or("unnamed");
+                    b = b.part(&format!("inner.{role}"), t);
+                }
+                (dec, target, c.name())
+            }
+        };
+        let err: Vec<f32> = target.iter().zip(&decoded).map(|(t, d)| t - d).collect();
+        let h: Vec<f64> = calib.gram.iter().map(|&v| f64::from(v)).collect();
+        let mut corr = eora_correction(&err, rows, cols, &h, self.rank).map_err(|e| {
+            CodecError::BadOption {
+                option: "--method",
+                detail: format!("{}: {e}", m.name),
+            }
+        })?;
+        corr.round_f16();
+        Ok(b.param("inner", inner_name)
+            .part(
+                "eora_b",
+                float_tensor(FloatDtype::F16, vec![rows, corr.rank], &corr.b),
+            )
+            .part(
+                "eora_a",
+                float_tensor(FloatDtype::F16, vec![corr.rank, cols], &corr.a),
+            )
+            .build())
+    }
+}
+
+fn decode_eora(v: &CodedView<'_>) -> Result<Decoded> {
+    let [rows, cols] = v.shape;
+    let rank = v.param_u64("rank")? as usize;
+    let inner = v
+        .params
+        .get("inner")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| v.bad("param \"inner\" missing or not a string"))?;
+    let TensorEntry::Coded {
+        dtype,
+        value,
+        parts,
+        ..
+    } = v.entry
+    else {
+        return Err(v.bad("not a coded entry"));
+    };
+    let mut w = if inner == crate::bitdelta::METHOD {
+        let (bytes, dt, _) = v.part("inner.signs")?;
+        if dt != deltaserve_format::Dtype::U32 || bytes.len() != rows * words_per_row(cols) * 4 {
+            return Err(v.bad(format!(
+                "part inner.signs must be U32 [{rows}, {}]",
+                words_per_row(cols)
+            )));
+        }
+        let words: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let scale = v.part_f32("inner.scale", 1)?[0];
+        unpack_signs(&words, rows, cols)
+            .into_iter()
+            .map(|s| s * scale)
+            .collect()
+    } else {
+        let inner_params: BTreeMap<String, serde_json::Value> = v
+            .params
+            .get("inner_params")
+            .and_then(|p| serde_json::from_value(p.clone()).ok())
+            .ok_or_else(|| v.bad("param \"inner_params\" missing or not an object"))?;
+        let inner_entry = TensorEntry::Coded {
+            codec: inner.to_owned(),
+            shape: [rows, cols],
+            dtype: dtype.clone(),
+            value: *value,
+            parts: parts
+                .iter()
+                .filter_map(|(role, p)| {
+                    role.strip_prefix("inner.")
+                        .map(|r| (r.to_owned(), p.clone()))
+                })
+                .collect(),
+            params: inner_params,
+        };
+        crate::codec::decode_dense(v.delta, v.name, &inner_entry)?
+    };
+    let corr = LowRankCorrection {
+        rows,
+        cols,
+        rank,
+        b: v.part_f32("eora_b", rows * rank)?,
+        a: v.part_f32("eora_a", rank * cols)?,
+    };
+    corr.add_to(&mut w);
+    Ok(Decoded::Dense(w))
 }

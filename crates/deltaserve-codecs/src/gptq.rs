@@ -21,6 +21,8 @@
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 
+use crate::codec::{Codec, CodecInfo, Encoded, EncodedBuilder, MatrixInput, Setting, SpecArgs};
+use crate::error::{CodecError, Result};
 use crate::rtn::{GridSpec, GroupParams, QuantizedMatrix};
 
 /// GPTQ's settings.
@@ -79,7 +81,7 @@ pub fn quantize_gptq(
     cols: usize,
     h: &[f64],
     cfg: &GptqConfig,
-) -> Result<QuantizedMatrix, GptqError> {
+) -> std::result::Result<QuantizedMatrix, GptqError> {
     assert_eq!(
         w.len(),
         rows * cols,
@@ -213,4 +215,106 @@ pub fn quantize_gptq(
         zeros,
         col_order: perm.map(|p| p.into_iter().map(|c| c as u32).collect()),
     })
+}
+
+/// The `gptq` codec: GPTQ of the whole fine-tuned weight (`value: finetuned`), the BitDelta
+/// paper's 4-bit baseline; needs calibration statistics. Parts as [`crate::rtn::encode_grid`],
+/// plus params `damp`, `block` and `act_order`.
+#[derive(Debug, Clone)]
+pub struct Gptq {
+    /// The settings.
+    pub cfg: GptqConfig,
+}
+
+/// Registry entry of [`Gptq`].
+pub const INFO: CodecInfo = CodecInfo {
+    name: "gptq",
+    summary: "GPTQ of the whole fine-tuned weight (baseline; needs calibration data)",
+    settings: &[
+        Setting {
+            key: "bits",
+            help: "N: bits per weight, 1..=8 (default 4)",
+        },
+        Setting {
+            key: "group",
+            help: "N: columns per group with its own scale (default 128)",
+        },
+        Setting {
+            key: "sym",
+            help: "0|1: symmetric grid (default 0)",
+        },
+        Setting {
+            key: "damp",
+            help: "F: damping as a fraction of mean diag(H) (default 0.01)",
+        },
+        Setting {
+            key: "act_order",
+            help: "0|1: quantize columns by decreasing diag(H) (default 0)",
+        },
+    ],
+    build: build_gptq,
+    decode: crate::rtn::decode_grid,
+};
+
+fn build_gptq(args: &mut SpecArgs) -> Result<Box<dyn Codec>> {
+    let grid = crate::rtn::grid_from_spec(args, 4, Some(128))?;
+    let percdamp = args.f64_in("damp", 0.0, 10.0, true)?.unwrap_or(0.01);
+    let act_order = args
+        .take("act_order", "0 or 1", |s| match s {
+            "0" | "false" => Some(false),
+            "1" | "true" => Some(true),
+            _ => None,
+        })?
+        .unwrap_or(false);
+    Ok(Box::new(Gptq {
+        cfg: GptqConfig {
+            grid,
+            block_size: 128,
+            percdamp,
+            act_order,
+        },
+    }))
+}
+
+impl Codec for Gptq {
+    fn name(&self) -> &'static str {
+        INFO.name
+    }
+
+    fn spec(&self) -> String {
+        format!(
+            "gptq:{},damp={},act_order={}",
+            crate::rtn::grid_spec_string(&self.cfg.grid),
+            self.cfg.percdamp,
+            u8::from(self.cfg.act_order)
+        )
+    }
+
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+
+    fn encode(&self, m: &MatrixInput<'_>) -> Result<Encoded> {
+        let calib = m.calibration.ok_or_else(|| CodecError::BadOption {
+            option: "--method",
+            detail: format!(
+                "gptq needs calibration statistics for {}; give calibration data (--data)",
+                m.name
+            ),
+        })?;
+        let h: Vec<f64> = calib.gram.iter().map(|&v| f64::from(v)).collect();
+        let q = quantize_gptq(m.finetuned, m.rows, m.cols, &h, &self.cfg).map_err(|e| {
+            CodecError::BadOption {
+                option: "--method",
+                detail: format!("{}: {e}", m.name),
+            }
+        })?;
+        Ok(
+            crate::rtn::encode_grid(EncodedBuilder::new(INFO.name, m), &q)
+                .param("damp", self.cfg.percdamp)
+                .param("block", self.cfg.block_size)
+                .param("act_order", self.cfg.act_order)
+                .build(),
+        )
+    }
 }

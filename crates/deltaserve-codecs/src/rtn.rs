@@ -15,7 +15,15 @@
 //! This is not the BitDelta paper's own baseline code (the paper cites RTN and GPTQ without
 //! fixing a grid); it is the common min/max grid, documented so the numbers can be reproduced.
 
+use deltaserve_format::{Dtype, OwnedTensor};
 use half::f16;
+
+use crate::codec::{
+    float_tensor, pack_codes, packed_len, unpack_codes, Codec, CodecInfo, CodedView, Decoded,
+    Encoded, EncodedBuilder, MatrixInput, Setting, SpecArgs,
+};
+use crate::error::Result;
+use crate::numeric::FloatDtype;
 
 /// How a matrix is quantized on the uniform grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +60,7 @@ impl GridSpec {
     pub fn bits_per_param(&self, rows: usize, cols: usize) -> f64 {
         let groups = (rows * self.groups(cols)) as f64;
         let side = if self.symmetric { 16.0 } else { 24.0 };
-        let codes = packed_len(rows * cols, self.bits) as f64 * 8.0;
+        let codes = packed_len(rows * cols, u32::from(self.bits)) as f64 * 8.0;
         (codes + groups * side) / (rows * cols) as f64
     }
 }
@@ -196,66 +204,212 @@ pub fn quantize_rtn(w: &[f32], rows: usize, cols: usize, spec: &GridSpec) -> Qua
     }
 }
 
-/// Bytes that `n` codes of `bits` bits take when packed.
-pub fn packed_len(n: usize, bits: u8) -> usize {
-    (n * bits as usize).div_ceil(8)
+/// The `rtn` codec: RTN of the whole fine-tuned weight (`value: finetuned`), the BitDelta
+/// paper's 8-bit baseline. Parts and params are those of every grid codec ([`encode_grid`]).
+#[derive(Debug, Clone)]
+pub struct Rtn {
+    /// The grid.
+    pub spec: GridSpec,
 }
 
-/// Packs codes of `bits` bits into a little-endian bit stream: code `i` occupies bits
-/// `i·bits .. (i+1)·bits` of the stream, bit 0 being the least significant bit of byte 0.
-/// For 4 bits, byte `k` holds code `2k` in its low nibble and `2k+1` in its high nibble.
-pub fn pack_codes(codes: &[u8], bits: u8) -> Vec<u8> {
-    let mut out = vec![0u8; packed_len(codes.len(), bits)];
-    if bits == 8 {
-        out.copy_from_slice(codes);
-        return out;
+/// Registry entry of [`Rtn`].
+pub const INFO: CodecInfo = CodecInfo {
+    name: "rtn",
+    summary: "round-to-nearest of the whole fine-tuned weight on a min/max grid (baseline)",
+    settings: &[
+        Setting {
+            key: "bits",
+            help: "N: bits per weight, 1..=8 (default 8)",
+        },
+        Setting {
+            key: "group",
+            help: "N: columns per group with its own scale (default: one group per row)",
+        },
+        Setting {
+            key: "sym",
+            help: "0|1: symmetric grid, zero point fixed at the middle code (default 0)",
+        },
+    ],
+    build: build_rtn,
+    decode: decode_grid,
+};
+
+/// Takes `bits`, `group` and `sym` from a spec.
+pub(crate) fn grid_from_spec(
+    args: &mut SpecArgs,
+    bits: u8,
+    group: Option<usize>,
+) -> Result<GridSpec> {
+    let bits = args.usize("bits")?.map_or(bits as usize, |b| b);
+    if !(1..=8).contains(&bits) {
+        return Err(args.invalid(format!("bits={bits} is not in 1..=8")));
     }
-    let mask = ((1u16 << bits) - 1) as u8;
-    for (i, &q) in codes.iter().enumerate() {
-        let bit = i * bits as usize;
-        let v = ((q & mask) as u16) << (bit % 8);
-        out[bit / 8] |= v as u8;
-        if bit % 8 + bits as usize > 8 {
-            out[bit / 8 + 1] |= (v >> 8) as u8;
-        }
-    }
-    out
+    let group = args.usize("group")?.or(group);
+    let symmetric = args
+        .take("sym", "0 or 1", |s| match s {
+            "0" | "false" => Some(false),
+            "1" | "true" => Some(true),
+            _ => None,
+        })?
+        .unwrap_or(false);
+    Ok(GridSpec {
+        bits: bits as u8,
+        group_size: group,
+        symmetric,
+        f16_scales: true,
+    })
 }
 
-/// Inverse of [`pack_codes`]: the first `n` codes of the stream.
-pub fn unpack_codes(packed: &[u8], bits: u8, n: usize) -> Vec<u8> {
-    if bits == 8 {
-        return packed[..n].to_vec();
-    }
-    let mask = ((1u16 << bits) - 1) as u16;
-    (0..n)
-        .map(|i| {
-            let bit = i * bits as usize;
-            let lo = packed[bit / 8] as u16;
-            let hi = packed.get(bit / 8 + 1).copied().unwrap_or(0) as u16;
-            (((lo | (hi << 8)) >> (bit % 8)) & mask) as u8
-        })
-        .collect()
+fn build_rtn(args: &mut SpecArgs) -> Result<Box<dyn Codec>> {
+    Ok(Box::new(Rtn {
+        spec: grid_from_spec(args, 8, None)?,
+    }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `bits=8,group=128,sym=0` (group omitted for per-row).
+pub(crate) fn grid_spec_string(spec: &GridSpec) -> String {
+    let mut s = format!("bits={}", spec.bits);
+    if let Some(g) = spec.group_size {
+        s.push_str(&format!(",group={g}"));
+    }
+    s.push_str(&format!(",sym={}", u8::from(spec.symmetric)));
+    s
+}
 
-    #[test]
-    fn pack_unpack_round_trips_every_width() {
-        for bits in 1..=8u8 {
-            let codes: Vec<u8> = (0..37u32)
-                .map(|i| ((i * 7 + 3) % (1 << bits)) as u8)
+impl Codec for Rtn {
+    fn name(&self) -> &'static str {
+        INFO.name
+    }
+
+    fn spec(&self) -> String {
+        format!("rtn:{}", grid_spec_string(&self.spec))
+    }
+
+    fn encode(&self, m: &MatrixInput<'_>) -> Result<Encoded> {
+        let q = quantize_rtn(m.finetuned, m.rows, m.cols, &self.spec);
+        Ok(encode_grid(EncodedBuilder::new(INFO.name, m), &q).build())
+    }
+}
+
+/// The parts of a matrix on the grid, on an entry that decodes to `W_ft` (`value: finetuned`):
+///
+/// | role | dtype, shape | meaning |
+/// | --- | --- | --- |
+/// | `codes` | U8 `[ceil(rows·cols·bits/8)]` | codes row-major, packed LSB-first ([`pack_codes`]) |
+/// | `scales` | F16 `[rows, groups]` | each group's scale |
+/// | `zeros` | U8 `[rows, groups]` | each group's zero point (asymmetric grid only) |
+/// | `perm` | U32 `[cols]` | GPTQ act-order: code column `j` is weight column `perm[j]` |
+///
+/// Params: `bits`, `group_size` (0 = one group per row), `sym`.
+pub fn encode_grid(builder: EncodedBuilder, q: &QuantizedMatrix) -> EncodedBuilder {
+    let groups = q.spec.groups(q.cols);
+    let scales: Vec<f32> = q.scales.iter().map(|&s| s as f32).collect();
+    let mut b = builder
+        .finetuned_value()
+        .param("bits", q.spec.bits)
+        .param("group_size", q.spec.group_size.unwrap_or(0))
+        .param("sym", q.spec.symmetric)
+        .part(
+            "codes",
+            OwnedTensor::new(
+                Dtype::U8,
+                vec![packed_len(q.codes.len(), u32::from(q.spec.bits))],
+                pack_codes(&q.codes, u32::from(q.spec.bits)),
+            ),
+        )
+        .part(
+            "scales",
+            float_tensor(FloatDtype::F16, vec![q.rows, groups], &scales),
+        );
+    if !q.spec.symmetric {
+        let zeros: Vec<u8> = q.zeros.iter().map(|&z| z as u8).collect();
+        b = b.part(
+            "zeros",
+            OwnedTensor::new(Dtype::U8, vec![q.rows, groups], zeros),
+        );
+    }
+    if let Some(order) = &q.col_order {
+        b = b.part("perm", OwnedTensor::from_u32(vec![q.cols], order));
+    }
+    b
+}
+
+/// Decodes an `rtn` or `gptq` entry (the parts of [`encode_grid`]).
+pub fn decode_grid(v: &CodedView<'_>) -> Result<Decoded> {
+    let [rows, cols] = v.shape;
+    let bits = v.param_u64("bits")?;
+    if !(1..=8).contains(&bits) {
+        return Err(v.bad(format!("param bits={bits} is not in 1..=8")));
+    }
+    let group = v.param_u64("group_size")? as usize;
+    let symmetric = v
+        .params
+        .get("sym")
+        .and_then(serde_json::Value::as_bool)
+        .ok_or_else(|| v.bad("param \"sym\" missing or not a boolean"))?;
+    let spec = GridSpec {
+        bits: bits as u8,
+        group_size: (group > 0).then_some(group),
+        symmetric,
+        f16_scales: true,
+    };
+    let groups = spec.groups(cols);
+    let n = rows * cols;
+    let codes = unpack_codes(
+        v.part_u8("codes", packed_len(n, bits as u32))?,
+        bits as u32,
+        n,
+    );
+    if let Some(&bad) = codes.iter().find(|&&c| u32::from(c) > spec.maxq()) {
+        return Err(v.bad(format!("code {bad} exceeds {} bits", bits)));
+    }
+    let scales: Vec<f64> = v
+        .part_f32("scales", rows * groups)?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let zeros: Vec<f64> = if symmetric {
+        vec![(spec.maxq() as f64 + 1.0) / 2.0; rows * groups]
+    } else {
+        v.part_u8("zeros", rows * groups)?
+            .iter()
+            .map(|&z| f64::from(z))
+            .collect()
+    };
+    let col_order = match v
+        .params
+        .get("act_order")
+        .and_then(serde_json::Value::as_bool)
+    {
+        Some(true) => {
+            let (bytes, dtype, _) = v.part("perm")?;
+            if dtype != Dtype::U32 || bytes.len() != cols * 4 {
+                return Err(v.bad(format!("part perm must be U32 [{cols}]")));
+            }
+            let order: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            let packed = pack_codes(&codes, bits);
-            assert_eq!(packed.len(), packed_len(37, bits));
-            assert_eq!(unpack_codes(&packed, bits, 37), codes, "bits {bits}");
+            let mut seen = vec![false; cols];
+            for &p in &order {
+                if p as usize >= cols || std::mem::replace(&mut seen[p as usize], true) {
+                    return Err(v.bad("part perm is not a permutation of the columns"));
+                }
+            }
+            Some(order)
         }
-    }
-
-    #[test]
-    fn four_bit_nibble_order() {
-        assert_eq!(pack_codes(&[0x1, 0xF, 0x3], 4), vec![0xF1, 0x03]);
-    }
+        _ => None,
+    };
+    Ok(Decoded::Dense(
+        QuantizedMatrix {
+            rows,
+            cols,
+            spec,
+            codes,
+            scales,
+            zeros,
+            col_order,
+        }
+        .dequantize(),
+    ))
 }

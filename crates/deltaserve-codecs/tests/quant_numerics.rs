@@ -2,9 +2,10 @@
 //! written here (RTN, EoRA) and the PyTorch GPTQ reference's fixture
 //! (`tests/fixtures/gptq_reference.safetensors`, made by `scripts/reference/gptq_reference.py`).
 
+use deltaserve_codecs::codec::{pack_codes, unpack_codes};
 use deltaserve_codecs::eora::eora_correction;
 use deltaserve_codecs::gptq::{quantize_gptq, GptqConfig};
-use deltaserve_codecs::rtn::{pack_codes, quantize_rtn, unpack_codes, GridSpec};
+use deltaserve_codecs::rtn::{quantize_rtn, GridSpec};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use safetensors::SafeTensors;
 
@@ -125,7 +126,7 @@ fn rtn_symmetric_zero_is_the_middle_code_and_f16_scales_decode_exactly() {
 #[test]
 fn packed_codes_round_trip_and_have_the_accounted_size() {
     let mut rng = StdRng::seed_from_u64(3);
-    for bits in [2u8, 3, 4, 8] {
+    for bits in [2u32, 3, 4, 8] {
         let n = 1000 + bits as usize;
         let codes: Vec<u8> = (0..n)
             .map(|_| rng.gen_range(0..(1u16 << bits)) as u8)
