@@ -302,6 +302,9 @@ pub const CODECS: &[CodecInfo] = &[
     crate::lowrank::MIXED_INFO,
     crate::dare::INFO,
     crate::deltadq::INFO,
+    crate::rtn::INFO,
+    crate::gptq::INFO,
+    crate::eora::INFO,
 ];
 
 /// The registry entry named `name`.
