@@ -31,6 +31,7 @@ pub mod codec;
 pub mod coded;
 pub mod dare;
 pub mod deltadq;
+pub mod budget;
 mod error;
 pub mod files;
 pub mod gptq;
