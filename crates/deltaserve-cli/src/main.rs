@@ -24,6 +24,8 @@ enum Command {
     Merge(cmd::merge::Args),
     /// Calibrate a delta's scales so base + delta matches the fine-tune's logits (scale distillation).
     Calibrate(cmd::calibrate::Args),
+    /// Fine-tune a LoRA / Q-BaRA / QA-HiRA adapter on a frozen base; writes it as a lowrank delta.
+    Finetune(cmd::finetune::Args),
     /// Show what a .delta file holds: method, base fingerprint, tensors, scales, bits per parameter.
     Inspect(cmd::inspect::Args),
     /// Serve a base model and its deltas (tenants) over an OpenAI-compatible HTTP API and a web page.
@@ -50,6 +52,7 @@ fn main() {
         Command::Compress(a) => cmd::compress::run(a),
         Command::Merge(a) => cmd::merge::run(a),
         Command::Calibrate(a) => cmd::calibrate::run(a),
+        Command::Finetune(a) => cmd::finetune::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
         Command::Bench(a) => cmd::bench::run(a),
