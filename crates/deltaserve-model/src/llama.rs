@@ -6,6 +6,8 @@
 //! attention runs per sequence against that sequence's own cache. Each sequence may belong to a
 //! different tenant: base products are shared, and each tenant's delta is applied to its rows.
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::Checkpoint;
@@ -82,6 +84,9 @@ pub struct Model {
     pub lm_head: Option<Tensor>,
     rope: RotaryTables,
 }
+
+/// The projection-input observer of [`Model::forward_observed`], if any.
+type Observer<'a, 'f> = Option<&'a RefCell<&'f mut dyn FnMut(usize, Proj, &Tensor)>>;
 
 /// A contiguous run of rows belonging to one sequence.
 #[derive(Clone, Copy)]
@@ -300,6 +305,29 @@ impl Model {
     /// Runs new tokens of several sequences through the model and returns, per sequence, logits
     /// in f32 (f64 for a model loaded in f64) of shape (1, vocab) or (tokens, vocab) as each asked.
     pub fn forward(&self, seqs: &mut [SeqInput<'_>], opts: ForwardOptions) -> Result<Vec<Tensor>> {
+        self.forward_impl(seqs, opts, None)
+    }
+
+    /// [`Model::forward`], calling `observer(layer, proj, x)` with every projection's input
+    /// `x` (all sequences' new rows packed, `(tokens, in_features)`) before the product. For
+    /// calibration statistics such as GPTQ's and EoRA's `Σ xᵀx`; q/k/v (and gate/up) see the
+    /// same input, once each.
+    pub fn forward_observed(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        opts: ForwardOptions,
+        observer: &mut dyn FnMut(usize, Proj, &Tensor),
+    ) -> Result<Vec<Tensor>> {
+        let cell = RefCell::new(observer);
+        self.forward_impl(seqs, opts, Some(&cell))
+    }
+
+    fn forward_impl(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        opts: ForwardOptions,
+        obs: Observer<'_, '_>,
+    ) -> Result<Vec<Tensor>> {
         let mut segs = Vec::with_capacity(seqs.len());
         let mut start = 0;
         let mut starts = Vec::with_capacity(seqs.len());
@@ -354,7 +382,7 @@ impl Model {
                     .unwrap_or(&layer.input_layernorm);
                 rms_norm(x, w, eps)
             })?;
-            let attn = self.attention(l, layer, &normed, &routing, seqs, &starts, opts)?;
+            let attn = self.attention(l, layer, &normed, &routing, seqs, &starts, opts, obs)?;
             x = (x + attn)?;
             let normed = routing.map(&x, |x, t| {
                 let w = t
@@ -362,10 +390,10 @@ impl Model {
                     .unwrap_or(&layer.post_attention_layernorm);
                 rms_norm(x, w, eps)
             })?;
-            let gate = self.linear(l, Proj::Gate, &normed, &routing)?;
-            let up = self.linear(l, Proj::Up, &normed, &routing)?;
+            let gate = self.linear(l, Proj::Gate, &normed, &routing, obs)?;
+            let up = self.linear(l, Proj::Up, &normed, &routing, obs)?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
-            let down = self.linear(l, Proj::Down, &act, &routing)?;
+            let down = self.linear(l, Proj::Down, &act, &routing, obs)?;
             x = (x + down)?;
         }
         for s in seqs.iter_mut() {
@@ -397,7 +425,17 @@ impl Model {
     }
 
     /// One projection for all rows: the shared base product, then each tenant's bias and delta.
-    fn linear(&self, l: usize, proj: Proj, x: &Tensor, routing: &Routing<'_>) -> Result<Tensor> {
+    fn linear(
+        &self,
+        l: usize,
+        proj: Proj,
+        x: &Tensor,
+        routing: &Routing<'_>,
+        obs: Observer<'_, '_>,
+    ) -> Result<Tensor> {
+        if let Some(o) = obs {
+            (o.borrow_mut())(l, proj, x);
+        }
         let base = &self.layers[l].linears[proj.index()];
         let k = proj.index();
         let mut y = crate::grad::matmul_t(x, &base.weight)?;
@@ -446,15 +484,16 @@ impl Model {
         seqs: &mut [SeqInput<'_>],
         starts: &[usize],
         opts: ForwardOptions,
+        obs: Observer<'_, '_>,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let q = self.linear(l, Proj::Q, x, routing)?;
-        let k = self.linear(l, Proj::K, x, routing)?;
-        let v = self.linear(l, Proj::V, x, routing)?;
+        let q = self.linear(l, Proj::Q, x, routing, obs)?;
+        let k = self.linear(l, Proj::K, x, routing, obs)?;
+        let v = self.linear(l, Proj::V, x, routing, obs)?;
         let mut outs = Vec::with_capacity(seqs.len());
         for ((s, seg), &p0) in seqs.iter_mut().zip(&routing.segs).zip(starts) {
             let t = seg.len;
@@ -474,7 +513,7 @@ impl Model {
             outs.push(self.attend(&q, &k, &v, p0, layer.window, opts)?);
         }
         let o = Tensor::cat(&outs, 0)?;
-        self.linear(l, Proj::O, &o, routing)
+        self.linear(l, Proj::O, &o, routing, obs)
     }
 
     /// Scaled dot-product attention of one sequence.
