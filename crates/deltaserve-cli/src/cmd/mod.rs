@@ -7,6 +7,7 @@ pub mod common;
 pub mod compress;
 pub mod demo;
 pub mod eval;
+pub mod finetune;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
