@@ -482,10 +482,22 @@ impl Scheduler {
             .base
             .model
             .forward(&mut inputs, ForwardOptions::default())?;
-        logits
+        // One device-to-host copy for the whole step rather than one per sequence: each copy
+        // waits for the device, and a decode step of 32 sequences would wait 32 times. Rows are
+        // concatenated flat because tenants may extend the vocabulary (rows of different lengths).
+        let flat = logits
             .iter()
-            .map(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?))
-            .collect()
+            .map(|l| l.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let lens: Vec<usize> = flat.iter().map(|l| l.elem_count()).collect();
+        let all = candle_core::Tensor::cat(&flat, 0)?.to_vec1::<f32>()?;
+        let mut rows = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for n in lens {
+            rows.push(all[at..at + n].to_vec());
+            at += n;
+        }
+        Ok(rows)
     }
 
     /// Takes a step's logits for sequence `i`: a prompt chunk advances, a full prompt or a decoded

@@ -116,6 +116,9 @@ struct RunStats {
     delta_loads: u64,
     delta_evictions: u64,
     warmed: bool,
+    /// Lower bound on the ms per step spent on host reads of tenant scales (see
+    /// [`probe_scale_read`]); 0 when steps hold one tenant (the model then skips the fused path).
+    scale_reads_ms_per_step: f64,
 }
 
 /// The `p`-th percentile (0 < p ≤ 100) of `sorted` by the nearest-rank method: the smallest value
@@ -172,6 +175,7 @@ impl RunStats {
             "delta_loads": self.delta_loads,
             "delta_evictions": self.delta_evictions,
             "tenants_preloaded": self.warmed,
+            "scale_reads_ms_per_step_lower_bound": self.scale_reads_ms_per_step,
         })
     }
 
@@ -180,7 +184,7 @@ impl RunStats {
             percentile(&sorted(v), p).map_or_else(|| "-".to_string(), |x| format!("{x:.3}"))
         };
         format!(
-            "| {} | {} | {:.1} | {:.2} | {} | {} / {} / {} | {} / {} / {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.1} | {:.2} | {} | {} / {} / {} | {} / {} / {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
             if self.tenants == 0 { "base only".to_string() } else { self.tenants.to_string() },
             self.requests - self.failed,
             self.tokens_per_s(),
@@ -192,12 +196,13 @@ impl RunStats {
             self.per_step(self.step_tenants),
             1e3 * self.wall_s / self.steps.max(1) as f64,
             1e3 * self.forward_s / self.steps.max(1) as f64,
+            self.scale_reads_ms_per_step,
             if self.warmed { self.delta_loads.to_string() } else { format!("{} (cold)", self.delta_loads) },
         )
     }
 }
 
-const TABLE_HEAD: &str = "| tenants | requests done | gen tokens/s | requests/s | of base-only | TTFT p50 / p90 / p99 s | end-to-end p50 / p90 / p99 s | seqs/step | tenants/step | ms/step | forward ms/step | delta loads in run |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
+const TABLE_HEAD: &str = "| tenants | requests done | gen tokens/s | requests/s | of base-only | TTFT p50 / p90 / p99 s | end-to-end p50 / p90 / p99 s | seqs/step | tenants/step | ms/step | forward ms/step | scale reads ms/step (≥) | delta loads in run |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let counts = parse_counts(&a.tenants)?;
@@ -284,6 +289,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         delta_memory,
         max_queue: (requests + most).max(256),
     };
+    let layers = mc.num_hidden_layers;
+    let scale_read_s = probe_scale_read(&device, 2000)?;
+    eprintln!(
+        "host read of a tenant scale: {:.1} µs ({} per distinct tenant per mixed step)",
+        scale_read_s * 1e6,
+        7 * layers
+    );
     let engine = Engine::start(base, cfg);
     let mut tenants: Vec<Arc<Tenant>> = Vec::with_capacity(most);
     for i in 0..most {
@@ -370,7 +382,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             runtime.block_on(drive(&engine, &models, requests, a.concurrency, &mix, true));
         let wall_s = t0.elapsed().as_secs_f64();
         let after = engine.metrics();
-        let run = stats(n, requests, wall_s, outcome, &before, &after, warmed);
+        let mut run = stats(n, requests, wall_s, outcome, &before, &after, warmed);
+        let tenants_per_step = run.per_step(run.step_tenants);
+        if tenants_per_step > 1.0 {
+            run.scale_reads_ms_per_step =
+                1e3 * scale_read_s * (7 * layers) as f64 * tenants_per_step;
+        }
         if n == 0 {
             baseline = Some(run.tokens_per_s());
         }
@@ -386,6 +403,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 "mix": {"prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
                         "concurrency": a.concurrency, "requests": requests,
                         "routing": "request i -> tenant i mod N", "sampling": "greedy, stop tokens ignored"},
+                "scale_read_us": scale_read_s * 1e6,
+                "scale_read_us": scale_read_s * 1e6,
                 "engine": {"max_batch_tokens": cfg.max_batch_tokens, "kv_memory": kv_memory,
                            "kv_bytes_per_token": kv_per_token, "delta_memory": delta_memory},
                 "runs": runs.iter().map(|r| r.to_json(baseline.filter(|_| r.tenants > 0))).collect::<Vec<_>>(),
@@ -558,7 +577,31 @@ fn stats(
         delta_loads: after.delta_loads - before.delta_loads,
         delta_evictions: after.delta_evictions - before.delta_evictions,
         warmed,
+        scale_reads_ms_per_step: 0.0,
     }
+}
+
+/// Seconds one host read of a tenant's scale takes, timed with the call chain the model's
+/// mixed-tenant path runs for every distinct tenant, projection and layer of a step
+/// (`deltaserve-model` `fused_sign_deltas`: `scale.to_dtype(F32)…to_scalar()`). On a GPU each is
+/// a device-to-host copy that waits for the device, so a step with D distinct tenants waits
+/// 7 · layers · D times; this measures the wait with an idle device (a lower bound).
+fn probe_scale_read(device: &candle_core::Device, iters: usize) -> Result<f64> {
+    use candle_core::{DType, Tensor};
+    let scale = Tensor::new(&[0.5f32], device)?;
+    let read = || -> Result<f32> {
+        Ok(scale
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .get(0)?
+            .to_scalar::<f32>()?)
+    };
+    read()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        std::hint::black_box(read()?);
+    }
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
 
 /// SplitMix64: reproducible prompts and signs without another dependency.
