@@ -26,6 +26,8 @@ enum Command {
     Calibrate(cmd::calibrate::Args),
     /// Fine-tune a LoRA / Q-BaRA / QA-HiRA adapter on a frozen base; writes it as a lowrank delta.
     Finetune(cmd::finetune::Args),
+    /// Quantize a model (RTN-8 or GPTQ-4) into a Hugging Face directory usable as a quantized base.
+    Quantize(cmd::quantize::Args),
     /// Show what a .delta file holds: method, base fingerprint, tensors, scales, bits per parameter.
     Inspect(cmd::inspect::Args),
     /// Serve a base model and its deltas (tenants) over an OpenAI-compatible HTTP API and a web page.
@@ -54,6 +56,7 @@ fn main() {
         Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Finetune(a) => cmd::finetune::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),

@@ -28,6 +28,14 @@ pub struct Args {
     /// deltadq:keep=8,bits=4 (group=N fixes the group size). A bad spec lists the valid settings.
     #[arg(long, default_value = "bitdelta")]
     method: String,
+    /// Calibration text for data-aware methods (gptq, eora): a .txt or .jsonl file or a
+    /// directory of them. The fine-tune runs over it to collect each projection's input
+    /// statistics Σ xᵀx.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Calibration tokens to use at most (with --data).
+    #[arg(long, default_value_t = 32768)]
+    calib_tokens: usize,
     /// The delta file to write (conventionally NAME.delta).
     #[arg(long)]
     out: PathBuf,
@@ -55,9 +63,25 @@ pub fn run(a: Args) -> Result<()> {
         force: a.force,
         progress: !a.quiet,
     };
+    let calibration = match &a.data {
+        Some(d) => Some(super::quantize::calibration(
+            &finetuned,
+            d,
+            256,
+            a.calib_tokens,
+            !a.quiet,
+        )?),
+        None => None,
+    };
     let report = match &method {
         MethodSpec::BitDelta => compress(&base, &finetuned, &opts),
-        MethodSpec::Coded(codec) => compress_coded(&base, &finetuned, codec.as_ref(), None, &opts),
+        MethodSpec::Coded(codec) => compress_coded(
+            &base,
+            &finetuned,
+            codec.as_ref(),
+            calibration.as_ref(),
+            &opts,
+        ),
     }
     .with_context(|| {
         format!(

@@ -11,5 +11,6 @@ pub mod finetune;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod quantize;
 pub mod random_model;
 pub mod serve;
