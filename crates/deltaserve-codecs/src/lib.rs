@@ -40,6 +40,7 @@ pub mod inspect;
 pub mod lowrank;
 pub mod merge;
 pub mod numeric;
+pub mod qahira;
 mod progress;
 pub mod rtn;
 pub mod tenant;
