@@ -33,6 +33,8 @@ pub mod coded;
 pub mod dare;
 pub mod deltadq;
 pub mod budget;
+pub mod lqlora;
+pub mod nf;
 mod error;
 pub mod files;
 pub mod gptq;
