@@ -19,10 +19,18 @@ $B random-model --shape llama2-7b --out /tmp/l7b --tokenizer-from tests/fixtures
 echo "base written after $(( $(date +%s) - T0 ))s"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used --format=csv -lms 500 > "$OUT/gpu_util.csv" 2>/dev/null &
 SMI=$!
-echo "== bench serve: 0 (base only), 32, 1, 8, 128 tenants; BitDelta-layout deltas with their own embeddings and lm_head"
-timeout "${BENCH_TIMEOUT:-300}" $B bench serve --base /tmp/l7b --device cuda:0 \
-  --tenants 0,32,1,8,128 --concurrency 32 --requests 64 --prompt-tokens 128 --max-tokens 128 \
-  --delta-memory 44GiB --work /tmp/bw --json "$OUT/bench_serve.json" 2>&1 | tee "$OUT/bench_serve.log" | grep -v '\[='
+# RUNS: space-separated TENANT_COUNTS:REQUESTS[:MAX_TOKENS], one bench process each (each reloads
+# the base).
+RUNS=${RUNS:-"0,32,1,8,128:64"}
+k=0
+for r in $RUNS; do
+  k=$((k + 1))
+  IFS=: read -r counts reqs maxtok <<< "$r"
+  echo "== bench serve: tenants $counts (0 = base only), $reqs requests of 128 + ${maxtok:-128} tokens; BitDelta-layout deltas with their own embeddings, norms and lm_head"
+  timeout "${BENCH_TIMEOUT:-300}" $B bench serve --base /tmp/l7b --device cuda:0 \
+    --tenants "$counts" --concurrency 32 --requests "$reqs" --prompt-tokens 128 --max-tokens "${maxtok:-128}" \
+    --delta-memory 44GiB --work /tmp/bw --json "$OUT/bench_serve_$k.json" 2>&1 | tee "$OUT/bench_serve_$k.log" | grep -v '\[='
+done
 echo "bench done after $(( $(date +%s) - T0 ))s"
 # With time left: the same 32-tenant mix with sign-only deltas (tenants share the base's
 # embeddings and lm_head), which separates the per-tenant lm_head's cost from the sign deltas'.
