@@ -226,9 +226,9 @@ fn build_eora(args: &mut SpecArgs) -> Result<Box<dyn Codec>> {
 
 static SCRATCH: AtomicUsize = AtomicUsize::new(0);
 
-/// Decodes an inner codec's freshly encoded matrix. Decoders read from a delta file, so the
+/// Decodes a freshly encoded coded entry to its dense matrix. Decoders read from a delta file, so the
 /// entry goes through a scratch file in the temp directory (small: one matrix).
-fn decode_in_memory(name: &str, enc: &Encoded) -> Result<Vec<f32>> {
+pub fn decode_encoded(name: &str, enc: &Encoded) -> Result<Vec<f32>> {
     let path = std::env::temp_dir().join(format!(
         ".deltaserve-eora-{}-{}.delta",
         std::process::id(),
@@ -300,7 +300,7 @@ impl Codec for Eora {
             }
             Inner::Codec(c) => {
                 let enc = c.encode(m)?;
-                let dec = decode_in_memory(m.name, &enc)?;
+                let dec = decode_encoded(m.name, &enc)?;
                 let TensorEntry::Coded {
                     value,
                     parts,

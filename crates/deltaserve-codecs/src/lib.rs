@@ -26,6 +26,7 @@
 #![deny(missing_docs)]
 
 pub mod bitdelta;
+pub mod budget_choice;
 pub mod calib_stats;
 pub mod eora;
 pub mod codec;

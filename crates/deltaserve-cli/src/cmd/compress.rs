@@ -36,6 +36,16 @@ pub struct Args {
     /// Calibration tokens to use at most (with --data).
     #[arg(long, default_value_t = 32768)]
     calib_tokens: usize,
+    /// Average bits per compressed weight: instead of one --method for every matrix, pick per
+    /// matrix among the --candidate codecs the one that minimises the summed reconstruction
+    /// error ‖W_rec − W_ft‖² under this average (an integer program, solved exactly).
+    #[arg(long, value_name = "B")]
+    budget_bits: Option<f64>,
+    /// A codec spec --budget-bits may choose (repeat the flag). Default: bitdelta,
+    /// lowrank:rank=8, lowrank:rank=32, rtn:bits=4,group=128, rtn:bits=8, and with --data also
+    /// gptq:bits=4,group=128 and eora:rank=8+bitdelta.
+    #[arg(long = "candidate", value_name = "SPEC")]
+    candidates: Vec<String>,
     /// The delta file to write (conventionally NAME.delta).
     #[arg(long)]
     out: PathBuf,
@@ -73,6 +83,39 @@ pub fn run(a: Args) -> Result<()> {
         )?),
         None => None,
     };
+    if let Some(bits) = a.budget_bits {
+        if !matches!(method, MethodSpec::BitDelta) {
+            anyhow::bail!("--budget-bits chooses the codec per matrix; give --candidate SPEC instead of --method");
+        }
+        let specs: Vec<String> = if a.candidates.is_empty() {
+            deltaserve_codecs::budget_choice::default_candidates(calibration.is_some())
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        } else {
+            a.candidates.clone()
+        };
+        let candidates = specs
+            .iter()
+            .map(|s| {
+                deltaserve_codecs::budget_choice::parse_candidate(s)
+                    .with_context(|| format!("--candidate {s}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let plan = deltaserve_codecs::budget_choice::plan_budget(
+            &base,
+            &finetuned,
+            candidates,
+            calibration.as_ref(),
+            bits,
+        )?;
+        let report = compress_coded(&base, &finetuned, &plan.codec, calibration.as_ref(), &opts)?;
+        eprint!("{}", plan.summary());
+        eprintln!("{report}");
+        return Ok(());
+    } else if !a.candidates.is_empty() {
+        anyhow::bail!("--candidate is only used with --budget-bits B");
+    }
     let report = match &method {
         MethodSpec::BitDelta => compress(&base, &finetuned, &opts),
         MethodSpec::Coded(codec) => compress_coded(
