@@ -283,14 +283,21 @@ impl fmt::Debug for CodecInfo {
 }
 
 impl CodecInfo {
-    /// `"rank=N, energy=F"`: the settings, for messages.
+    /// `"rank=N, energy=F"`: the settings, for messages (each setting's help starts with its
+    /// value's placeholder, `"N: keep the top N …"`).
     pub fn settings_list(&self) -> String {
         if self.settings.is_empty() {
             return "none".to_owned();
         }
         self.settings
             .iter()
-            .map(|s| s.help.split(':').next().unwrap_or(s.key).trim())
+            .map(|s| {
+                format!(
+                    "{}={}",
+                    s.key,
+                    s.help.split(':').next().unwrap_or("").trim()
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }

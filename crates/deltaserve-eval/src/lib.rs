@@ -7,6 +7,8 @@
 //!   It takes models already loaded ([`CompareInputs`]), so a caller that goes on serving them
 //!   (the `demo` command) loads nothing twice.
 //! - [`CompareReport`]: a terminal table, JSON, and a Markdown report with PNG plots.
+//! - [`pareto_table`] / [`pareto_png`]: many deltas of one fine-tune as perplexity and KL
+//!   against bits per parameter, with the Pareto front (the `eval sweep` output).
 //! - [`load_dataset`]: plain text or JSONL (`text` or chat `messages`) into scored sequences.
 //!
 //! Not here: loading delta files into tenants (`deltaserve-codecs`), generation (`deltaserve-engine`).
@@ -14,6 +16,7 @@
 mod compare;
 mod data;
 mod error;
+mod pareto;
 mod plot;
 mod ppl;
 mod report;
@@ -26,6 +29,7 @@ pub use compare::{
 };
 pub use data::{chunk_tokens, encode_chat, load_dataset, EvalDataset, EvalSequence, Scored};
 pub use error::{EvalError, Result};
+pub use pareto::{pareto_png, pareto_points, pareto_table, ParetoPoint};
 pub use ppl::{
     clamp_to_context, hf_windows, perplexity, perplexity_with, perplexity_with_progress,
     windows_per_batch, PplResult, PplSettings, Window,

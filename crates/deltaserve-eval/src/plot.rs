@@ -14,11 +14,11 @@ use crate::compare::{CompareReport, ModelKind, TensorError};
 use crate::error::{EvalError, Result};
 
 const FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 const PROJS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 
 /// Tableau 10, the matplotlib default cycle: distinct and readable on white.
-const TAB10: [RGBColor; 10] = [
+pub(crate) const TAB10: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -47,7 +47,7 @@ fn register_font() -> Result<()> {
     }
 }
 
-fn draw_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> EvalError + '_ {
+pub(crate) fn draw_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> EvalError + '_ {
     move |e| EvalError::Report {
         path: what.into(),
         msg: format!("drawing: {e:?}"),
@@ -55,7 +55,7 @@ fn draw_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> EvalError + '_ {
 }
 
 /// Renders with `draw` into an RGB buffer and encodes it as PNG.
-fn render(
+pub(crate) fn render(
     name: &str,
     size: (u32, u32),
     draw: impl FnOnce(DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> Result<()>,
