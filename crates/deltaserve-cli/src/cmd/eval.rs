@@ -26,6 +26,10 @@ enum EvalCommand {
     /// Base, fine-tune and deltas on the same data: perplexity, KL(fine-tune ‖ model), top-1
     /// agreement, size, bits per parameter, and per-layer reconstruction error.
     Compare(CompareArgs),
+    /// Compress the fine-tune with many methods and settings (any `compress --method` spec),
+    /// evaluate every delta, and write one table and one plot of perplexity and KL against
+    /// bits per parameter with the Pareto front (sweep.md, pareto.png, sweep.json in --out).
+    Sweep(super::sweep::SweepArgs),
 }
 
 #[derive(ClapArgs)]
@@ -98,6 +102,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         EvalCommand::Ppl(a) => run_ppl(a),
         EvalCommand::Compare(a) => run_compare(a),
+        EvalCommand::Sweep(a) => super::sweep::run(a),
     }
 }
 

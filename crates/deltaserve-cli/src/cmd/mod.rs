@@ -14,3 +14,4 @@ pub mod merge;
 pub mod quantize;
 pub mod random_model;
 pub mod serve;
+pub mod sweep;
