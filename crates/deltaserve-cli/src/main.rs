@@ -26,6 +26,8 @@ enum Command {
     Calibrate(cmd::calibrate::Args),
     /// Fine-tune a LoRA / Q-BaRA / QA-HiRA adapter on a frozen base; writes it as a lowrank delta.
     Finetune(cmd::finetune::Args),
+    /// LQ-LoRA: quantize a base to NF under a bit budget (ILP) plus a low-rank L1·L2 delta.
+    Decompose(cmd::decompose::Args),
     /// Quantize a model (RTN-8 or GPTQ-4) into a Hugging Face directory usable as a quantized base.
     Quantize(cmd::quantize::Args),
     /// Show what a .delta file holds: method, base fingerprint, tensors, scales, bits per parameter.
@@ -57,6 +59,7 @@ fn main() {
         Command::Finetune(a) => cmd::finetune::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Decompose(a) => cmd::decompose::run(a),
         Command::RandomModel(a) => cmd::random_model::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),

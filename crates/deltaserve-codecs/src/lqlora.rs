@@ -287,3 +287,549 @@ fn gaussian(rows: usize, cols: usize, rng: &mut StdRng) -> Mat<f32> {
         ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
     })
 }
+
+// ================================================================================================
+// A whole checkpoint: measure every (matrix, configuration), allocate bits by the ILP, write.
+// ================================================================================================
+
+/// The side file in `--out` with the packed NF codes and scales of every projection.
+pub const CODES_FILE: &str = "nf_codes.safetensors";
+/// The report in `--out`: the configuration chosen for each matrix, errors and bits.
+pub const REPORT_FILE: &str = "decompose.json";
+/// The initial L1/L2 delta in `--out` (a `lowrank` delta against `--out` itself).
+pub const DELTA_FILE: &str = "lqlora_init.delta";
+
+/// Options of [`decompose_checkpoint`].
+#[derive(Debug, Clone)]
+pub struct DecomposeOptions {
+    /// The model directory to create.
+    pub out: std::path::PathBuf,
+    /// Replace `out` if it exists.
+    pub force: bool,
+    /// Target average bits per parameter of Q over the projection weights (codes + scales;
+    /// L1/L2 are counted separately, as in LQ-LoRA §3.2).
+    pub budget_bits: f64,
+    /// The NF configurations the ILP chooses from.
+    pub configs: Vec<NfConfig>,
+    /// Decomposition settings; `rank == 0` quantizes only (NF with the ILP, no L1/L2).
+    pub lq: LqOptions,
+    /// Storage dtype of L1/L2 in the delta.
+    pub factor_dtype: crate::numeric::FloatDtype,
+    /// Seconds the ILP may search before taking its best allocation.
+    pub ilp_time_limit_s: f64,
+    /// Draw progress bars.
+    pub progress: bool,
+}
+
+/// One projection's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MatrixChoice {
+    /// The weight's name.
+    pub name: String,
+    /// `[rows, cols]`.
+    pub shape: [usize; 2],
+    /// The configuration chosen (`nf3-b64`).
+    pub config: String,
+    /// Exact bits of Q.
+    pub q_bits: u64,
+    /// Reconstruction error ‖W − Q − L1L2‖²_F (Fisher-weighted if Fisher was given).
+    pub error: f64,
+    /// Alternations run for the kept decomposition (0 when quantizing only).
+    pub iterations: usize,
+}
+
+/// What [`decompose_checkpoint`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecomposeReport {
+    /// The model directory written.
+    pub out: std::path::PathBuf,
+    /// The L1/L2 delta, when `rank > 0`.
+    pub delta: Option<std::path::PathBuf>,
+    /// Rank of L1·L2.
+    pub rank: usize,
+    /// Whether errors were Fisher-weighted.
+    pub fisher: bool,
+    /// The bits/param asked for.
+    pub budget_bits: f64,
+    /// Parameters of the projection weights.
+    pub params: u64,
+    /// Exact bits of all Q's.
+    pub q_bits: u64,
+    /// Bits of the L1/L2 factors as stored.
+    pub lowrank_bits: u64,
+    /// Σ error over the matrices.
+    pub total_error: f64,
+    /// How the ILP ended (`Optimal`, `WithinGap`, `TimeLimit`).
+    pub ilp_status: String,
+    /// Seconds measuring every (matrix, configuration).
+    pub measure_seconds: f64,
+    /// Seconds in the ILP.
+    pub solve_seconds: f64,
+    /// Per matrix.
+    pub matrices: Vec<MatrixChoice>,
+}
+
+impl std::fmt::Display for DecomposeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut hist: std::collections::BTreeMap<&str, usize> = Default::default();
+        for m in &self.matrices {
+            *hist.entry(m.config.as_str()).or_default() += 1;
+        }
+        let hist: Vec<String> = hist.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+        write!(
+            f,
+            "{} matrices, Q at {:.4} bits/param (budget {}), L1/L2 rank {} at {:.4} bits/param, \
+             error {:.6e}{}; configs {}; measured in {:.1} s, ILP {} in {:.2} s",
+            self.matrices.len(),
+            self.q_bits as f64 / self.params as f64,
+            self.budget_bits,
+            self.rank,
+            self.lowrank_bits as f64 / self.params as f64,
+            self.total_error,
+            if self.fisher {
+                " (Fisher-weighted)"
+            } else {
+                ""
+            },
+            hist.join(", "),
+            self.measure_seconds,
+            self.ilp_status,
+            self.solve_seconds
+        )
+    }
+}
+
+struct Matrix {
+    name: String,
+    rows: usize,
+    cols: usize,
+    dtype: deltaserve_format::Dtype,
+    w: Vec<f32>,
+}
+
+/// Decomposes every attention/MLP projection of `ckpt` (LQ-LoRA §3: Q + L1L2 with the NF
+/// configuration of each matrix chosen by the ILP of eq. 5 under `budget_bits`) and writes:
+///
+/// - `out/`: a Hugging Face directory, the base with each projection replaced by its
+///   dequantized Q in the model's dtype (loads anywhere; saves no memory until an engine
+///   dequantizes on load);
+/// - `out/nf_codes.safetensors`: the packed NF codes, 8-bit scale codes, FP32 group scales and
+///   offset of each Q (metadata: bits, block size, shape, exact storage bits);
+/// - `out/decompose.json`: the [`DecomposeReport`];
+/// - `out/lqlora_init.delta` (rank > 0): L1/L2 as `lowrank` entries (down = L2, up = L1)
+///   against `out/` itself, so base `out/` + this delta runs Q + L1L2.
+///
+/// `fisher` (weight name → per-weight values) weights the errors and the SVD.
+pub fn decompose_checkpoint(
+    ckpt: &deltaserve_model::Checkpoint,
+    fisher: Option<&std::collections::BTreeMap<String, Vec<f32>>>,
+    opts: &DecomposeOptions,
+) -> Result<DecomposeReport, CodecError> {
+    use crate::budget::{solve_with, BudgetOptions, Choice, Item};
+    use crate::numeric::FloatDtype;
+    use deltaserve_format::{
+        fingerprint_safetensors, write_delta, DeltaFile, DeltaHeader, FullValue, OwnedTensor,
+        TensorEntry,
+    };
+    use rayon::prelude::*;
+    use std::time::Instant;
+
+    if !opts.force && opts.out.symlink_metadata().is_ok() {
+        return Err(CodecError::OutputExists {
+            path: opts.out.clone(),
+        });
+    }
+    if opts.configs.is_empty() {
+        return Err(CodecError::BadOption {
+            option: "--configs",
+            detail: "no NF configuration to choose from".into(),
+        });
+    }
+    if !(opts.budget_bits.is_finite() && opts.budget_bits > 0.0) {
+        return Err(CodecError::BadOption {
+            option: "--budget-bits",
+            detail: format!(
+                "{} is not a positive number of bits per parameter",
+                opts.budget_bits
+            ),
+        });
+    }
+    // The projections, decoded to f32.
+    let mut mats = Vec::new();
+    for name in ckpt.tensor_names() {
+        let raw = ckpt.raw(name)?;
+        if !crate::bitdelta::is_compressed(name, raw.shape) {
+            continue;
+        }
+        let fd = FloatDtype::from_safetensors(raw.dtype).ok_or_else(|| {
+            CodecError::UnsupportedDtype {
+                tensor: name.to_owned(),
+                dir: ckpt.dir().to_owned(),
+                dtype: raw.dtype.to_string(),
+            }
+        })?;
+        let (rows, cols) = (raw.shape[0], raw.shape[1]);
+        if opts.lq.rank > rows.min(cols) {
+            return Err(CodecError::BadOption {
+                option: "--rank",
+                detail: format!(
+                    "{} exceeds the smaller side of {name} [{rows}, {cols}]; use at most {}",
+                    opts.lq.rank,
+                    rows.min(cols)
+                ),
+            });
+        }
+        if let Some(f) = fisher {
+            match f.get(name) {
+                Some(v) if v.len() == rows * cols => {}
+                _ => {
+                    return Err(CodecError::BadOption {
+                        option: "--fisher",
+                        detail: format!("no Fisher estimate of shape [{rows}, {cols}] for {name}"),
+                    })
+                }
+            }
+        }
+        mats.push(Matrix {
+            name: name.to_owned(),
+            rows,
+            cols,
+            dtype: raw.dtype,
+            w: fd.decode(raw.data),
+        });
+    }
+    if mats.is_empty() {
+        return Err(CodecError::BadOption {
+            option: "--model",
+            detail: format!(
+                "{} has no attention/MLP projection weights",
+                ckpt.dir().display()
+            ),
+        });
+    }
+    let params: u64 = mats.iter().map(|m| (m.rows * m.cols) as u64).sum();
+    let fisher_of = |m: &Matrix| fisher.map(|f| f[&m.name].as_slice());
+
+    // One (error, iterations, NfTensor?, L1, L2) per matrix and configuration. Only errors are
+    // kept from this pass; the chosen configuration is recomputed (deterministic seed).
+    let run = |m: &Matrix, cfg: NfConfig| -> Result<LqDecomposition, CodecError> {
+        if opts.lq.rank == 0 {
+            let q = NfTensor::quantize(&m.w, cfg);
+            let d = q.dequantize();
+            let error = match fisher_of(m) {
+                Some(f) => crate::nf::weighted_sq_error(&m.w, &d, f),
+                None => crate::nf::sq_error(&m.w, &d),
+            };
+            Ok(LqDecomposition {
+                rows: m.rows,
+                cols: m.cols,
+                rank: 0,
+                q,
+                l1: Vec::new(),
+                l2: Vec::new(),
+                error,
+                history: Vec::new(),
+            })
+        } else {
+            decompose(&m.w, m.rows, m.cols, cfg, &opts.lq, fisher_of(m))
+        }
+    };
+    let start = Instant::now();
+    let pairs: Vec<(usize, usize)> = (0..mats.len())
+        .flat_map(|i| (0..opts.configs.len()).map(move |c| (i, c)))
+        .collect();
+    let bar = progress_bar(opts.progress, pairs.len() as u64, "measuring configs");
+    let errors: Vec<f64> = pairs
+        .par_iter()
+        .map(|&(i, c)| {
+            let e = run(&mats[i], opts.configs[c]).map(|d| d.error);
+            bar.inc(1);
+            e
+        })
+        .collect::<Result<_, _>>()?;
+    bar.finish_and_clear();
+    let measure_seconds = start.elapsed().as_secs_f64();
+
+    let items: Vec<Item> = mats
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Item {
+            name: m.name.clone(),
+            choices: opts
+                .configs
+                .iter()
+                .enumerate()
+                .map(|(c, cfg)| Choice {
+                    bits: cfg.storage_bits(m.rows * m.cols),
+                    error: errors[i * opts.configs.len() + c],
+                })
+                .collect(),
+        })
+        .collect();
+    let budget = (opts.budget_bits * params as f64).floor() as u64;
+    let alloc = solve_with(
+        &items,
+        budget,
+        &BudgetOptions {
+            params,
+            time_limit_s: opts.ilp_time_limit_s,
+            ..BudgetOptions::default()
+        },
+    )?;
+
+    let bar = progress_bar(opts.progress, mats.len() as u64, "decomposing");
+    let finals: Vec<LqDecomposition> = mats
+        .par_iter()
+        .zip(alloc.picks.par_iter())
+        .map(|(m, &p)| {
+            let d = run(m, opts.configs[p]);
+            bar.inc(1);
+            d
+        })
+        .collect::<Result<_, _>>()?;
+    bar.finish_and_clear();
+
+    // 1. The Q model directory, through merge (a scratch delta of full Q entries).
+    let parent = opts
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let scratch = tempfile_dir(parent)?;
+    let scratch_delta = scratch.join("q.delta");
+    let (info, extra) = crate::files::finetune_files(ckpt, ckpt)?;
+    let mut header = DeltaHeader::new("nf-q", fingerprint_safetensors(&ckpt.weight_files())?, info);
+    header.extra.extend(extra.clone());
+    let mut tensors = Vec::new();
+    for (m, d) in mats.iter().zip(&finals) {
+        let fd = FloatDtype::from_safetensors(m.dtype).expect("checked above");
+        let mut bytes = Vec::new();
+        fd.encode_into(&d.q.dequantize(), &mut bytes);
+        header.tensors.insert(
+            m.name.clone(),
+            TensorEntry::full(&m.name, FullValue::Finetuned, vec![m.rows, m.cols], m.dtype),
+        );
+        tensors.push((
+            m.name.clone(),
+            OwnedTensor::new(m.dtype, vec![m.rows, m.cols], bytes),
+        ));
+    }
+    // Every other tensor unchanged (merge writes what the delta holds).
+    for name in ckpt.tensor_names() {
+        if header.tensors.contains_key(name) {
+            continue;
+        }
+        let raw = ckpt.raw(name)?;
+        header.tensors.insert(
+            name.to_owned(),
+            TensorEntry::full(name, FullValue::Finetuned, raw.shape.to_vec(), raw.dtype),
+        );
+        tensors.push((
+            name.to_owned(),
+            OwnedTensor::new(raw.dtype, raw.shape.to_vec(), raw.data.to_vec()),
+        ));
+    }
+    write_delta(&scratch_delta, &header, tensors, true)?;
+    let merged = crate::merge::merge(
+        ckpt,
+        &DeltaFile::open(&scratch_delta)?,
+        &crate::merge::MergeOptions {
+            out: opts.out.clone(),
+            force: opts.force,
+            max_shard_size: crate::merge::DEFAULT_MAX_SHARD_SIZE,
+            dtype: None,
+            progress: opts.progress,
+        },
+    )?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    drop(merged);
+
+    // 2. The packed codes.
+    write_codes(&opts.out.join(CODES_FILE), &mats, &finals)?;
+
+    // 3. The L1/L2 delta against the Q directory.
+    let mut lowrank_bits = 0u64;
+    let delta = if opts.lq.rank > 0 {
+        let q_ckpt = deltaserve_model::Checkpoint::open(&opts.out)?;
+        let (info, extra) = crate::files::finetune_files(&q_ckpt, &q_ckpt)?;
+        let mut header = DeltaHeader::new(
+            format!(
+                "lqlora:rank={},budget_bits={}",
+                opts.lq.rank, opts.budget_bits
+            ),
+            fingerprint_safetensors(&q_ckpt.weight_files())?,
+            info,
+        );
+        header.extra.extend(extra);
+        header.extra.insert(
+            "lqlora".into(),
+            serde_json::json!({
+                "paper": "arXiv 2311.12023",
+                "base": "the directory this file sits in: Q, NF-quantized (codes in nf_codes.safetensors)",
+                "entries": "lowrank: up = L1 [out, r], down = L2 [r, in]; W ≈ Q + up·down",
+                "rank": opts.lq.rank,
+                "budget_bits": opts.budget_bits,
+                "fisher": fisher.is_some(),
+            }),
+        );
+        let mut tensors = Vec::new();
+        for (m, d) in mats.iter().zip(&finals) {
+            let input = crate::codec::MatrixInput {
+                name: &m.name,
+                rows: m.rows,
+                cols: m.cols,
+                base: &[],
+                finetuned: &[],
+                base_dtype: m.dtype,
+                calibration: None,
+            };
+            let r = d.rank;
+            let enc = crate::codec::EncodedBuilder::new("lowrank", &input)
+                .param("rank", r)
+                .part(
+                    "down",
+                    crate::codec::float_tensor(opts.factor_dtype, vec![r, m.cols], &d.l2),
+                )
+                .part(
+                    "up",
+                    crate::codec::float_tensor(opts.factor_dtype, vec![m.rows, r], &d.l1),
+                )
+                .build();
+            lowrank_bits += (r * (m.rows + m.cols) * opts.factor_dtype.size() * 8) as u64;
+            header.tensors.insert(m.name.clone(), enc.entry);
+            tensors.extend(enc.tensors);
+        }
+        let path = opts.out.join(DELTA_FILE);
+        write_delta(&path, &header, tensors, true)?;
+        Some(path)
+    } else {
+        None
+    };
+
+    let report = DecomposeReport {
+        out: opts.out.clone(),
+        delta,
+        rank: opts.lq.rank,
+        fisher: fisher.is_some(),
+        budget_bits: opts.budget_bits,
+        params,
+        q_bits: finals.iter().map(|d| d.q.storage_bits()).sum(),
+        lowrank_bits,
+        total_error: finals.iter().map(|d| d.error).sum(),
+        ilp_status: format!("{:?}", alloc.status),
+        measure_seconds,
+        solve_seconds: alloc.solve_seconds,
+        matrices: mats
+            .iter()
+            .zip(&finals)
+            .zip(&alloc.picks)
+            .map(|((m, d), &p)| MatrixChoice {
+                name: m.name.clone(),
+                shape: [m.rows, m.cols],
+                config: opts.configs[p].label(),
+                q_bits: d.q.storage_bits(),
+                error: d.error,
+                iterations: d.history.len(),
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec_pretty(&report).expect("report serializes");
+    let path = opts.out.join(REPORT_FILE);
+    deltaserve_format::write_atomic(&path, true, |w| w.write_all(&json))?;
+    Ok(report)
+}
+
+fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b.set_message(msg);
+    b
+}
+
+fn tempfile_dir(parent: &std::path::Path) -> Result<std::path::PathBuf, CodecError> {
+    let dir = parent.join(format!(".deltaserve-decompose-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(CodecError::io("create directory", &dir))?;
+    Ok(dir)
+}
+
+/// `nf_codes.safetensors`: per matrix `{name}.codes` (U8, [`crate::nf::pack_bits`] stream),
+/// `{name}.scale_codes` (U8), `{name}.group_scales` (F32), `{name}.offset` (F32, one value);
+/// the metadata maps each name to `{bits, block_size, shape, storage_bits}`.
+fn write_codes(
+    path: &std::path::Path,
+    mats: &[Matrix],
+    finals: &[LqDecomposition],
+) -> Result<(), CodecError> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(
+        "format".to_owned(),
+        "deltaserve NF codes (LQ-LoRA): codes are a little-endian bit stream, `bits` per weight, \
+         row-major; block scale j = scale_codes[j] * group_scales[j / 256] / 255 + offset; \
+         weight = nf_values(bits)[code] * scale of its block of block_size weights"
+            .to_owned(),
+    );
+    for (m, d) in mats.iter().zip(finals) {
+        let q = &d.q;
+        let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let packed = crate::nf::pack_bits(&q.codes, q.config.bits);
+        owned.push((
+            format!("{}.codes", m.name),
+            Dtype::U8,
+            vec![packed.len()],
+            packed,
+        ));
+        owned.push((
+            format!("{}.scale_codes", m.name),
+            Dtype::U8,
+            vec![q.scale_codes.len()],
+            q.scale_codes.clone(),
+        ));
+        owned.push((
+            format!("{}.group_scales", m.name),
+            Dtype::F32,
+            vec![q.group_scales.len()],
+            f32_bytes(&q.group_scales),
+        ));
+        owned.push((
+            format!("{}.offset", m.name),
+            Dtype::F32,
+            vec![1],
+            f32_bytes(&[q.offset]),
+        ));
+        meta.insert(
+            m.name.clone(),
+            serde_json::json!({
+                "bits": q.config.bits,
+                "block_size": q.config.block_size,
+                "shape": [m.rows, m.cols],
+                "storage_bits": q.storage_bits(),
+            })
+            .to_string(),
+        );
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, dt, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*dt, s.clone(), b).expect("sizes match"),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| CodecError::BadOption {
+        option: "--out",
+        detail: format!("cannot serialize {}: {e}", path.display()),
+    })?;
+    deltaserve_format::write_atomic(path, true, |w| w.write_all(&bytes))?;
+    Ok(())
+}

@@ -35,6 +35,7 @@
 pub mod adapters;
 pub mod data;
 pub mod distill;
+pub mod fisher;
 mod error;
 pub mod finetune;
 pub mod job;

@@ -5,6 +5,7 @@ pub mod bench_serve;
 pub mod calibrate;
 pub mod common;
 pub mod compress;
+pub mod decompose;
 pub mod demo;
 pub mod eval;
 pub mod finetune;
