@@ -593,6 +593,9 @@ pub struct FinetuneOutcome {
     pub losses: Vec<f64>,
     /// Mean seconds per optimizer step.
     pub seconds_per_step: f64,
+    /// Wall seconds of each step of this run (forward, backward and update of all its
+    /// micro-batches; the loss is read back every step, so device work is included).
+    pub step_seconds: Vec<f64>,
     /// Trainable parameters.
     pub trainable_params: usize,
     /// Held-out perplexity of the base, if `eval` was given.
@@ -686,8 +689,12 @@ pub fn finetune(job: &FinetuneJob, progress: &mut dyn Progress) -> Result<Finetu
     let start = ft.step_index();
     progress.start_training(until.saturating_sub(start));
     let t0 = Instant::now();
+    let mut last = Instant::now();
+    let mut step_seconds = Vec::new();
     let trained = ft.train_until(until, job.save_every, Some(&job.checkpoint), |r| {
-        progress.step(r)
+        step_seconds.push(last.elapsed().as_secs_f64());
+        progress.step(r);
+        last = Instant::now();
     });
     progress.end_training();
     let losses = trained?;
@@ -724,6 +731,7 @@ pub fn finetune(job: &FinetuneJob, progress: &mut dyn Progress) -> Result<Finetu
     Ok(FinetuneOutcome {
         losses,
         seconds_per_step,
+        step_seconds,
         trainable_params,
         eval_ppl_base,
         eval_ppl_adapter,
