@@ -110,9 +110,9 @@ impl LinearDelta {
                 s.broadcast_mul(&scale.to_dtype(DType::F32)?)
             }
             LinearDelta::Dense { diff } => diff.to_dtype(DType::F32),
-            LinearDelta::LowRank { down, up } => up
-                .to_dtype(DType::F32)?
-                .matmul(&down.to_dtype(DType::F32)?),
+            LinearDelta::LowRank { down, up } => {
+                up.to_dtype(DType::F32)?.matmul(&down.to_dtype(DType::F32)?)
+            }
         }
     }
 }
@@ -141,9 +141,40 @@ pub struct TenantWeights {
     pub norm: Option<Tensor>,
     /// Fine-tune's output projection (vocab, hidden), if stored and untied.
     pub lm_head: Option<Tensor>,
+    /// Host copies of the sign deltas' scales, per layer and projection, read from the device
+    /// once on first use by the fused multi-tenant path (a device scalar read waits for the
+    /// device; on a 7B model that was 224 waits per tenant per step). A tenant whose scale
+    /// tensors are changed in place after its first mixed-batch forward must be rebuilt;
+    /// calibration builds a fresh `TenantWeights` per step, so it never meets a stale copy.
+    pub sign_scales_host: std::sync::OnceLock<Vec<[Option<f32>; 7]>>,
 }
 
 impl TenantWeights {
+    /// The scale of layer `l`'s projection `k` if it is a sign delta, from the host copy
+    /// ([`TenantWeights::sign_scales_host`]), reading all scales from the device on first use.
+    pub fn sign_scale_host(&self, l: usize, k: usize) -> candle_core::Result<Option<f32>> {
+        if self.sign_scales_host.get().is_none() {
+            let mut all = Vec::with_capacity(self.layers.len());
+            for layer in &self.layers {
+                let mut row = [None; 7];
+                for (slot, d) in row.iter_mut().zip(&layer.linears) {
+                    if let Some(LinearDelta::Sign { scale, .. }) = d {
+                        let v = scale.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+                        *slot = Some(v.get(0)?.to_scalar::<f32>()?);
+                    }
+                }
+                all.push(row);
+            }
+            // Another thread may have filled it meanwhile with the same values.
+            let _ = self.sign_scales_host.set(all);
+        }
+        Ok(self
+            .sign_scales_host
+            .get()
+            .and_then(|all| all.get(l))
+            .and_then(|row| row[k]))
+    }
+
     /// A tenant that changes nothing, sized for `layers` decoder layers.
     pub fn empty(layers: usize) -> Self {
         Self {
