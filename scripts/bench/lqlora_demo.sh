@@ -14,7 +14,7 @@ PPL="eval ppl --data $DATA --seq-len 512 --stride 512 --json"
 mkdir -p "$OUT"
 echo "base: $($BIN $PPL --model assets/demo/base)" | tee "$OUT/results.txt"
 for b in $BUDGETS; do
-  for fisher in "" "--fisher --data assets/demo/data/calib.txt"; do
+  for fisher in "" "--fisher --data assets/demo/data/calib.txt --fisher-windows 16"; do
     tag=$([ -n "$fisher" ] && echo fisher || echo plain)
     $BIN decompose --model assets/demo/base --rank 0 --budget-bits "$b" --configs "$CONFIGS" $fisher \
       --out "$OUT/nf-$b-$tag" --force --quiet

@@ -152,3 +152,41 @@ fn bad_rank_and_shapes_are_errors() {
         .to_string();
     assert!(e.contains("64×31"), "{e}");
 }
+
+/// Decomposition time of one 4096×4096 matrix (rank 64, NF3 with blocks of 64, LQ-LoRA's
+/// setting for Llama-2-7B), for BENCHMARKS.md. Ignored by default (tens of seconds):
+/// `cargo test --release -p deltaserve-codecs --test lqlora -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn time_4096_square() {
+    let n = 4096;
+    let mut rng = StdRng::seed_from_u64(3);
+    let w: Vec<f32> = (0..n * n)
+        .map(|_| 0.02 * rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let cfg = NfConfig::new(3, 64).unwrap();
+    for iters in [1, 5] {
+        let opts = LqOptions {
+            rank: 64,
+            max_iters: iters,
+            rel_tol: 0.0,
+            ..LqOptions::default()
+        };
+        let t = std::time::Instant::now();
+        let d = decompose(&w, n, n, cfg, &opts, None).unwrap();
+        eprintln!(
+            "4096x4096 rank 64 nf3-b64: {} iterations in {:.2} s ({:.2} s/iteration), error {:.4e}",
+            d.history.len(),
+            t.elapsed().as_secs_f64(),
+            t.elapsed().as_secs_f64() / d.history.len() as f64,
+            d.error
+        );
+    }
+    let t = std::time::Instant::now();
+    let q = NfTensor::quantize(&w, cfg);
+    let _ = q.dequantize();
+    eprintln!(
+        "4096x4096 NF quantize+dequantize: {:.3} s",
+        t.elapsed().as_secs_f64()
+    );
+}
