@@ -19,7 +19,7 @@
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CustomOp1, DType, Layout, Shape, Storage, Tensor};
@@ -42,15 +42,30 @@ const GROUP_ROWS: usize = 32;
 /// Columns of `x` per chunk of the tensor-core kernel (`xp` rows are padded to a multiple).
 const TC_CHUNK: usize = 512;
 
+/// Blocks per SM of each `ds_dec_bf16_t{1,2}_r{1,2,4}` kernel, index `2 log2(rt) + tiles - 1`.
+static DEC_OCCUPANCY: [std::sync::OnceLock<usize>; 6] = [const { std::sync::OnceLock::new() }; 6];
+
 /// Which kernel computes a bf16 forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Bf16Path {
-    /// Tensor cores (the default).
+    /// Tensor cores (the default): the split-K kernel (`ds_tc_bf16_*`, one block per feature tile
+    /// and group, 4 warps splitting K), for decode and prefill.
     #[default]
     TensorCore,
+    /// Tensor cores, the pipelined persistent decode kernel (`ds_dec_bf16_t1_*`) for batches of
+    /// up to [`DECODE_MAX_ROWS`] rows when every delta's rows are 16-byte aligned (else split-K).
+    /// Measured slower than split-K on the H100 (BENCHMARKS.md), so it is not the default; kept
+    /// for benchmarks and as the base of further work.
+    Decode,
+    /// As [`Bf16Path::Decode`] with 2 feature tiles per warp (`ds_dec_bf16_t2_*`).
+    DecodeT2,
     /// The CUDA-core kernel that f32 inputs use.
     Simple,
 }
+
+/// With [`Bf16Path::Decode`], batches of up to this many rows take the pipelined decode kernel;
+/// larger ones (prefill) the split-K kernel.
+pub const DECODE_MAX_ROWS: usize = 128;
 
 /// Routing for one launch; mirrors `struct GroupTable` in the `.cu` file field for field.
 #[repr(C)]
@@ -222,6 +237,7 @@ fn forward<T: CudaDType + DeviceRepr>(
     k: usize,
     tables: &[GroupTable],
     path: Bf16Path,
+    base: u64,
 ) -> candle_core::Result<CudaSlice<T>> {
     let x_all = x_storage.as_cuda_slice::<T>()?;
     let x = x_all.slice(x_start..x_start + m * k);
@@ -233,36 +249,66 @@ fn forward<T: CudaDType + DeviceRepr>(
     let w = words_per_row(k);
     let (n_i, k_i, w_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(w, "ceil(K/32)")?);
     let dtype = x_storage.dtype();
-    if dtype == DType::BF16 && path == Bf16Path::TensorCore {
-        let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
-        let chunks = kp / TC_CHUNK;
-        // SAFETY: the prep kernel writes all m * kp values and all m * chunks partial sums.
-        let mut xp = unsafe { dev.alloc::<bf16>(m * kp) }?;
-        let mut corr = unsafe { dev.alloc::<f32>(m * chunks) }?;
+    if base != 0 && (dtype != DType::BF16 || path == Bf16Path::Simple) {
+        candle_core::bail!(
+            "sign matmul (CUDA): a fused base needs bf16 on tensor cores. This is a bug."
+        )
+    }
+    if dtype == DType::BF16 && path != Bf16Path::Simple {
+        let xb = x_storage.as_cuda_slice::<bf16>()?;
+        let (xp, corr, kp) = prep(dev, &xb.slice(x_start..x_start + m * k), m, k)?;
         let kp_i = to_i32(kp, "padded K")?;
-        {
-            let f = dev.get_or_load_custom_func("ds_prep_bf16", MODULE, PTX)?;
-            let mut b = f.builder();
-            b.arg(&x).arg(&mut xp).arg(&mut corr).arg(&k_i).arg(&kp_i);
-            let cfg = LaunchConfig {
-                grid_dim: (to_u32(m)?, to_u32(chunks)?, 1),
-                block_dim: (64, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: arguments match `ds_prep_bf16`; x holds m * k values.
-            unsafe { b.launch(cfg) }.w()?;
-        }
         let sms = multiprocessors(dev);
         for table in tables {
             let aligned = w.is_multiple_of(4)
                 && table.words[..table.n_groups as usize]
                     .iter()
                     .all(|p| p.is_multiple_of(16));
-            let rt = match table.max_group_rows() {
+            let rt: usize = match table.max_group_rows() {
                 0..=8 => 1,
                 9..=16 => 2,
                 _ => 4,
             };
+            if aligned
+                && m <= DECODE_MAX_ROWS
+                && matches!(path, Bf16Path::Decode | Bf16Path::DecodeT2)
+            {
+                let tiles = if path == Bf16Path::DecodeT2 { 2 } else { 1 };
+                let f = dev.get_or_load_custom_func(
+                    &format!("ds_dec_bf16_t{tiles}_r{rt}"),
+                    MODULE,
+                    PTX,
+                )?;
+                // Persistent: as many blocks of 4 warps as fit on the GPU at once, or fewer when
+                // there are fewer items (16 * tiles features of one group) than warps.
+                let items = n.div_ceil(16 * tiles) * table.n_groups as usize;
+                // Asked of the driver once per kernel (it depends on the kernel and the
+                // architecture only).
+                let per_sm = *DEC_OCCUPANCY[2 * (rt.trailing_zeros() as usize) + tiles - 1]
+                    .get_or_init(|| {
+                        f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
+                            .map_or(4, |b| b.max(1) as usize)
+                    });
+                let blocks = items.div_ceil(4).min(per_sm * sms).max(1);
+                let mut b = f.builder();
+                b.arg(table)
+                    .arg(&xp)
+                    .arg(&corr)
+                    .arg(&base)
+                    .arg(&mut y)
+                    .arg(&n_i)
+                    .arg(&w_i)
+                    .arg(&kp_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (to_u32(blocks)?, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: arguments match `ds_dec_bf16_*`; the table's rows are < m, its words
+                // [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or holds m * n bf16.
+                unsafe { b.launch(cfg) }.w()?;
+                continue;
+            }
             let groups = table.n_groups as usize;
             // The widest tile that still gives every SM two blocks.
             let mut tiles = 1;
@@ -281,6 +327,7 @@ fn forward<T: CudaDType + DeviceRepr>(
             b.arg(table)
                 .arg(&xp)
                 .arg(&corr)
+                .arg(&base)
                 .arg(&mut y)
                 .arg(&n_i)
                 .arg(&w_i)
@@ -314,6 +361,205 @@ fn forward<T: CudaDType + DeviceRepr>(
         }
     }
     Ok(y)
+}
+
+/// Runs `ds_prep_bf16`: `x` (m, k) bf16 scaled and rearranged for the tensor-core kernels (`xp`,
+/// rows padded to `kp`), and the per-chunk correction sums.
+fn prep(
+    dev: &CudaDevice,
+    x: &CudaView<'_, bf16>,
+    m: usize,
+    k: usize,
+) -> candle_core::Result<(CudaSlice<bf16>, CudaSlice<f32>, usize)> {
+    let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
+    let chunks = kp / TC_CHUNK;
+    // SAFETY: the prep kernel writes all m * kp values and all m * chunks partial sums.
+    let mut xp = unsafe { dev.alloc::<bf16>(m * kp) }?;
+    let mut corr = unsafe { dev.alloc::<f32>(m * chunks) }?;
+    let (k_i, kp_i) = (to_i32(k, "K")?, to_i32(kp, "padded K")?);
+    let f = dev.get_or_load_custom_func("ds_prep_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(x).arg(&mut xp).arg(&mut corr).arg(&k_i).arg(&kp_i);
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(m)?, to_u32(chunks)?, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match `ds_prep_bf16`; x holds m * k values.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((xp, corr, kp))
+}
+
+/// Whether the fused kernel ([`delta_linear_fused`]) applies: bf16 `x` (M ≤ 32 rows) and base
+/// weight on CUDA, `K % 8 == 0`, `ceil(K/32) % 4 == 0`, 16-byte aligned starts, and every group
+/// in one launch (at most 32 distinct tenants, counting the base-only rows as one).
+pub fn fused_ok(
+    x: &Tensor,
+    w_base: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> bool {
+    let aligned = |t: &Tensor, bytes: usize| {
+        t.is_contiguous() && (t.layout().start_offset() * bytes).is_multiple_of(16)
+    };
+    let Some(first) = deltas.first() else {
+        return false;
+    };
+    let k = first.k();
+    let mut used: Vec<Option<u32>> = row_slot.to_vec();
+    used.sort_unstable();
+    used.dedup();
+    x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && w_base.dtype() == DType::BF16
+        && row_slot.len() <= GROUP_ROWS
+        && k.is_multiple_of(8)
+        && words_per_row(k).is_multiple_of(4)
+        && used.len() <= MAX_GROUPS
+        && aligned(x, 2)
+        && aligned(w_base, 2)
+        && deltas.iter().all(|d| aligned(d.signs().words(), 4))
+}
+
+/// [`crate::delta_linear`] on the one-kernel path whatever the batch (`ds_fused_bf16_*`: the base
+/// weight and every tenant's bits read in one pass), for tests and benchmarks; an error where
+/// [`fused_ok`] is false.
+pub fn delta_linear_fused(
+    x: &Tensor,
+    w_base: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<Tensor> {
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    let (m, k) = x.dims2()?;
+    if w_base.dims() != [first.n(), k] || k != first.k() || row_slot.len() != m {
+        candle_core::bail!(
+            "delta_linear_fused: x {:?}, w_base {:?}, {} row slots do not match the deltas' [{}, {}]",
+            x.dims(),
+            w_base.dims(),
+            row_slot.len(),
+            first.n(),
+            first.k()
+        )
+    }
+    if !fused_ok(x, w_base, row_slot, deltas) {
+        candle_core::bail!("delta_linear_fused: this batch does not fit the fused kernel (bf16, M <= 32, K % 8 == 0, ceil(K/32) % 4 == 0, <= 32 groups); use delta_linear")
+    }
+    crate::ops::delta_linear_fused_op(x, w_base, row_slot, deltas)
+}
+
+/// `cuda_fwd` of [`crate::delta_linear`] on the fused kernel (the caller checked [`fused_ok`] and
+/// the shapes).
+pub(crate) fn delta_linear_fwd(
+    x: &CudaStorage,
+    x_layout: &Layout,
+    w: &CudaStorage,
+    w_layout: &Layout,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    let (n, k) = (first.n(), first.k());
+    let m = row_slot.len();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut locks = Vec::new();
+    let mut base_rows = Vec::new();
+    let mut slot_group: Vec<Option<usize>> = vec![None; deltas.len()];
+    for (row, slot) in row_slot.iter().enumerate() {
+        match *slot {
+            None => base_rows.push(row),
+            Some(slot) => {
+                let s = slot as usize;
+                let delta = deltas.get(s).ok_or(KernelError::SlotOutOfRange {
+                    row,
+                    slot,
+                    num_deltas: deltas.len(),
+                })?;
+                if (delta.n(), delta.k()) != (n, k) {
+                    return Err(KernelError::DeltaShapeMismatch {
+                        index: s,
+                        n: delta.n(),
+                        k: delta.k(),
+                        n0: n,
+                        k0: k,
+                    }
+                    .into());
+                }
+                let g = match slot_group[s] {
+                    Some(g) => g,
+                    None => {
+                        let words = DeviceWords::new(delta.signs(), dev, "delta_linear")?;
+                        groups.push(Group {
+                            words: words.address(dev)?,
+                            scale: delta.scale(),
+                            rows: Vec::new(),
+                        });
+                        locks.push(words);
+                        slot_group[s] = Some(groups.len() - 1);
+                        groups.len() - 1
+                    }
+                };
+                groups[g].rows.push(row);
+            }
+        }
+    }
+    if !base_rows.is_empty() {
+        groups.push(Group {
+            words: 0,
+            scale: 0.0,
+            rows: base_rows,
+        });
+    }
+    let tables = group_tables(&groups)?;
+    if tables.len() > 1 || m > GROUP_ROWS {
+        candle_core::bail!(
+            "delta_linear: {m} rows in {} groups do not fit one fused launch. This is a bug.",
+            groups.len()
+        )
+    }
+    let (xs, xstart) = (x.as_cuda_slice::<bf16>()?, x_layout.start_offset());
+    let (ws, wstart) = (w.as_cuda_slice::<bf16>()?, w_layout.start_offset());
+    let xv = xs.slice(xstart..xstart + m * k);
+    let wv = ws.slice(wstart..wstart + n * k);
+    // SAFETY: every block writes its 16 features of all m rows.
+    let mut y = unsafe { dev.alloc::<bf16>(m * n) }?;
+    if m > 0 && n > 0 {
+        let (xp, corr, kp) = prep(dev, &xv, m, k)?;
+        let rt = m.div_ceil(8).max(1);
+        let f = dev.get_or_load_custom_func(&format!("ds_fused_bf16_r{rt}"), MODULE, PTX)?;
+        let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
+        let (w_i, kp_i) = (
+            to_i32(words_per_row(k), "ceil(K/32)")?,
+            to_i32(kp, "padded K")?,
+        );
+        let table = tables.first().copied().unwrap_or(GroupTable::empty(false));
+        let mut b = f.builder();
+        b.arg(&table)
+            .arg(&xv)
+            .arg(&wv)
+            .arg(&xp)
+            .arg(&corr)
+            .arg(&mut y)
+            .arg(&m_i)
+            .arg(&n_i)
+            .arg(&k_i)
+            .arg(&w_i)
+            .arg(&kp_i);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(n.div_ceil(16))?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match `ds_fused_bf16_r*`; x is (m, k), w (n, k), words (n, w) with
+        // the alignment `fused_ok` checked.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    drop(locks);
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        Shape::from((m, n)),
+    ))
 }
 
 fn multiprocessors(dev: &CudaDevice) -> usize {
@@ -382,7 +628,7 @@ pub(crate) fn sign_matmul_t_fwd(
     let y = dispatch!(
         storage.dtype(),
         dev,
-        forward(dev, x, start, m, n, k, &tables, path)
+        forward(dev, x, start, m, n, k, &tables, path, 0)
     );
     drop(words);
     Ok((y, with_last_dim(layout, n)))
@@ -396,6 +642,44 @@ pub(crate) fn tenant_delta_matmul_fwd(
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
     path: Bf16Path,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    tenant_delta_fwd(storage, layout, row_slot, deltas, path, None)
+}
+
+/// `cuda_fwd` of [`crate::tenant_delta_matmul_add`]: `base + tenant_delta_matmul(x, ..)` with the
+/// add fused into the kernel's store (bf16 `x` and `base`; the public function checked the
+/// shapes and dtypes).
+pub(crate) fn tenant_delta_matmul_add_fwd(
+    x: &CudaStorage,
+    x_layout: &Layout,
+    base: &CudaStorage,
+    base_layout: &Layout,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    path: Bf16Path,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    if x.dtype() != DType::BF16 || base.dtype() != DType::BF16 || path == Bf16Path::Simple {
+        candle_core::bail!(
+            "tenant_delta_matmul_add on CUDA: bf16 x and base on tensor cores only. This is a bug."
+        )
+    }
+    tenant_delta_fwd(
+        x,
+        x_layout,
+        row_slot,
+        deltas,
+        path,
+        Some((base, base_layout)),
+    )
+}
+
+fn tenant_delta_fwd(
+    storage: &CudaStorage,
+    layout: &Layout,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    path: Bf16Path,
+    base: Option<(&CudaStorage, &Layout)>,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = storage.device();
     let first = deltas.first().ok_or(KernelError::NoDeltas)?;
@@ -453,10 +737,21 @@ pub(crate) fn tenant_delta_matmul_fwd(
     let tables = group_tables(&groups)?;
     let (copy, start) = contiguous(storage, layout)?;
     let x = copy.as_ref().unwrap_or(storage);
+    // The base as a device address of m * n contiguous bf16 values (0: none).
+    let base_copy;
+    let mut base_addr = 0u64;
+    if let Some((bs, bl)) = base {
+        let (c, bstart) = contiguous(bs, bl)?;
+        base_copy = c;
+        let b = base_copy.as_ref().unwrap_or(bs).as_cuda_slice::<bf16>()?;
+        let stream = dev.cuda_stream();
+        let (ptr, _sync) = b.device_ptr(&stream);
+        base_addr = ptr + 2 * bstart as u64;
+    }
     let y = dispatch!(
         storage.dtype(),
         dev,
-        forward(dev, x, start, m, n, k, &tables, path)
+        forward(dev, x, start, m, n, k, &tables, path, base_addr)
     );
     drop(locks);
     Ok((y, with_last_dim(layout, n)))
@@ -556,6 +851,34 @@ pub fn tenant_delta_matmul_with(
     if !x.device().is_cuda() || path == Bf16Path::TensorCore {
         return crate::tenant_delta_matmul(x, row_slot, deltas);
     }
+    check_tenant_args(x, row_slot, deltas)?;
+    x.apply_op1_no_bwd(&TenantDeltaMatmulWith {
+        row_slot,
+        deltas,
+        path,
+    })
+}
+
+/// [`crate::tenant_delta_matmul_add`] with a chosen tensor-core kernel ([`Bf16Path::Simple`] and
+/// inputs that are not bf16 on CUDA take the unfused `base + delta`).
+pub fn tenant_delta_matmul_add_with(
+    base: &Tensor,
+    x: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    path: Bf16Path,
+) -> candle_core::Result<Tensor> {
+    if path == Bf16Path::Simple || !x.device().is_cuda() || x.dtype() != DType::BF16 {
+        return base.add(&tenant_delta_matmul_with(x, row_slot, deltas, path)?);
+    }
+    crate::ops::tenant_delta_matmul_add_path(base, x, row_slot, deltas, path)
+}
+
+fn check_tenant_args(
+    x: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<()> {
     let first = deltas.first().ok_or(KernelError::NoDeltas)?;
     let (m, k) = x.dims2()?;
     if k != first.k() {
@@ -574,11 +897,7 @@ pub fn tenant_delta_matmul_with(
         }
         .into());
     }
-    x.apply_op1_no_bwd(&TenantDeltaMatmulWith {
-        row_slot,
-        deltas,
-        path,
-    })
+    Ok(())
 }
 
 struct SignMatmulTWith<'a> {

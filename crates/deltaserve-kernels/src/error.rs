@@ -94,6 +94,14 @@ pub enum KernelError {
     /// No deltas: the output width `N` is unknown.
     #[error("tenant_delta_matmul: no deltas given, so the output width N is unknown")]
     NoDeltas,
+    /// `tenant_delta_matmul_add`: the base output does not match `(M, N)` and `x`'s dtype.
+    #[error("tenant_delta_matmul_add: base is {got} but must be {want} (x · W_baseᵀ for the same rows, x's dtype)")]
+    BaseShape {
+        /// What the base is (shape and dtype).
+        got: String,
+        /// What it must be.
+        want: String,
+    },
 
     // === Dispatch ===
     /// A SIMD level was forced that this CPU lacks.

@@ -21,7 +21,10 @@
 //!   chosen at run time ([`cpu::SimdLevel`]), multi-threaded with rayon.
 //! - [`ops`] (re-exported here): the kernels as candle ops. [`sign_matmul_t`] (`x · Sᵀ`, with a
 //!   backward pass for training), [`sign_matmul_n`] (`g · S`, its gradient) and
-//!   [`tenant_delta_matmul`] (many tenants in one batch, scales fused, forward only).
+//!   [`tenant_delta_matmul`] (many tenants in one batch, scales fused, forward only) and
+//!   [`tenant_delta_matmul_add`] (the same plus the base product, added in the kernel's store),
+//!   and [`delta_linear`] (a whole delta linear layer, `x · W_baseᵀ` included: one fused kernel
+//!   at decode on CUDA).
 //!
 //! With the `cuda` feature, the `cuda` module gives each op a `cuda_fwd`: sm_90 kernels compiled
 //! by `build.rs`, tensor cores for bf16 inputs, checked against the reference by `tests/cuda.rs`
@@ -58,5 +61,7 @@ pub mod reference;
 mod signs;
 
 pub use error::KernelError;
-pub use ops::{sign_matmul_n, sign_matmul_t, tenant_delta_matmul};
+pub use ops::{
+    delta_linear, sign_matmul_n, sign_matmul_t, tenant_delta_matmul, tenant_delta_matmul_add,
+};
 pub use signs::{words_per_row, SignBits, SignDelta, SignsView};

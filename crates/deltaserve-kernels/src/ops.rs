@@ -75,6 +75,243 @@ pub fn tenant_delta_matmul(
     x.apply_op1_no_bwd(&TenantDeltaMatmul { row_slot, deltas })
 }
 
+/// `base + tenant_delta_matmul(x, row_slot, deltas)`: a whole delta linear layer once the
+/// caller has the base product `base = x · W_baseᵀ` (`(M, N)`, `x`'s dtype).
+///
+/// On CUDA with bf16 inputs the add is fused into the delta kernel's store (one kernel instead of
+/// two, and `y` is written once), which matters at decode, where the delta part is a few
+/// microseconds; base-only rows get `base` itself. Elsewhere it is the plain sum. Forward only.
+pub fn tenant_delta_matmul_add(
+    base: &Tensor,
+    x: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 {
+        return tenant_delta_matmul_add_path(base, x, row_slot, deltas, Default::default());
+    }
+    let y = tenant_delta_matmul(x, row_slot, deltas)?;
+    check_base(base, &y)?;
+    base.add(&y)
+}
+
+/// A whole delta linear layer: `x · W_baseᵀ + tenant_delta_matmul(x, row_slot, deltas)`, with
+/// `x (M, K)` and `w_base (N, K)`.
+///
+/// On CUDA, for a decode batch of one row, or of at most [`FUSED_MAX_ROWS`] rows when
+/// `N <= 8192`, that all use one tenant (or the base), bf16, `K % 8 == 0` and `ceil(K/32) % 4 == 0`, one kernel reads the base weight and
+/// the tenant's bits in one pass (the base product on tensor cores too):
+/// [`crate::cuda::delta_linear_fused`]. That kernel takes up to 32 rows and 32 tenants, but on
+/// the H100 it beat the unfused step only for one tenant and few rows (BENCHMARKS.md), so other
+/// batches take candle's matmul and then [`tenant_delta_matmul_add`]. Forward only.
+pub fn delta_linear(
+    x: &Tensor,
+    w_base: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<Tensor> {
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    let (m, k) = x.dims2()?;
+    if w_base.dims() != [first.n(), k] || k != first.k() {
+        return Err(KernelError::BaseShape {
+            got: format!("x {:?}, w_base {:?}", x.dims(), w_base.dims()),
+            want: format!(
+                "x [{m}, {}], w_base [{}, {}] (the deltas' shape)",
+                first.k(),
+                first.n(),
+                first.k()
+            ),
+        }
+        .into());
+    }
+    if row_slot.len() != m {
+        return Err(KernelError::RowSlotLength {
+            m,
+            got: row_slot.len(),
+        }
+        .into());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let mut tenants: Vec<u32> = row_slot.iter().flatten().copied().collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        // Measured on the H100: the fused kernel wins at M = 1 on every 7B shape, and at M = 8
+        // except for N = 11008 (688 blocks of 16 features, 1.3 waves).
+        if (m == 1 || (m <= FUSED_MAX_ROWS && first.n() <= 8192))
+            && tenants.len() <= 1
+            && crate::cuda::fused_ok(x, w_base, row_slot, deltas)
+        {
+            return delta_linear_fused_op(x, w_base, row_slot, deltas);
+        }
+    }
+    let base = x.matmul(&w_base.t()?)?;
+    tenant_delta_matmul_add(&base, x, row_slot, deltas)
+}
+
+/// [`delta_linear`] takes the one-kernel CUDA path for batches of at most this many rows (and one
+/// tenant).
+pub const FUSED_MAX_ROWS: usize = 8;
+
+/// Applies the fused op (the caller checked `cuda::fused_ok` and the shapes).
+#[cfg(feature = "cuda")]
+pub(crate) fn delta_linear_fused_op(
+    x: &Tensor,
+    w_base: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(w_base, &DeltaLinear { row_slot, deltas })
+}
+
+/// The fused decode layer; see [`delta_linear`].
+#[cfg(feature = "cuda")]
+struct DeltaLinear<'a> {
+    row_slot: &'a [Option<u32>],
+    deltas: &'a [&'a SignDelta],
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for DeltaLinear<'_> {
+    fn name(&self) -> &'static str {
+        "delta_linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("delta_linear: CPU inputs take the unfused path. This is a bug.")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        w: &candle_core::CudaStorage,
+        w_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::delta_linear_fwd(x, x_layout, w, w_layout, self.row_slot, self.deltas)
+    }
+}
+
+fn check_base(base: &Tensor, like: &Tensor) -> candle_core::Result<()> {
+    if base.dims() != like.dims() || base.dtype() != like.dtype() {
+        return Err(KernelError::BaseShape {
+            got: format!("{:?} {:?}", base.dtype(), base.dims()),
+            want: format!("{:?} {:?}", like.dtype(), like.dims()),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The fused CUDA form of [`tenant_delta_matmul_add`] with a chosen tensor-core kernel.
+#[cfg(feature = "cuda")]
+pub(crate) fn tenant_delta_matmul_add_path(
+    base: &Tensor,
+    x: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    path: crate::cuda::Bf16Path,
+) -> candle_core::Result<Tensor> {
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    let (m, k) = x.dims2()?;
+    if k != first.k() {
+        return Err(KernelError::InputLength {
+            op: "tenant_delta_matmul_add",
+            what: "x last dim",
+            expected: first.k(),
+            got: k,
+        }
+        .into());
+    }
+    if row_slot.len() != m {
+        return Err(KernelError::RowSlotLength {
+            m,
+            got: row_slot.len(),
+        }
+        .into());
+    }
+    if base.dims() != [m, first.n()]
+        || base.dtype() != x.dtype()
+        || !base.device().same_device(x.device())
+    {
+        return Err(KernelError::BaseShape {
+            got: format!(
+                "{:?} {:?} on {:?}",
+                base.dtype(),
+                base.dims(),
+                base.device().location()
+            ),
+            want: format!(
+                "{:?} [{m}, {}] on {:?}",
+                x.dtype(),
+                first.n(),
+                x.device().location()
+            ),
+        }
+        .into());
+    }
+    x.apply_op2_no_bwd(
+        base,
+        &TenantDeltaMatmulAdd {
+            row_slot,
+            deltas,
+            path,
+        },
+    )
+}
+
+/// The fused multi-tenant forward with the base added; see [`tenant_delta_matmul_add`].
+#[cfg(feature = "cuda")]
+struct TenantDeltaMatmulAdd<'a> {
+    row_slot: &'a [Option<u32>],
+    deltas: &'a [&'a SignDelta],
+    path: crate::cuda::Bf16Path,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for TenantDeltaMatmulAdd<'_> {
+    fn name(&self) -> &'static str {
+        "tenant_delta_matmul_add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "tenant_delta_matmul_add: CPU inputs take the unfused sum. This is a bug."
+        )
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        base: &candle_core::CudaStorage,
+        base_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::tenant_delta_matmul_add_fwd(
+            x,
+            x_layout,
+            base,
+            base_layout,
+            self.row_slot,
+            self.deltas,
+            self.path,
+        )
+    }
+}
+
 fn check_last_dim(t: &Tensor, expected: usize, op: &'static str) -> candle_core::Result<()> {
     let got = t.dims().last().copied().unwrap_or(1);
     if t.rank() == 0 || got != expected {

@@ -17,7 +17,10 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
-use deltaserve_kernels::cuda::{sign_matmul_t_with, tenant_delta_matmul_with, Bf16Path};
+use deltaserve_kernels::cuda::{
+    delta_linear_fused, fused_ok, sign_matmul_t_with, tenant_delta_matmul_add_with,
+    tenant_delta_matmul_with, Bf16Path,
+};
 use deltaserve_kernels::reference::{
     sign_matmul_n_ref, sign_matmul_t_ref, tenant_delta_matmul_ref,
 };
@@ -301,13 +304,17 @@ fn tenant_case(
 fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(6);
-    for &k in &[1usize, 33, 257, 1000, 4096 + 17] {
+    // K = 100, 1000 and 4091 have ceil(K/32) % 4 == 0, which the pipelined decode kernel
+    // (`Bf16Path::Decode*`) needs; the others take the split-K kernel whatever the path.
+    for &k in &[1usize, 33, 100, 257, 1000, 4091, 4096 + 17] {
         for &n in &[3usize, 65, 300] {
             for &m in &MS {
                 let (deltas, cpu_deltas, row_slot) = tenant_case(&mut rng, &dev, m, n, k, 3);
                 let refs: Vec<&SignDelta> = deltas.iter().collect();
                 for (dtype, path) in [
                     (DType::BF16, Bf16Path::TensorCore),
+                    (DType::BF16, Bf16Path::Decode),
+                    (DType::BF16, Bf16Path::DecodeT2),
                     (DType::BF16, Bf16Path::Simple),
                     (DType::F32, Bf16Path::TensorCore),
                     (DType::F16, Bf16Path::TensorCore),
@@ -351,6 +358,7 @@ fn tenant_delta_matmul_many_rows_per_tenant_and_many_tenants() {
     // takes), a prefill-sized batch of 600 rows over 5 tenants (more rows than a launch takes).
     for (m, n, k, num_deltas, all_one) in [
         (70, 65, 4096, 1, true),
+        (128, 300, 1024, 40, false),
         (64, 300, 257, 40, false),
         (600, 65, 1000, 5, false),
     ] {
@@ -368,6 +376,116 @@ fn tenant_delta_matmul_many_rows_per_tenant_and_many_tenants() {
             assert!(
                 err < tol(dtype),
                 "{dtype:?} M={m} N={n} K={k} D={num_deltas}: {err:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tenant_delta_matmul_add_fuses_the_base_on_every_tensor_core_kernel() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(8);
+    // Decode sizes on the pipelined kernel (aligned K), one on the split-K fallback (K = 257),
+    // and 40 tenants (two launches).
+    for (m, n, k, num_deltas) in [
+        (1, 65, 1000, 1),
+        (17, 300, 4091, 3),
+        (64, 65, 257, 3),
+        (96, 130, 1024, 40),
+    ] {
+        let (deltas, cpu_deltas, row_slot) = tenant_case(&mut rng, &dev, m, n, k, num_deltas);
+        let refs: Vec<&SignDelta> = deltas.iter().collect();
+        let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
+        let (base, br) = random_x(&mut rng, &[m, n], DType::BF16);
+        let delta = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+        let want: Vec<f32> = br
+            .iter()
+            .zip(&delta)
+            .map(|(b, d)| (f64::from(*b) + f64::from(*d)) as f32)
+            .collect();
+        let (x, base) = (x.to_device(&dev).unwrap(), base.to_device(&dev).unwrap());
+        for path in [Bf16Path::TensorCore, Bf16Path::Decode, Bf16Path::DecodeT2] {
+            poison(&dev, m * n, DType::BF16);
+            let y = tenant_delta_matmul_add_with(&base, &x, &row_slot, &refs, path).unwrap();
+            let got = flat(&y);
+            let err = rel_err(&got, &want);
+            assert!(
+                err < tol(DType::BF16),
+                "{path:?} M={m} N={n} K={k}: {err:.2e}"
+            );
+            for (row, slot) in row_slot.iter().enumerate() {
+                if slot.is_none() {
+                    assert_eq!(
+                        got[row * n..(row + 1) * n],
+                        br[row * n..(row + 1) * n],
+                        "{path:?}: base-only row {row} is not the base"
+                    );
+                }
+            }
+        }
+        // The public op takes the fused default path.
+        let y = deltaserve_kernels::tenant_delta_matmul_add(&base, &x, &row_slot, &refs).unwrap();
+        assert!(rel_err(&flat(&y), &want) < tol(DType::BF16));
+    }
+}
+
+#[test]
+fn delta_linear_fused_matches_base_plus_reference_delta() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(9);
+    // Fused: M <= 32, K % 8 == 0 and ceil(K/32) % 4 == 0 (K = 1000, 4088, 128); 32 one-row
+    // tenants; N not a multiple of 16. Not fused (the fallback must agree): K = 257, M = 40.
+    for (m, n, k, num_deltas) in [
+        (1, 65, 1000, 1),
+        (8, 300, 4088, 3),
+        (32, 33, 128, 32),
+        (32, 17, 1000, 5),
+        (5, 65, 257, 2),
+        (40, 65, 1000, 3),
+    ] {
+        let (deltas, cpu_deltas, mut row_slot) = tenant_case(&mut rng, &dev, m, n, k, num_deltas);
+        if num_deltas == 32 {
+            row_slot = (0..m as u32).map(Some).collect();
+        }
+        let refs: Vec<&SignDelta> = deltas.iter().collect();
+        let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
+        let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05f32..0.05)).collect();
+        let w = Tensor::from_vec(wv, (n, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let wr = flat(&w);
+        let delta = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for o in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|c| f64::from(xr[i * k + c]) * f64::from(wr[o * k + c]))
+                    .sum();
+                want[i * n + o] = (dot + f64::from(delta[i * n + o])) as f32;
+            }
+        }
+        let (xd, wd) = (x.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
+        let fusable = fused_ok(&xd, &wd, &row_slot, &refs);
+        assert_eq!(fusable, k != 257 && m <= 32, "M={m} K={k}");
+        // The routed op, then the fused kernel itself wherever it applies.
+        let mut runs = vec![("delta_linear", {
+            poison(&dev, m * n, DType::BF16);
+            deltaserve_kernels::delta_linear(&xd, &wd, &row_slot, &refs).unwrap()
+        })];
+        if fusable {
+            poison(&dev, m * n, DType::BF16);
+            runs.push((
+                "fused",
+                delta_linear_fused(&xd, &wd, &row_slot, &refs).unwrap(),
+            ));
+        }
+        for (what, y) in runs {
+            assert_eq!(y.dims(), [m, n]);
+            let err = rel_err(&flat(&y), &want);
+            assert!(
+                err < tol(DType::BF16),
+                "{what} M={m} N={n} K={k} D={num_deltas} slots {row_slot:?}: {err:.2e}"
             );
         }
     }

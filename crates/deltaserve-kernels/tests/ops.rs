@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor, Var};
 use deltaserve_kernels::reference::{sign_matmul_t_ref, tenant_delta_matmul_ref, unpack_to_f32};
 use deltaserve_kernels::{
-    sign_matmul_n, sign_matmul_t, tenant_delta_matmul, words_per_row, SignBits, SignDelta,
+    delta_linear, sign_matmul_n, sign_matmul_t, tenant_delta_matmul, tenant_delta_matmul_add,
+    words_per_row, SignBits, SignDelta,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -239,6 +240,74 @@ fn tenant_delta_matmul_op_matches_reference_mixed_slots() {
         let err = rel_err(&flat(&y), &reference);
         assert!(err < tol, "{dtype:?}: relative error {err:.2e}");
     }
+}
+
+#[test]
+fn tenant_delta_matmul_add_is_base_plus_the_reference_delta() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let (n, k) = (65, 100);
+    let deltas: Vec<SignDelta> = [0.25f32, -1.5]
+        .iter()
+        .map(|s| SignDelta::new(random_signs(&mut rng, n, k).1, *s))
+        .collect();
+    let refs: Vec<&SignDelta> = deltas.iter().collect();
+    let row_slot = [Some(1), None, Some(0), Some(1)];
+    let x = random_tensor(&mut rng, &[row_slot.len(), k]);
+    let base = random_tensor(&mut rng, &[row_slot.len(), n]);
+    let delta = tenant_delta_matmul_ref(&flat(&x), &row_slot, &deltas, n, k).unwrap();
+    // Independent sum in f64: base + reference delta.
+    let want: Vec<f32> = flat(&base)
+        .iter()
+        .zip(&delta)
+        .map(|(b, d)| (f64::from(*b) + f64::from(*d)) as f32)
+        .collect();
+    let y = tenant_delta_matmul_add(&base, &x, &row_slot, &refs).unwrap();
+    let err = rel_err(&flat(&y), &want);
+    assert!(err < F32_TOL, "relative error {err:.2e}");
+    // Base-only row 1 is the base itself.
+    assert_eq!(flat(&y)[n..2 * n], flat(&base)[n..2 * n]);
+    let wrong = random_tensor(&mut rng, &[row_slot.len(), n + 1]);
+    let err = tenant_delta_matmul_add(&wrong, &x, &row_slot, &refs)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("base is") && err.contains("66"), "{err}");
+}
+
+#[test]
+fn delta_linear_is_the_base_product_plus_the_delta() {
+    let mut rng = StdRng::seed_from_u64(18);
+    let (n, k) = (33, 70);
+    let deltas: Vec<SignDelta> = [0.5f32, -0.125]
+        .iter()
+        .map(|s| SignDelta::new(random_signs(&mut rng, n, k).1, *s))
+        .collect();
+    let refs: Vec<&SignDelta> = deltas.iter().collect();
+    let row_slot = [None, Some(0), Some(1), Some(0)];
+    let m = row_slot.len();
+    let x = random_tensor(&mut rng, &[m, k]);
+    let w = random_tensor(&mut rng, &[n, k]);
+    let (xs, ws) = (flat(&x), flat(&w));
+    let delta = tenant_delta_matmul_ref(&xs, &row_slot, &deltas, n, k).unwrap();
+    // x · Wᵀ in f64 loops, independent of candle's matmul.
+    let mut want = vec![0f32; m * n];
+    for i in 0..m {
+        for o in 0..n {
+            let dot: f64 = (0..k)
+                .map(|c| f64::from(xs[i * k + c]) * f64::from(ws[o * k + c]))
+                .sum();
+            want[i * n + o] = (dot + f64::from(delta[i * n + o])) as f32;
+        }
+    }
+    let y = delta_linear(&x, &w, &row_slot, &refs).unwrap();
+    let err = rel_err(&flat(&y), &want);
+    assert!(err < F32_TOL, "relative error {err:.2e}");
+    let err = delta_linear(&x, &w.narrow(0, 0, n - 1).unwrap(), &row_slot, &refs)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("w_base [32, 70]") && err.contains("[33, 70]"),
+        "{err}"
+    );
 }
 
 #[test]

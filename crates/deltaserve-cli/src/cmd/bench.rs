@@ -13,6 +13,13 @@
 //!   (median of `--iters` replays), so launch gaps do not count; if capture fails, the calls are
 //!   timed back to back with events instead (the output says which). On the CPU: host clock,
 //!   median of `--iters` calls.
+//! - on CUDA, the other kernels run in the same process beside the default one, so every
+//!   comparison is same run, same card: "ours" is the default (split-K) tensor-core kernel,
+//!   "dec T1" / "dec T2" the pipelined persistent decode kernel (`Bf16Path::Decode*`, one or two
+//!   feature tiles per warp); the decode step is timed unfused (base GEMV, delta, add: as the
+//!   model runs it), with the add fused into the delta kernel's store (base GEMV, then
+//!   `tenant_delta_matmul_add`), and as one kernel (`cuda::delta_linear_fused`: base weight and
+//!   bits in one pass; `delta_linear` takes it only where it wins).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,7 +27,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args as ClapArgs, Subcommand};
-use deltaserve_kernels::{tenant_delta_matmul, words_per_row, SignDelta};
+use deltaserve_kernels::{tenant_delta_matmul, tenant_delta_matmul_add, words_per_row, SignDelta};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -59,6 +66,10 @@ struct KernelArgs {
     /// Also write every number as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also time the CUDA-core kernel (`Bf16Path::Simple`, what f32 inputs take): 10-40x slower
+    /// than the tensor-core kernels, so off by default to save GPU time.
+    #[arg(long)]
+    cuda_core: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -87,11 +98,28 @@ struct Row {
     /// floor / measured, floor = delta_bytes / copy bandwidth.
     ours_frac_of_floor: f64,
     cuda_core_us: Option<f64>,
+    /// The pipelined decode kernel with 1 and 2 feature tiles per warp (CUDA only).
+    dec_us: Option<f64>,
+    dec_t2_us: Option<f64>,
     dense_us: Option<f64>,
     dense_gbps: Option<f64>,
     base_us: Option<f64>,
     step_us: Option<f64>,
+    /// The step with the add fused (`tenant_delta_matmul_add`) and the one-kernel step
+    /// (`cuda::delta_linear_fused`).
+    step_add_us: Option<f64>,
+    step_fused_us: Option<f64>,
     step_floor_us: Option<f64>,
+}
+
+impl Row {
+    /// The fastest decode step measured (fused when there is one).
+    fn best_step_us(&self) -> Option<f64> {
+        [self.step_us, self.step_add_us, self.step_fused_us]
+            .into_iter()
+            .flatten()
+            .reduce(f64::min)
+    }
 }
 
 struct Report {
@@ -196,9 +224,9 @@ fn kernels(args: KernelArgs) -> Result<()> {
         println!("\n## {n}x{k} (out x in): one delta = {:.2} MB of bits, dense bf16 = {:.1} MB; {} deltas and {} dense matrices rotated",
             delta_bits as f64 / 1e6, dense_bytes as f64 / 1e6, pool_len, dense.len());
         println!(
-            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>9} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>6}",
-            "rows", "tenants", "bytes MB", "ours us", "GB/s", "%copy", "cudacore", "cuBLAS us", "GB/s", "speedup",
-            "base us", "step us", "floor us", "x floor"
+            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>8} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "rows", "tenants", "bytes MB", "ours us", "GB/s", "%copy", "dec T1", "%copy", "dec T2", "cudacore",
+            "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "floor us", "x best"
         );
         for &(rows, tenants) in &mixes {
             let x = Tensor::randn(0f32, 1f32, (rows, k), &device)?.to_dtype(DType::BF16)?;
@@ -213,12 +241,19 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 let _y = tenant_delta_matmul(&x, &slots, &set(i))?;
                 Ok(())
             })?;
-            let cuda_core_us = cuda_core_time(&mut clock, iters, sets, &x, &slots, &set)?;
+            let cuda_core_us = if args.cuda_core {
+                path_time(&mut clock, iters, sets, &x, &slots, &set, Path::Simple)?
+            } else {
+                None
+            };
+            let dec_us = path_time(&mut clock, iters, sets, &x, &slots, &set, Path::Decode)?;
+            let dec_t2_us = path_time(&mut clock, iters, sets, &x, &slots, &set, Path::DecodeT2)?;
             let floor_us = bytes as f64 / copy_gbps / 1e3;
 
             // cuBLAS on merged weights: one matmul per tenant over its rows.
             let (mut dense_us, mut dense_gbps) = (None, None);
             let (mut base_us, mut step_us, mut step_floor_us) = (None, None, None);
+            let (mut step_add_us, mut step_fused_us) = (None, None);
             if dense_ok {
                 let xs: Vec<Tensor> = (0..tenants)
                     .map(|t| {
@@ -253,6 +288,14 @@ fn kernels(args: KernelArgs) -> Result<()> {
                     Ok(())
                 })?);
                 step_floor_us = Some((dense_bytes + bytes) as f64 / copy_gbps / 1e3);
+                step_add_us = Some(clock.time(iters, rounds, |i| {
+                    let base = x.matmul(&dense[i % bsets].t()?)?;
+                    let _y = tenant_delta_matmul_add(&base, &x, &slots, &set(i))?;
+                    Ok(())
+                })?);
+                step_fused_us = fused_time(&mut clock, iters, rounds, &x, &slots, &set, &|i| {
+                    &dense[i % bsets]
+                })?;
             }
             let row = Row {
                 n,
@@ -264,28 +307,37 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 ours_gbps: bytes as f64 / ours_us / 1e3,
                 ours_frac_of_floor: floor_us / ours_us,
                 cuda_core_us,
+                dec_us,
+                dec_t2_us,
                 dense_us,
                 dense_gbps,
                 base_us,
                 step_us,
+                step_add_us,
+                step_fused_us,
                 step_floor_us,
             };
             println!(
-                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>9} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>6}",
+                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>8} {:>5}% {:>8} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
                 rows,
                 tenants,
                 bytes as f64 / 1e6,
                 row.ours_us,
                 row.ours_gbps,
                 100.0 * row.ours_frac_of_floor,
+                opt(row.dec_us, 1),
+                opt(row.dec_us.map(|t| 100.0 * floor_us / t), 0),
+                opt(row.dec_t2_us, 1),
                 opt(row.cuda_core_us, 1),
                 opt(row.dense_us, 1),
                 opt(row.dense_gbps, 0),
                 opt(row.dense_us.map(|d| d / row.ours_us), 1),
                 opt(row.base_us, 1),
                 opt(row.step_us, 1),
+                opt(row.step_add_us, 1),
+                opt(row.step_fused_us, 1),
                 opt(row.step_floor_us, 1),
-                opt(row.step_us.zip(row.step_floor_us).map(|(s, f)| s / f), 2),
+                opt(row.best_step_us().zip(row.step_floor_us).map(|(s, f)| s / f), 2),
             );
             report.rows.push(row);
         }
@@ -338,8 +390,11 @@ impl Report {
                     "n": r.n, "k": r.k, "rows": r.rows, "tenants": r.tenants,
                     "delta_bytes": r.delta_bytes, "ours_us": r.ours_us, "ours_gbps": r.ours_gbps,
                     "ours_frac_of_floor": r.ours_frac_of_floor, "cuda_core_us": r.cuda_core_us,
+                    "dec_us": r.dec_us, "dec_t2_us": r.dec_t2_us,
                     "dense_us": r.dense_us, "dense_gbps": r.dense_gbps, "base_us": r.base_us,
-                    "step_us": r.step_us, "step_floor_us": r.step_floor_us,
+                    "step_us": r.step_us,
+                    "step_add_us": r.step_add_us, "step_fused_us": r.step_fused_us,
+                    "step_floor_us": r.step_floor_us,
                 })
             })
             .collect();
@@ -376,12 +431,12 @@ fn print_goals(report: &Report) {
     let steps: Vec<f64> = report
         .rows
         .iter()
-        .filter_map(|r| r.step_us.zip(r.step_floor_us).map(|(s, f)| s / f))
+        .filter_map(|r| r.best_step_us().zip(r.step_floor_us).map(|(s, f)| s / f))
         .collect();
     if !steps.is_empty() {
         let worst = steps.iter().copied().fold(0.0, f64::max);
         println!(
-            "- whole decode step within 1.3x of (base + D x delta bytes) / bandwidth: worst {:.2}x over all shapes and mixes -> {}",
+            "- whole decode step (fused where faster) within 1.3x of (base + D x delta bytes) / bandwidth: worst {:.2}x over all shapes and mixes -> {}",
             worst,
             if worst <= 1.3 { "met" } else { "NOT met" }
         );
@@ -393,33 +448,91 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
 }
 
+/// A bf16 kernel to time beside the default one (the CUDA paths of `Bf16Path`).
+#[derive(Clone, Copy)]
+enum Path {
+    Simple,
+    Decode,
+    DecodeT2,
+}
+
 #[cfg(feature = "cuda")]
-fn cuda_core_time<'a>(
+impl Path {
+    fn bf16_path(self) -> deltaserve_kernels::cuda::Bf16Path {
+        use deltaserve_kernels::cuda::Bf16Path;
+        match self {
+            Path::Simple => Bf16Path::Simple,
+            Path::Decode => Bf16Path::Decode,
+            Path::DecodeT2 => Bf16Path::DecodeT2,
+        }
+    }
+}
+
+/// The delta product on another kernel; `None` off CUDA.
+#[cfg(feature = "cuda")]
+fn path_time<'a>(
     clock: &mut Clock,
     iters: usize,
     sets: usize,
     x: &Tensor,
     slots: &[Option<u32>],
     set: &dyn Fn(usize) -> Vec<&'a SignDelta>,
+    path: Path,
 ) -> Result<Option<f64>> {
-    use deltaserve_kernels::cuda::{tenant_delta_matmul_with, Bf16Path};
+    use deltaserve_kernels::cuda::tenant_delta_matmul_with;
     if !x.device().is_cuda() {
         return Ok(None);
     }
     Ok(Some(clock.time(iters, sets, |i| {
-        let _y = tenant_delta_matmul_with(x, slots, &set(i), Bf16Path::Simple)?;
+        let _y = tenant_delta_matmul_with(x, slots, &set(i), path.bf16_path())?;
+        Ok(())
+    })?))
+}
+
+/// The one-kernel decode step (`delta_linear_fused`: base weight and bits in one pass); `None`
+/// off CUDA or where the fused kernel does not apply.
+#[cfg(feature = "cuda")]
+fn fused_time<'a>(
+    clock: &mut Clock,
+    iters: usize,
+    rounds: usize,
+    x: &Tensor,
+    slots: &[Option<u32>],
+    set: &dyn Fn(usize) -> Vec<&'a SignDelta>,
+    w: &dyn Fn(usize) -> &'a Tensor,
+) -> Result<Option<f64>> {
+    use deltaserve_kernels::cuda::{delta_linear_fused, fused_ok};
+    if !x.device().is_cuda() || !fused_ok(x, w(0), slots, &set(0)) {
+        return Ok(None);
+    }
+    Ok(Some(clock.time(iters, rounds, |i| {
+        let _y = delta_linear_fused(x, w(i), slots, &set(i))?;
         Ok(())
     })?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_core_time<'a>(
+fn path_time<'a>(
     _: &mut Clock,
     _: usize,
     _: usize,
     _: &Tensor,
     _: &[Option<u32>],
     _: &dyn Fn(usize) -> Vec<&'a SignDelta>,
+    _: Path,
+) -> Result<Option<f64>> {
+    Ok(None)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_time<'a>(
+    _: &mut Clock,
+    _: usize,
+    _: usize,
+    _: &Tensor,
+    _: &[Option<u32>],
+    _: &dyn Fn(usize) -> Vec<&'a SignDelta>,
+    _: &dyn Fn(usize) -> &'a Tensor,
 ) -> Result<Option<f64>> {
     Ok(None)
 }

@@ -10,6 +10,10 @@
 //                        and per-chunk sums for corr; see "the tensor-core path" below.
 //   ds_tc_bf16_*         y = scale * (x . S^T) for row groups sharing one delta (decode and
 //                        prefill), bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
+//   ds_dec_bf16_*        the decode form of ds_tc_bf16_*: persistent warps, cp.async pipeline
+//                        (see "Decode path" below); both take an optional `base` added in the store.
+//   ds_fused_bf16_*      a whole decode delta linear layer, x . Wbase^T + the delta, in one kernel
+//                        (see "Fused delta linear layer" below).
 //   ds_fwd_simple_*      the same product on CUDA cores, f32 (f64) accumulation; for f32, f16 and
 //                        f64 inputs, where the bf16 tensor-core trick would round x.
 //   ds_bwd_simple_*      g . S (the gradient of x . S^T), CUDA cores.
@@ -185,6 +189,7 @@ __device__ __forceinline__ void ds_load4(const uint32_t* __restrict__ row, int w
 template <int T, int RT, bool VEC>
 __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
                                                 const float* __restrict__ corr_part,
+                                                const __nv_bfloat16* __restrict__ base,
                                                 __nv_bfloat16* __restrict__ y, int N, int W,
                                                 int Kp) {
     const int grp = blockIdx.y;
@@ -198,7 +203,10 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
     if (words == nullptr) {  // base-only rows: zeros
         for (int idx = threadIdx.x; idx < R * 16 * T; idx += blockDim.x) {
             const int j = idx / (16 * T), n = n0 + idx % (16 * T);
-            if (n < N) y[(size_t)group_row(tab, rb, j) * N + n] = __float2bfloat16(0.f);
+            if (n < N) {
+                const size_t o = (size_t)group_row(tab, rb, j) * N + n;
+                y[o] = base ? base[o] : __float2bfloat16(0.f);
+            }
         }
         return;
     }
@@ -325,8 +333,10 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
                 const int n = n0 + 16 * i + g + ((q >> 1) << 3);
                 const int j = 8 * rt + 2 * t + (q & 1);
                 if (n < N && j < R) {
-                    const int xr = group_row(tab, rb, j);
-                    y[(size_t)xr * N + n] = __float2bfloat16(scale * (v - corr_s[j]));
+                    const size_t o = (size_t)group_row(tab, rb, j) * N + n;
+                    float out = scale * (v - corr_s[j]);
+                    if (base) out += __bfloat162float(base[o]);
+                    y[o] = __float2bfloat16(out);
                 }
             }
         }
@@ -336,13 +346,15 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
 #define DS_TC_KERNEL(T, RT)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) ds_tc_bf16_t##T##_r##RT##_v(               \
         const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
-        __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {                                  \
-        ds_tc_bf16_body<T, RT, true>(tab, xp, corr, y, N, W, Kp);                               \
+        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
+        int Kp) {                                                                               \
+        ds_tc_bf16_body<T, RT, true>(tab, xp, corr, base, y, N, W, Kp);                         \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(128) ds_tc_bf16_t##T##_r##RT##_s(               \
         const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
-        __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {                                  \
-        ds_tc_bf16_body<T, RT, false>(tab, xp, corr, y, N, W, Kp);                              \
+        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
+        int Kp) {                                                                               \
+        ds_tc_bf16_body<T, RT, false>(tab, xp, corr, base, y, N, W, Kp);                        \
     }
 
 DS_TC_KERNEL(1, 1)
@@ -353,6 +365,454 @@ DS_TC_KERNEL(2, 2)
 DS_TC_KERNEL(4, 2)
 DS_TC_KERNEL(1, 4)
 DS_TC_KERNEL(2, 4)
+
+// ---------------------------------------------------------------------------------------------
+// Decode path: persistent warps with a cp.async pipeline (bf16 x, W % 4 == 0, 16-byte aligned).
+//
+// Why. The split-K kernel above gives each block one (feature tile, group) item and each warp only
+// K / 2048 chunks (2 at K = 4096): a block issues its loads, waits one HBM latency, computes, and
+// exits, so the loads in flight per SM come in bursts, and at 32 rows x 32 tenants it read the bits
+// at 59-70% of copy bandwidth. Here every warp is an independent worker that walks a strided list
+// of items (16 T output features x one group, the whole K, no cross-warp reduction), and the
+// words of its next S - 1 chunks - across item boundaries - are always in flight: cp.async copies
+// them into a per-warp ring in shared memory, so they hold no registers. Each lane copies exactly
+// the 16 bytes it later reads (rows g and g + 8 of a tile, words 4t..4t+3 of the chunk), so the
+// ring needs no barrier: cp.async.wait_group makes a thread's own copies visible to it.
+// The math per chunk is that of ds_tc_bf16_body (same xp, corr and LOP3 unpacking).
+// `base` (may be null): y = base + scale * (x . S^T), the rest of a delta linear layer fused into
+// the store; base-only rows (null words) then get `base` (or zeros without it).
+
+__device__ __forceinline__ void ds_cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void ds_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void ds_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The first item at or after `item` (stepping by `stride`) whose group has a delta.
+__device__ __forceinline__ int ds_next_item(const GroupTable& tab, int item, int stride, int total,
+                                            int n_tiles) {
+    while (item < total && tab.words[item / n_tiles] == 0ull) item += stride;
+    return item;
+}
+
+#define DS_DEC_WARPS 4
+
+template <int T, int RT, int S>
+__device__ __forceinline__ void ds_dec_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
+                                                 const float* __restrict__ corr_part,
+                                                 const __nv_bfloat16* __restrict__ base,
+                                                 __nv_bfloat16* __restrict__ y, int N, int W,
+                                                 int Kp) {
+    __shared__ uint4 ring[DS_DEC_WARPS][S][T][2][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_tiles = (N + 16 * T - 1) / (16 * T);
+    const int total = n_tiles * (int)tab.n_groups;
+    const int gw = blockIdx.x * DS_DEC_WARPS + warp, stride = gridDim.x * DS_DEC_WARPS;
+    const int SC = Kp / 512;
+
+    // Base-only groups: y = base (or 0).
+    for (int item = gw; item < total; item += stride) {
+        const int grp = item / n_tiles;
+        if (tab.words[grp] != 0ull) continue;
+        const unsigned int rb = tab.row_begin[grp];
+        const int R = (int)(tab.row_begin[grp + 1] - rb), n0 = (item % n_tiles) * 16 * T;
+        for (int idx = lane; idx < R * 16 * T; idx += 32) {
+            const int j = idx / (16 * T), n = n0 + idx % (16 * T);
+            if (n < N) {
+                const size_t o = (size_t)group_row(tab, rb, j) * N + n;
+                y[o] = base ? base[o] : __float2bfloat16(0.f);
+            }
+        }
+    }
+
+    // Producer: the (item, chunk) whose words are copied next, S - 1 steps ahead of the consumer.
+    int p_item = ds_next_item(tab, gw, stride, total, n_tiles), p_sc = 0;
+    auto issue = [&](int slot) {
+        if (p_item < total) {
+            const int grp = p_item / n_tiles, n0 = (p_item % n_tiles) * 16 * T;
+            const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
+            const int wi = 16 * p_sc + 4 * t;
+            const int bytes = wi < W ? 16 : 0;  // W % 4 == 0: all four words or none
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = min(n0 + 16 * i + g + 8 * h, N - 1);
+                    const uint32_t* src = words + (size_t)n * W + (bytes ? wi : 0);
+                    ds_cp_async16(&ring[warp][slot][i][h][lane], src, bytes);
+                }
+            if (++p_sc == SC) {
+                p_sc = 0;
+                p_item = ds_next_item(tab, p_item + stride, stride, total, n_tiles);
+            }
+        }
+        ds_cp_async_commit();  // empty groups keep the count uniform
+    };
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) issue(s);
+
+    const uint32_t one = 0x3F803F80u, half = 0x3F003F00u;
+    const int row_u4 = Kp / 8;
+    int step = 0;
+    for (int item = ds_next_item(tab, gw, stride, total, n_tiles); item < total;
+         item = ds_next_item(tab, item + stride, stride, total, n_tiles)) {
+        const int grp = item / n_tiles, n0 = (item % n_tiles) * 16 * T;
+        const unsigned int rb = tab.row_begin[grp];
+        const int R = (int)(tab.row_begin[grp + 1] - rb);
+        const uint4* brow[RT];
+        bool bact[RT];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+            const int j = 8 * rt + g;
+            bact[rt] = j < R;
+            brow[rt] = xp + (size_t)(bact[rt] ? group_row(tab, rb, j) : 0) * row_u4;
+        }
+        // corr of row `lane` of the group (the sum of its SC partial sums); read at the end.
+        double corr_d = 0.0;
+        if (lane < R) {
+            const float* part = corr_part + (size_t)group_row(tab, rb, lane) * SC;
+            for (int i = 0; i < SC; ++i) corr_d += (double)part[i];
+        }
+        float acc[T][RT][4];
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[i][rt][q] = 0.f;
+
+        for (int sc = 0; sc < SC; ++sc, ++step) {
+            ds_cp_async_wait<S - 2>();
+            const int slot = step % S;
+            uint32_t a[T][2][4];
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint4 v = ring[warp][slot][i][h][lane];
+                    a[i][h][0] = v.x; a[i][h][1] = v.y; a[i][h][2] = v.z; a[i][h][3] = v.w;
+                }
+            issue((step + S - 1) % S);  // into the slot read one step ago
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                uint32_t b[RT][8][2];
+#pragma unroll
+                for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+                    for (int sp = 0; sp < 4; ++sp) {
+                        uint4 v = make_uint4(0, 0, 0, 0);
+                        if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + sp) * 4 + t);
+                        b[rt][2 * sp][0] = v.x;
+                        b[rt][2 * sp][1] = v.y;
+                        b[rt][2 * sp + 1][0] = v.z;
+                        b[rt][2 * sp + 1][1] = v.w;
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < T; ++i) {
+                    const uint32_t wl = a[i][0][c], wh = a[i][1][c];
+                    const uint32_t wl8 = wl >> 8, wh8 = wh >> 8;
+#pragma unroll
+                    for (int s = 0; s < 8; ++s) {
+                        const uint32_t a0 = ds_unpack(wl, wl8, 2 * s, one, half);
+                        const uint32_t a1 = ds_unpack(wh, wh8, 2 * s, one, half);
+                        const uint32_t a2 = ds_unpack(wl, wl8, 2 * s + 1, one, half);
+                        const uint32_t a3 = ds_unpack(wh, wh8, 2 * s + 1, one, half);
+#pragma unroll
+                        for (int rt = 0; rt < RT; ++rt)
+                            ds_mma_bf16(acc[i][rt], a0, a1, a2, a3, b[rt][s][0], b[rt][s][1]);
+                    }
+                }
+            }
+        }
+
+        const float scale = tab.scale[grp];
+        const float corr_f = (float)corr_d;
+#pragma unroll
+        for (int i = 0; i < T; ++i) {
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    // d0, d1: feature g, columns 2t, 2t+1; d2, d3: feature g + 8.
+                    const int n = n0 + 16 * i + g + ((q >> 1) << 3);
+                    const int j = 8 * rt + 2 * t + (q & 1);
+                    const float corr_j = __shfl_sync(0xffffffffu, corr_f, j & 31);
+                    if (n < N && j < R) {
+                        const size_t o = (size_t)group_row(tab, rb, j) * N + n;
+                        float v = scale * (acc[i][rt][q] - corr_j);
+                        if (base) v += __bfloat162float(base[o]);
+                        y[o] = __float2bfloat16(v);
+                    }
+                }
+            }
+        }
+    }
+    ds_cp_async_wait<0>();
+}
+
+#define DS_DEC_KERNEL(T, RT, S)                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * DS_DEC_WARPS) ds_dec_bf16_t##T##_r##RT(   \
+        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
+        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
+        int Kp) {                                                                               \
+        ds_dec_bf16_body<T, RT, S>(tab, xp, corr, base, y, N, W, Kp);                           \
+    }
+
+// T = 1: 1 KB of words per chunk per warp, 8 stages (32 KB of ring per block);
+// T = 2: 2 KB, 4 stages (the same 32 KB).
+DS_DEC_KERNEL(1, 1, 8)
+DS_DEC_KERNEL(1, 2, 8)
+DS_DEC_KERNEL(1, 4, 8)
+DS_DEC_KERNEL(2, 1, 4)
+DS_DEC_KERNEL(2, 2, 4)
+DS_DEC_KERNEL(2, 4, 4)
+
+// ---------------------------------------------------------------------------------------------
+// Fused delta linear layer for decode: y = x . Wbase^T + scale_t * (x . S_t^T), one kernel.
+//
+// Why. At decode the base GEMV reads N K bf16 values and already runs at the bandwidth floor, so a
+// separate delta launch (plus the add) costs more than the 1/16 x D extra bytes it reads. Here one
+// block owns 16 output features for all M <= 32 rows of the batch and streams, through the same
+// per-warp cp.async ring as ds_dec_bf16, first its 16 rows of Wbase and then, for every group
+// (tenant), the same 16 rows of that tenant's bits. The 8 warps of a block split K.
+//
+// The base product also runs on the tensor cores, with no rearranged copy of x: a thread (g, t)
+// copies 16 bytes (8 columns P .. P+7, P = 32 kstep + 8 t) of Wbase rows g and g + 8, and loads the
+// same 8 columns of row g of x. Its registers .x .y .z .w hold columns (P, P+1) (P+2, P+3)
+// (P+4, P+5) (P+6, P+7); used as a0 a2 of k-step 0 and a0 a2 of k-step 1 (and b0 b1 likewise),
+// mma index k = 2t, 2t+1, 2t+8, 2t+9 maps to the same physical column in A and in B, and the 4
+// threads t cover 32 distinct columns per kstep: the sum over k is taken in another order, which
+// does not change it. The delta steps are those of ds_dec_bf16 (xp and corr from ds_prep_bf16).
+// Partial sums meet in shared memory (f32 atomics, one 16 x 32 tile per block); the store
+// subtracts scale * corr per row and rounds once to bf16.
+// Needs K % 8 == 0 (16-byte rows of W and x), W % 4 == 0, 16-byte aligned W, x and words, and one
+// GroupTable (at most 32 groups, M <= 32 rows).
+
+#define DS_FUSED_WARPS 8
+#define DS_FUSED_STAGES 5
+
+template <int RT>
+__device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
+                                                   const __nv_bfloat16* __restrict__ x,
+                                                   const __nv_bfloat16* __restrict__ wbase,
+                                                   const uint4* __restrict__ xp,
+                                                   const float* __restrict__ corr_part,
+                                                   __nv_bfloat16* __restrict__ y, int M, int N,
+                                                   int K, int W, int Kp) {
+    constexpr int S = DS_FUSED_STAGES, NW = DS_FUSED_WARPS;
+    __shared__ uint4 ring[NW][S][2][32];
+    __shared__ float out_s[16][33];
+    __shared__ float row_off[32];  // scale * corr of each row of x (0 for base-only rows)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * 16;
+    const int SC = Kp / 512, KB = (K + 31) / 32;
+    const int n_groups = (int)tab.n_groups;
+
+    for (int i = threadIdx.x; i < 16 * 33; i += blockDim.x) (&out_s[0][0])[i] = 0.f;
+    // row_off: one warp per group, one lane per row of the group.
+    for (int grp = warp; grp < n_groups; grp += NW) {
+        const unsigned int rb = tab.row_begin[grp];
+        const int R = (int)(tab.row_begin[grp + 1] - rb);
+        if (lane < R) {
+            const int row = group_row(tab, rb, lane);
+            float off = 0.f;
+            if (tab.words[grp] != 0ull) {
+                const float* part = corr_part + (size_t)row * SC;
+                double c = 0.0;
+                for (int i = 0; i < SC; ++i) c += (double)part[i];
+                off = tab.scale[grp] * (float)c;
+            }
+            row_off[row] = off;
+        }
+    }
+
+    // This warp's steps: base ksteps warp, warp + NW, ... < KB; then for each group with a delta,
+    // its chunks warp, warp + NW, ... < SC. Producer cursor (p_grp = -1: base phase).
+    const int nbw = warp < KB ? (KB - 1 - warp) / NW + 1 : 0;
+    const int ncw = warp < SC ? (SC - 1 - warp) / NW + 1 : 0;
+    auto next_grp = [&](int grp) {
+        do { ++grp; } while (grp < n_groups && (tab.words[grp] == 0ull || ncw == 0));
+        return grp;
+    };
+    int p_grp = nbw > 0 ? -1 : next_grp(-1), p_i = 0;
+    auto issue = [&](int slot) {
+        if (p_grp < 0) {
+            const int P = 32 * (warp + NW * p_i) + 8 * t;
+            const int bytes = P < K ? 16 : 0;  // K % 8 == 0
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int n = min(n0 + g + 8 * h, N - 1);
+                ds_cp_async16(&ring[warp][slot][h][lane], wbase + (size_t)n * K + (bytes ? P : 0),
+                              bytes);
+            }
+            if (++p_i == nbw) {
+                p_i = 0;
+                p_grp = next_grp(-1);
+            }
+        } else if (p_grp < n_groups) {
+            const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[p_grp]);
+            const int wi = 16 * (warp + NW * p_i) + 4 * t;
+            const int bytes = wi < W ? 16 : 0;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int n = min(n0 + g + 8 * h, N - 1);
+                ds_cp_async16(&ring[warp][slot][h][lane], words + (size_t)n * W + (bytes ? wi : 0),
+                              bytes);
+            }
+            if (++p_i == ncw) {
+                p_i = 0;
+                p_grp = next_grp(p_grp);
+            }
+        }
+        ds_cp_async_commit();
+    };
+    __syncthreads();  // out_s zeroed, row_off written
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) issue(s);
+
+    const uint32_t one = 0x3F803F80u, half = 0x3F003F00u;
+    int step = 0;
+    // Base phase.
+    {
+        const __nv_bfloat16* xrow[RT];
+        bool xact[RT];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+            const int j = 8 * rt + g;
+            xact[rt] = j < M;
+            xrow[rt] = x + (size_t)(xact[rt] ? j : 0) * K;
+        }
+        float acc[RT][4];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
+        // x for base step i (8 columns of row 8 rt + g), loaded one step ahead: each load is an
+        // L2 round trip that would otherwise sit between the ring wait and the mma.
+        auto load_x = [&](int i, uint4* bv) {
+            const int P = 32 * (warp + NW * i) + 8 * t;
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+                bv[rt] = make_uint4(0, 0, 0, 0);
+                if (i < nbw && xact[rt] && P < K)
+                    bv[rt] = __ldg(reinterpret_cast<const uint4*>(xrow[rt] + P));
+            }
+        };
+        uint4 bv[RT], bn[RT];
+        load_x(0, bv);
+        for (int i = 0; i < nbw; ++i, ++step) {
+            load_x(i + 1, bn);
+            ds_cp_async_wait<S - 2>();
+            const uint4 lo = ring[warp][step % S][0][lane], hi = ring[warp][step % S][1][lane];
+            issue((step + S - 1) % S);
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+                ds_mma_bf16(acc[rt], lo.x, hi.x, lo.y, hi.y, bv[rt].x, bv[rt].y);
+                ds_mma_bf16(acc[rt], lo.z, hi.z, lo.w, hi.w, bv[rt].z, bv[rt].w);
+                bv[rt] = bn[rt];
+            }
+        }
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int f = g + ((q >> 1) << 3), j = 8 * rt + 2 * t + (q & 1);
+                if (j < M) atomicAdd(&out_s[f][j], acc[rt][q]);
+            }
+    }
+    // Delta phase: each group with a delta, this warp's chunks of it.
+    const int row_u4 = Kp / 8;
+    for (int grp = ncw > 0 ? next_grp(-1) : n_groups; grp < n_groups; grp = next_grp(grp)) {
+        const unsigned int rb = tab.row_begin[grp];
+        const int R = (int)(tab.row_begin[grp + 1] - rb), rts = (R + 7) / 8;  // warp-uniform
+        const uint4* brow[RT];
+        bool bact[RT];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+            const int j = 8 * rt + g;
+            bact[rt] = j < R;
+            brow[rt] = xp + (size_t)(bact[rt] ? group_row(tab, rb, j) : 0) * row_u4;
+        }
+        float acc[RT][4];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
+        for (int i = 0; i < ncw; ++i, ++step) {
+            const int sc = warp + NW * i;
+            ds_cp_async_wait<S - 2>();
+            const uint4 lo = ring[warp][step % S][0][lane], hi = ring[warp][step % S][1][lane];
+            issue((step + S - 1) % S);
+            const uint32_t wl_c[4] = {lo.x, lo.y, lo.z, lo.w}, wh_c[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                uint32_t b[RT][8][2];
+#pragma unroll
+                for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+                    for (int sp = 0; sp < 4; ++sp) {
+                        uint4 v = make_uint4(0, 0, 0, 0);
+                        if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + sp) * 4 + t);
+                        b[rt][2 * sp][0] = v.x;
+                        b[rt][2 * sp][1] = v.y;
+                        b[rt][2 * sp + 1][0] = v.z;
+                        b[rt][2 * sp + 1][1] = v.w;
+                    }
+                }
+                const uint32_t wl = wl_c[c], wh = wh_c[c];
+                const uint32_t wl8 = wl >> 8, wh8 = wh >> 8;
+#pragma unroll
+                for (int s = 0; s < 8; ++s) {
+                    const uint32_t a0 = ds_unpack(wl, wl8, 2 * s, one, half);
+                    const uint32_t a1 = ds_unpack(wh, wh8, 2 * s, one, half);
+                    const uint32_t a2 = ds_unpack(wl, wl8, 2 * s + 1, one, half);
+                    const uint32_t a3 = ds_unpack(wh, wh8, 2 * s + 1, one, half);
+#pragma unroll
+                    for (int rt = 0; rt < RT; ++rt)  // skip the tiles past the group's rows
+                        if (rt < rts) ds_mma_bf16(acc[rt], a0, a1, a2, a3, b[rt][s][0], b[rt][s][1]);
+                }
+            }
+        }
+        const float scale = tab.scale[grp];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int f = g + ((q >> 1) << 3), j = 8 * rt + 2 * t + (q & 1);
+                if (j < R) atomicAdd(&out_s[f][group_row(tab, rb, j)], scale * acc[rt][q]);
+            }
+    }
+    ds_cp_async_wait<0>();
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * M; idx += blockDim.x) {
+        const int r = idx / 16, f = idx % 16, n = n0 + f;
+        if (n < N) y[(size_t)r * N + n] = __float2bfloat16(out_s[f][r] - row_off[r]);
+    }
+}
+
+#define DS_FUSED_KERNEL(RT)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * DS_FUSED_WARPS) ds_fused_bf16_r##RT(      \
+        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
+        const __nv_bfloat16* __restrict__ wbase, const uint4* __restrict__ xp,                  \
+        const float* __restrict__ corr, __nv_bfloat16* __restrict__ y, int M, int N, int K,     \
+        int W, int Kp) {                                                                        \
+        ds_fused_bf16_body<RT>(tab, x, wbase, xp, corr, y, M, N, K, W, Kp);                     \
+    }
+
+DS_FUSED_KERNEL(1)
+DS_FUSED_KERNEL(2)
+DS_FUSED_KERNEL(3)
+DS_FUSED_KERNEL(4)
 
 // ---------------------------------------------------------------------------------------------
 // CUDA-core paths: exact in the accumulator type, any input dtype.
