@@ -11,6 +11,13 @@
 //!   for `f64`). The tensor-core trick would round `x` to bf16.
 //! - **backward** (`g · S`): CUDA cores, any of those dtypes.
 //!
+//! - **a whole decode layer** ([`crate::delta_linear`], [`delta_linear_fused`]): one kernel reads
+//!   the base bf16 weight and the tenant's bits in one pass, the base product on tensor cores
+//!   with `x` loaded as it is (no prep for that half); [`crate::tenant_delta_matmul_add`] instead
+//!   adds a precomputed base product in the delta kernel's store.
+//! - [`Bf16Path::Decode`]: a persistent, cp.async-pipelined decode kernel, measured slower than
+//!   the default split-K kernel and kept opt-in.
+//!
 //! Routing reaches the kernels as a `GroupTable` passed by value as a kernel parameter (32
 //! groups, 512 rows), so a decode step launches two kernels and copies nothing to the device.
 //! Base-only rows of a multi-tenant batch are a group with a null words pointer, whose blocks

@@ -379,6 +379,11 @@ DS_TC_KERNEL(2, 4)
 // the 16 bytes it later reads (rows g and g + 8 of a tile, words 4t..4t+3 of the chunk), so the
 // ring needs no barrier: cp.async.wait_group makes a thread's own copies visible to it.
 // The math per chunk is that of ds_tc_bf16_body (same xp, corr and LOP3 unpacking).
+// Measured on the H100 (BENCHMARKS.md, "CUDA kernels, second pass"): 19-24% SLOWER than the
+// split-K kernel at 32 rows x 32 tenants, and much slower for one tenant with 32 rows (few items,
+// few warps). A likely cause: every chunk's B fragments (xp) are an L2 round trip after the ring
+// wait, once per 1 KB of bits with T = 1, where split-K shares them across 4 tiles. So it is not
+// the default (Bf16Path::Decode selects it).
 // `base` (may be null): y = base + scale * (x . S^T), the rest of a delta linear layer fused into
 // the store; base-only rows (null words) then get `base` (or zeros without it).
 
@@ -596,6 +601,10 @@ DS_DEC_KERNEL(2, 4, 4)
 // subtracts scale * corr per row and rounds once to bf16.
 // Needs K % 8 == 0 (16-byte rows of W and x), W % 4 == 0, 16-byte aligned W, x and words, and one
 // GroupTable (at most 32 groups, M <= 32 rows).
+// Measured on the H100: one launch (plus the prep kernel) beats GEMV + delta + add for one tenant
+// and one row on every 7B shape (e.g. 4096x4096: 19.1 us against 26.6), but it is slower with
+// many tenants (each group's xp fragments are reloaded per warp) and with N = 11008 at 8 rows;
+// delta_linear (ops.rs) routes only the winning cases here.
 
 #define DS_FUSED_WARPS 8
 #define DS_FUSED_STAGES 5
