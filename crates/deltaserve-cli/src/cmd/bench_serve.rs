@@ -306,11 +306,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
     }
     let tenant_bytes = tenants.first().map_or(0, |t| t.estimated_bytes);
-    let fit = if tenant_bytes == 0 {
-        usize::MAX
-    } else {
-        delta_memory / tenant_bytes
-    };
+    let fit = delta_memory.checked_div(tenant_bytes).unwrap_or(usize::MAX);
     eprintln!(
         "KV budget {:.2} GiB ({} KiB per token, {} requests of {per_request} tokens); delta budget {:.2} GiB, {:.3} GB per tenant, {} fit",
         kv_memory as f64 / (1u64 << 30) as f64,

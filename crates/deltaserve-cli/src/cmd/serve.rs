@@ -38,7 +38,10 @@ pub struct Args {
     /// Memory for tenant deltas (least recently used ones are evicted): 4GiB, 500MB or bytes.
     #[arg(long, default_value = "4GiB")]
     delta_memory: String,
-    /// Memory for the KV cache of running requests; requests wait when it is full.
+    /// Memory for the KV cache of running requests; requests wait when it is full. Each request
+    /// reserves its prompt plus max_tokens up front: 2 · layers · kv_heads · head_dim · dtype bytes
+    /// per token (512 KiB for Llama-2-7B in bf16, so 2GiB runs 16 requests of 256 tokens at once;
+    /// on an 80 GB H100 with a 7B base, 8GiB–16GiB lets 64–128 such requests batch together).
     #[arg(long, default_value = "2GiB")]
     kv_memory: String,
     /// Requests that may wait; beyond that the server answers 429 with Retry-After.
