@@ -696,7 +696,7 @@ pub fn pack_codes(codes: &[u8], bits: u32) -> Vec<u8> {
 
 /// Inverse of [`pack_codes`]: `n` codes of `bits` bits.
 pub fn unpack_codes(bytes: &[u8], bits: u32, n: usize) -> Vec<u8> {
-    let mask = ((1u16 << bits) - 1) as u16;
+    let mask = (1u16 << bits) - 1;
     (0..n)
         .map(|i| {
             let pos = i * bits as usize;

@@ -87,14 +87,13 @@ pub struct Dare {
 }
 
 fn build(a: &mut SpecArgs) -> Result<Box<dyn Codec>> {
-    let store_mask = match a.take("mask", "bitmap or seed", |s| match s {
-        "bitmap" => Some(true),
-        "seed" => Some(false),
-        _ => None,
-    })? {
-        Some(m) => m,
-        None => true,
-    };
+    let store_mask = a
+        .take("mask", "bitmap or seed", |s| match s {
+            "bitmap" => Some(true),
+            "seed" => Some(false),
+            _ => None,
+        })?
+        .unwrap_or(true);
     Ok(Box::new(Dare {
         p: a.f64_in("p", 0.0, 1.0, false)?.unwrap_or(0.9),
         seed: a.u64("seed")?.unwrap_or(0),
