@@ -349,7 +349,7 @@ pub fn pack_bits(codes: &[u8], bits: u32) -> Vec<u8> {
 
 /// Unpacks `n` codes of `bits` bits from [`pack_bits`]' stream.
 pub fn unpack_bits(bytes: &[u8], bits: u32, n: usize) -> Vec<u8> {
-    let mask = ((1u16 << bits) - 1) as u16;
+    let mask = (1u16 << bits) - 1;
     (0..n)
         .map(|i| {
             let pos = i * bits as usize;

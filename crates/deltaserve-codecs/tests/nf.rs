@@ -195,9 +195,9 @@ fn quantize_dequantize_match_f64_reference() {
             assert!(code_diff <= 2, "{cfg}: {code_diff} codes differ");
             let deq = t.dequantize();
             let mut max_err = 0.0f64;
-            for i in 0..n {
-                if t.codes[i] as usize == r.codes[i] {
-                    max_err = max_err.max((deq[i] as f64 - r.deq[i]).abs());
+            for ((&c, &rc), (&y, &ry)) in t.codes.iter().zip(&r.codes).zip(deq.iter().zip(&r.deq)) {
+                if c as usize == rc {
+                    max_err = max_err.max((y as f64 - ry).abs());
                 }
             }
             // f32 arithmetic on values ≤ 0.2: a few ulps.
