@@ -37,7 +37,7 @@ pub struct BlockQuantized {
 
 fn bad(detail: String) -> CodecError {
     CodecError::BadOption {
-        option: "qahira".into(),
+        option: "qahira",
         detail,
     }
 }
@@ -65,7 +65,11 @@ impl BlockQuantized {
         if !(1..=8).contains(&bits) {
             return Err(bad(format!("{bits} bits: expected 1 to 8")));
         }
-        if block_rows == 0 || block_cols == 0 || rows % block_rows != 0 || cols % block_cols != 0 {
+        if block_rows == 0
+            || block_cols == 0
+            || !rows.is_multiple_of(block_rows)
+            || !cols.is_multiple_of(block_cols)
+        {
             return Err(bad(format!(
                 "a [{rows}, {cols}] matrix does not divide into {block_rows}x{block_cols} blocks"
             )));

@@ -120,7 +120,7 @@ impl AdapterSpec {
             AdapterKind::Lora => Ok(()),
             AdapterKind::Qbara => {
                 let l = self.qbara_factor;
-                if l == 0 || out % l != 0 || inp % l != 0 {
+                if l == 0 || !out.is_multiple_of(l) || !inp.is_multiple_of(l) {
                     return bad(format!(
                         "--adapter qbara: {name} is [{out}, {inp}], not divisible by the pooling factor {l}"
                     ));
@@ -129,7 +129,7 @@ impl AdapterSpec {
             }
             AdapterKind::Qahira => {
                 let (gi, go) = (self.hira_in_group, self.hira_out_group);
-                if gi == 0 || go == 0 || out % go != 0 || inp % gi != 0 {
+                if gi == 0 || go == 0 || !out.is_multiple_of(go) || !inp.is_multiple_of(gi) {
                     return bad(format!(
                         "--adapter qahira: {name} is [{out}, {inp}], not divisible into {go}x{gi} blocks \
                          (--hira-groups {gi},{go} is IN,OUT); pick groups that divide every projection"

@@ -397,7 +397,7 @@ impl<'a> Finetuner<'a> {
             losses.push(r.loss);
             on_step(&r);
             if let Some(path) = checkpoint {
-                if (save_every > 0 && self.step % save_every == 0) || self.step == until {
+                if (save_every > 0 && self.step.is_multiple_of(save_every)) || self.step == until {
                     self.save_checkpoint(path)?;
                 }
             }

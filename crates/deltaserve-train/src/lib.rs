@@ -35,9 +35,9 @@
 pub mod adapters;
 pub mod data;
 pub mod distill;
-pub mod fisher;
 mod error;
 pub mod finetune;
+pub mod fisher;
 pub mod job;
 pub mod lora;
 pub mod loss;
