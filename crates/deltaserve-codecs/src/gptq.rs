@@ -164,7 +164,7 @@ pub fn quantize_gptq(
         let mut w1 = wc[i1 * rows..i2 * rows].to_vec();
         for i in 0..count {
             let col = i1 + i;
-            if col % g == 0 {
+            if col.is_multiple_of(g) {
                 let end = (col + g).min(cols);
                 for (r, p) in params.iter_mut().enumerate() {
                     *p = GroupParams::fit((col..end).map(|c| wc[c * rows + r]), &spec);

@@ -153,9 +153,15 @@ fn gptq_codec_decodes_to_gptq_and_needs_calibration() {
         let codec = parse_codec(spec).unwrap();
         assert!(codec.needs_calibration());
         let enc = codec.encode(&input(&c)).unwrap();
-        let mut cfg = GptqConfig::default();
-        cfg.grid.group_size = Some(16);
-        cfg.act_order = act_order;
+        let d = GptqConfig::default();
+        let cfg = GptqConfig {
+            act_order,
+            grid: GridSpec {
+                group_size: Some(16),
+                ..d.grid
+            },
+            ..d
+        };
         let want = quantize_gptq(&c.ft, ROWS, COLS, &h, &cfg)
             .unwrap()
             .dequantize();

@@ -193,9 +193,15 @@ fn gptq_matches_pytorch_reference() {
         ("actorder", true, false),
         ("f16", false, true),
     ] {
-        let mut cfg = GptqConfig::default();
-        cfg.act_order = act_order;
-        cfg.grid.f16_scales = f16_scales;
+        let d = GptqConfig::default();
+        let cfg = GptqConfig {
+            act_order,
+            grid: GridSpec {
+                f16_scales,
+                ..d.grid
+            },
+            ..d
+        };
         let q = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
         let codes: Vec<f64> = q.codes.iter().map(|&c| c as f64).collect();
         let want_codes = f64s(&st, &format!("{case}.codes"));
