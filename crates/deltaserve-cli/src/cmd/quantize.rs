@@ -103,8 +103,8 @@ pub fn calibration(
         max_tokens,
         progress,
     };
-    Ok(collect_calibration(&model, &tokens, &opts)
-        .with_context(|| format!("--data {}", data.display()))?)
+    collect_calibration(&model, &tokens, &opts)
+        .with_context(|| format!("--data {}", data.display()))
 }
 
 pub fn run(a: Args) -> Result<()> {
