@@ -30,8 +30,8 @@ pub struct Args {
     /// 0 quantizes only: NF with the same bit allocation, no low-rank part.
     #[arg(long, default_value_t = 64)]
     rank: usize,
-    /// Average bits per parameter of Q over the projection weights (codes + 8-bit block scales
-    /// + FP32 second-level scales); L1/L2 are extra and reported separately. LQ-LoRA uses
+    /// Average bits per parameter of Q over the projection weights (codes, 8-bit block scales
+    /// and FP32 second-level scales); L1/L2 are extra and reported separately. LQ-LoRA uses
     /// 2.5–4.25.
     #[arg(long)]
     budget_bits: f64,
@@ -124,7 +124,7 @@ pub fn run(a: Args) -> Result<()> {
             .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
         let want = a.seq_len * a.fisher_windows;
         let mut tokens: Vec<u32> = Vec::new();
-        'files: for (path, jsonl) in deltaserve_train::data::list_files(&[data.clone()])
+        'files: for (path, jsonl) in deltaserve_train::data::list_files(std::slice::from_ref(data))
             .with_context(|| format!("--data {}", data.display()))?
         {
             for doc in deltaserve_train::data::read_documents(&path, jsonl)? {
