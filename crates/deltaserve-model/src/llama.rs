@@ -243,25 +243,28 @@ fn delta_product(x: &Tensor, delta: &LinearDelta) -> Result<Tensor> {
     }
 }
 
-/// Mixed tenants whose deltas for this projection are all sign deltas: one fused kernel call that
-/// reads each distinct delta's bits once, whatever the number of rows using it (BGMV/SGMV style).
+/// The sign deltas of this projection for every row: per row the slot of its tenant's delta
+/// (`None` for rows without one) and the distinct deltas, each listed once however many rows use
+/// it, so the kernels read each delta's bits once per step (BGMV/SGMV style).
 /// Returns `None` when some tenant has another kind of delta here.
-fn fused_sign_deltas(
-    x: &Tensor,
+type SignRouting = (Vec<Option<u32>>, Vec<SignDelta>);
+
+fn sign_routing(
     l: usize,
     k: usize,
     routing: &Routing<'_>,
-) -> Result<Option<Tensor>> {
+    rows: usize,
+) -> Result<Option<SignRouting>> {
     let mut tenants: Vec<&TenantWeights> = Vec::new();
     let mut deltas: Vec<SignDelta> = Vec::new();
-    let mut row_slot: Vec<Option<u32>> = Vec::with_capacity(x.dim(0)?);
+    let mut row_slot: Vec<Option<u32>> = Vec::with_capacity(rows);
     for seg in &routing.segs {
         let slot = match seg
             .tenant
             .and_then(|t| t.layers[l].linears[k].as_ref().map(|d| (t, d)))
         {
             None => None,
-            Some((t, LinearDelta::Sign { bits, scale })) => {
+            Some((t, LinearDelta::Sign { bits, .. })) => {
                 let i = match tenants.iter().position(|&u| std::ptr::eq(u, t)) {
                     Some(i) => i,
                     None => {
@@ -269,7 +272,6 @@ fn fused_sign_deltas(
                         // The host copy: reading the device scalar here would wait for the
                         // device once per tenant, projection and layer of every step.
                         let s = t.sign_scale_host(l, k)?.unwrap_or(0.0);
-                        debug_assert!(scale.dims().iter().product::<usize>() == 1);
                         deltas.push(SignDelta::new(bits.clone(), s));
                         tenants.len() - 1
                     }
@@ -280,10 +282,7 @@ fn fused_sign_deltas(
         };
         row_slot.extend(std::iter::repeat_n(slot, seg.len));
     }
-    let refs: Vec<&SignDelta> = deltas.iter().collect();
-    Ok(Some(deltaserve_kernels::tenant_delta_matmul(
-        x, &row_slot, &refs,
-    )?))
+    Ok(Some((row_slot, deltas)))
 }
 
 impl Model {
@@ -448,10 +447,10 @@ impl Model {
             let normed = routing.norm(&x, &layer.post_attention_layernorm, eps, |t| {
                 t.layers[l].post_attention_layernorm.as_ref()
             })?;
-            let gate = self.linear(l, Proj::Gate, &normed, &routing, obs)?;
-            let up = self.linear(l, Proj::Up, &normed, &routing, obs)?;
+            let gate = self.linear(l, Proj::Gate, &normed, &routing, opts.differentiable, obs)?;
+            let up = self.linear(l, Proj::Up, &normed, &routing, opts.differentiable, obs)?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
-            let down = self.linear(l, Proj::Down, &act, &routing, obs)?;
+            let down = self.linear(l, Proj::Down, &act, &routing, opts.differentiable, obs)?;
             x = (x + down)?;
         }
         for s in seqs.iter_mut() {
@@ -489,6 +488,7 @@ impl Model {
         proj: Proj,
         x: &Tensor,
         routing: &Routing<'_>,
+        differentiable: bool,
         obs: Observer<'_, '_>,
     ) -> Result<Tensor> {
         if let Some(o) = obs {
@@ -496,8 +496,22 @@ impl Model {
         }
         let base = &self.layers[l].linears[proj.index()];
         let k = proj.index();
-        let mut y = crate::grad::matmul_t(x, &base.weight)?;
+        let has_delta = routing.any_tenant(|t| t.layers[l].linears[k].is_some());
         let tenant_bias = routing.any_tenant(|t| t.layers[l].biases[k].is_some());
+        // Serving: when every delta here is a sign delta and nothing needs gradients, the
+        // kernels crate computes base product and deltas together (on CUDA, one kernel for a
+        // decode row of one tenant; the base product added inside the delta kernel otherwise).
+        if has_delta && !differentiable && !tenant_bias {
+            if let Some((row_slot, deltas)) = sign_routing(l, k, routing, x.dim(0)?)? {
+                let refs: Vec<&SignDelta> = deltas.iter().collect();
+                let mut y = deltaserve_kernels::delta_linear(x, &base.weight, &row_slot, &refs)?;
+                if let Some(b) = &base.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                return Ok(y);
+            }
+        }
+        let mut y = crate::grad::matmul_t(x, &base.weight)?;
         if tenant_bias {
             y = routing.map(&y, |y, t| {
                 match t
@@ -511,9 +525,11 @@ impl Model {
         } else if let Some(b) = &base.bias {
             y = y.broadcast_add(b)?;
         }
-        if routing.any_tenant(|t| t.layers[l].linears[k].is_some()) {
+        if has_delta {
             if routing.uniform.is_none() {
-                if let Some(d) = fused_sign_deltas(x, l, k, routing)? {
+                if let Some((row_slot, deltas)) = sign_routing(l, k, routing, x.dim(0)?)? {
+                    let refs: Vec<&SignDelta> = deltas.iter().collect();
+                    let d = deltaserve_kernels::tenant_delta_matmul(x, &row_slot, &refs)?;
                     return Ok((y + d)?);
                 }
             }
@@ -549,9 +565,9 @@ impl Model {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let q = self.linear(l, Proj::Q, x, routing, obs)?;
-        let k = self.linear(l, Proj::K, x, routing, obs)?;
-        let v = self.linear(l, Proj::V, x, routing, obs)?;
+        let q = self.linear(l, Proj::Q, x, routing, opts.differentiable, obs)?;
+        let k = self.linear(l, Proj::K, x, routing, opts.differentiable, obs)?;
+        let v = self.linear(l, Proj::V, x, routing, opts.differentiable, obs)?;
         let mut outs = Vec::with_capacity(seqs.len());
         for ((s, seg), &p0) in seqs.iter_mut().zip(&routing.segs).zip(starts) {
             let t = seg.len;
@@ -571,7 +587,7 @@ impl Model {
             outs.push(self.attend(&q, &k, &v, p0, layer.window, opts)?);
         }
         let o = Tensor::cat(&outs, 0)?;
-        self.linear(l, Proj::O, &o, routing, obs)
+        self.linear(l, Proj::O, &o, routing, opts.differentiable, obs)
     }
 
     /// Scaled dot-product attention of one sequence.
