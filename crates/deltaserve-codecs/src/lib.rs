@@ -26,25 +26,25 @@
 #![deny(missing_docs)]
 
 pub mod bitdelta;
+pub mod budget;
 pub mod budget_choice;
 pub mod calib_stats;
-pub mod eora;
 pub mod codec;
 pub mod coded;
 pub mod dare;
 pub mod deltadq;
-pub mod budget;
-pub mod lqlora;
-pub mod nf;
+pub mod eora;
 mod error;
 pub mod files;
 pub mod gptq;
 pub mod inspect;
 pub mod lowrank;
+pub mod lqlora;
 pub mod merge;
+pub mod nf;
 pub mod numeric;
-pub mod qahira;
 mod progress;
+pub mod qahira;
 pub mod rtn;
 pub mod tenant;
 

@@ -65,8 +65,8 @@ pub use fingerprint::{
     FINGERPRINT_ALGORITHM,
 };
 pub use header::{
-    format_version, parse_dtype, parse_format_version, CodedPart, DeltaHeader, DeltaSummary, ExpectedTensor,
-    FinetuneInfo, FullValue, TensorEntry, TensorSummary, KNOWN_KINDS, METADATA_KEY,
+    format_version, parse_dtype, parse_format_version, CodedPart, DeltaHeader, DeltaSummary,
+    ExpectedTensor, FinetuneInfo, FullValue, TensorEntry, TensorSummary, KNOWN_KINDS, METADATA_KEY,
 };
 pub use read::DeltaFile;
 pub use safetensors::Dtype;
