@@ -33,3 +33,21 @@ pub fn load_model(spec: &str, device: &Device, dtype: DType) -> Result<Loaded> {
         Model::load(&ckpt, dtype, device).with_context(|| format!("loading {}", dir.display()))?;
     Ok(Loaded { dir, ckpt, model })
 }
+
+/// Opens the checkpoint a command rewrites into `--out`: refuses an existing `out` unless
+/// `force` (before any slow work), resolves `model` (a directory or a cached Hub id) and opens
+/// it. Returns the resolved directory and the checkpoint.
+pub fn open_for_output(
+    model: &str,
+    out: &std::path::Path,
+    force: bool,
+) -> Result<(PathBuf, Checkpoint)> {
+    if out.symlink_metadata().is_ok() && !force {
+        anyhow::bail!("--out {} exists; pass --force to replace it", out.display());
+    }
+    let dir =
+        deltaserve_model::resolve_model_dir(model).with_context(|| format!("--model {model}"))?;
+    let ckpt =
+        Checkpoint::open(&dir).with_context(|| format!("opening the model {}", dir.display()))?;
+    Ok((dir, ckpt))
+}

@@ -19,7 +19,7 @@ use clap::Args as ClapArgs;
 use deltaserve_codecs::lqlora::{decompose_checkpoint, DecomposeOptions, LqOptions};
 use deltaserve_codecs::nf::NfConfig;
 use deltaserve_codecs::numeric::FloatDtype;
-use deltaserve_model::{Checkpoint, Model, TextCodec};
+use deltaserve_model::{Model, TextCodec};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -104,16 +104,7 @@ pub fn run(a: Args) -> Result<()> {
             a.factor_dtype
         )
     })?;
-    if a.out.symlink_metadata().is_ok() && !a.force {
-        bail!(
-            "--out {} exists; pass --force to replace it",
-            a.out.display()
-        );
-    }
-    let dir = deltaserve_model::resolve_model_dir(&a.model)
-        .with_context(|| format!("--model {}", a.model))?;
-    let ckpt =
-        Checkpoint::open(&dir).with_context(|| format!("opening the model {}", dir.display()))?;
+    let (dir, ckpt) = super::common::open_for_output(&a.model, &a.out, a.force)?;
 
     let fisher = if a.fisher {
         let data = a.data.as_ref().expect("clap requires --data");

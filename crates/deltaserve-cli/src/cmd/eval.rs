@@ -47,8 +47,9 @@ struct PplArgs {
     #[arg(long, default_value_t = 2048)]
     seq_len: usize,
     /// Tokens the window moves each step; the overlap is context only.
-    #[arg(long, default_value_t = 512)]
-    stride: usize,
+    /// Default: 512, or a quarter of --seq-len when that is smaller.
+    #[arg(long)]
+    stride: Option<usize>,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -151,7 +152,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
     let ctx = loaded.model.config().max_position_embeddings;
     let asked = PplSettings {
         seq_len: a.seq_len,
-        stride: a.stride,
+        stride: a.stride.unwrap_or_else(|| 512.min((a.seq_len / 4).max(1))),
     };
     let settings = deltaserve_eval::clamp_to_context(asked, ctx);
     let mut notes = Vec::new();

@@ -116,16 +116,7 @@ pub fn run(a: Args) -> Result<()> {
             a.method
         );
     }
-    if a.out.symlink_metadata().is_ok() && !a.force {
-        bail!(
-            "--out {} exists; pass --force to replace it",
-            a.out.display()
-        );
-    }
-    let dir = deltaserve_model::resolve_model_dir(&a.model)
-        .with_context(|| format!("--model {}", a.model))?;
-    let ckpt =
-        Checkpoint::open(&dir).with_context(|| format!("opening the model {}", dir.display()))?;
+    let (dir, ckpt) = super::common::open_for_output(&a.model, &a.out, a.force)?;
     let calib = match &a.data {
         Some(d) => Some(calibration(&ckpt, d, a.seq_len, a.calib_tokens, !a.quiet)?),
         None => None,
