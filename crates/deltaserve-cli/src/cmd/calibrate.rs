@@ -4,12 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use deltaserve_train::{
-    calibrate, format_table, CalibrateJob, DistillConfig, DistillLoss, Progress, StepReport,
-};
-use indicatif::{ProgressBar, ProgressStyle};
+use deltaserve_train::{calibrate, format_table, CalibrateJob, DistillConfig, DistillLoss};
 
-use super::common::parse_dtype;
+use super::common::{parse_dtype, TrainingBar};
 
 /// Defaults are the BitDelta reference's (`bitdelta/train.py`, `scripts/train_example.bash`).
 #[derive(ClapArgs)]
@@ -74,40 +71,11 @@ pub struct Args {
     dump_windows: Option<PathBuf>,
 }
 
-/// Phases on stderr, a progress bar with the loss while training.
-pub struct Bar {
-    pub bar: Option<ProgressBar>,
-}
-
-impl Progress for Bar {
-    fn phase(&mut self, what: &str) {
-        eprintln!("calibrate: {what}");
-    }
-
-    fn start_training(&mut self, steps: usize) {
-        let bar = ProgressBar::new(steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "training [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})",
-            )
-            .expect("the progress template is valid. This is a bug.")
-            .progress_chars("=> "),
-        );
-        self.bar = Some(bar);
-    }
-
-    fn step(&mut self, r: &StepReport) {
-        if let Some(b) = &self.bar {
-            b.set_message(format!("loss {:.6}, lr {:.2e}", r.loss, r.lr));
-            b.inc(1);
-        }
-    }
-
-    fn end_training(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish();
-        }
-    }
+/// The calibration progress: phases as `calibrate: …`, the loss to six decimals.
+pub fn calibrate_bar() -> TrainingBar {
+    TrainingBar::new("calibrate", |r| {
+        format!("loss {:.6}, lr {:.2e}", r.loss, r.lr)
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -132,7 +100,7 @@ pub fn run(a: Args) -> Result<()> {
     job.device = device;
     job.dtype = dtype;
     job.dump_windows = a.dump_windows;
-    let outcome = calibrate(&job, &mut Bar { bar: None })
+    let outcome = calibrate(&job, &mut calibrate_bar())
         .with_context(|| format!("calibrating {} (input left unchanged)", a.delta.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);

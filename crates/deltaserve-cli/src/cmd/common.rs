@@ -51,3 +51,57 @@ pub fn open_for_output(
         Checkpoint::open(&dir).with_context(|| format!("opening the model {}", dir.display()))?;
     Ok((dir, ckpt))
 }
+
+/// A training job's progress for people: phases on stderr as `{command}: …`, then a bar over
+/// the steps whose message `message` makes from each step's report. Shared by `calibrate`,
+/// `finetune` and `demo`.
+pub struct TrainingBar {
+    command: &'static str,
+    message: fn(&deltaserve_train::StepReport) -> String,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl TrainingBar {
+    /// A bar for `command`, no steps started yet.
+    pub fn new(
+        command: &'static str,
+        message: fn(&deltaserve_train::StepReport) -> String,
+    ) -> Self {
+        Self {
+            command,
+            message,
+            bar: None,
+        }
+    }
+}
+
+impl deltaserve_train::Progress for TrainingBar {
+    fn phase(&mut self, what: &str) {
+        eprintln!("{}: {what}", self.command);
+    }
+
+    fn start_training(&mut self, steps: usize) {
+        let bar = indicatif::ProgressBar::new(steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "training [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})",
+            )
+            .expect("the progress template is valid. This is a bug.")
+            .progress_chars("=> "),
+        );
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, r: &deltaserve_train::StepReport) {
+        if let Some(b) = &self.bar {
+            b.set_message((self.message)(r));
+            b.inc(1);
+        }
+    }
+
+    fn end_training(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}

@@ -117,8 +117,7 @@ pub fn run(a: Args) -> Result<()> {
         steps: a.steps,
         ..Default::default()
     };
-    let outcome =
-        calibrate(&job, &mut super::calibrate::Bar { bar: None }).context("calibrating")?;
+    let outcome = calibrate(&job, &mut super::calibrate::calibrate_bar()).context("calibrating")?;
     eprint!("{}", format_table(&outcome.table));
     eprintln!("{:.3} s/step", outcome.seconds_per_step);
 

@@ -6,51 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use deltaserve_train::{
-    finetune, AdapterKind, AdapterSpec, FinetuneConfig, FinetuneJob, Progress, StepReport,
-};
-use indicatif::{ProgressBar, ProgressStyle};
+use deltaserve_train::{finetune, AdapterKind, AdapterSpec, FinetuneConfig, FinetuneJob};
 
-use super::common::parse_dtype;
-
-/// Phases on stderr, a progress bar with the loss while training.
-struct Bar {
-    bar: Option<ProgressBar>,
-}
-
-impl Progress for Bar {
-    fn phase(&mut self, what: &str) {
-        eprintln!("finetune: {what}");
-    }
-
-    fn start_training(&mut self, steps: usize) {
-        let bar = ProgressBar::new(steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "training [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})",
-            )
-            .expect("the progress template is valid. This is a bug.")
-            .progress_chars("=> "),
-        );
-        self.bar = Some(bar);
-    }
-
-    fn step(&mut self, r: &StepReport) {
-        if let Some(b) = &self.bar {
-            b.set_message(format!(
-                "step {}, loss {:.4}, lr {:.2e}",
-                r.step, r.loss, r.lr
-            ));
-            b.inc(1);
-        }
-    }
-
-    fn end_training(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish();
-        }
-    }
-}
+use super::common::{parse_dtype, TrainingBar};
 
 /// Fine-tune an adapter on a frozen base. The loss is the causal-LM loss of the data (for chat
 /// records, of the assistant's tokens only); AdamW with a cosine schedule; checkpoints with the
@@ -182,8 +140,13 @@ pub fn run(a: Args) -> Result<()> {
         device,
         dtype,
     };
-    let outcome = finetune(&job, &mut Bar { bar: None })
-        .with_context(|| format!("fine-tuning an adapter on {}", a.model))?;
+    let outcome = finetune(
+        &job,
+        &mut TrainingBar::new("finetune", |r| {
+            format!("step {}, loss {:.4}, lr {:.2e}", r.step, r.loss, r.lr)
+        }),
+    )
+    .with_context(|| format!("fine-tuning an adapter on {}", a.model))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
         return Ok(());
