@@ -82,6 +82,17 @@ impl MatrixInput<'_> {
     pub fn part_name(&self, role: &str) -> String {
         format!("{}.{role}", self.name)
     }
+
+    /// The calibration statistics a data-aware codec (`codec`, for the message) requires.
+    pub fn required_calibration(&self, codec: &str) -> Result<&Calibration> {
+        self.calibration.ok_or_else(|| CodecError::BadOption {
+            option: "--method",
+            detail: format!(
+                "{codec} needs calibration statistics for {}; give calibration data (--data)",
+                self.name
+            ),
+        })
+    }
 }
 
 /// Calibration statistics of one linear layer's input, for data-aware codecs (GPTQ, EoRA,

@@ -268,13 +268,7 @@ impl Codec for Eora {
     }
 
     fn encode(&self, m: &MatrixInput<'_>) -> Result<Encoded> {
-        let calib = m.calibration.ok_or_else(|| CodecError::BadOption {
-            option: "--method",
-            detail: format!(
-                "eora needs calibration statistics for {}; give calibration data (--data)",
-                m.name
-            ),
-        })?;
+        let calib = m.required_calibration(INFO.name)?;
         let (rows, cols) = (m.rows, m.cols);
         let mut b = EncodedBuilder::new(INFO.name, m).param("rank", self.rank);
         // Inner encoding, what it decodes to, and what it should have decoded to.

@@ -295,13 +295,7 @@ impl Codec for Gptq {
     }
 
     fn encode(&self, m: &MatrixInput<'_>) -> Result<Encoded> {
-        let calib = m.calibration.ok_or_else(|| CodecError::BadOption {
-            option: "--method",
-            detail: format!(
-                "gptq needs calibration statistics for {}; give calibration data (--data)",
-                m.name
-            ),
-        })?;
+        let calib = m.required_calibration(INFO.name)?;
         let h: Vec<f64> = calib.gram.iter().map(|&v| f64::from(v)).collect();
         let q = quantize_gptq(m.finetuned, m.rows, m.cols, &h, &self.cfg).map_err(|e| {
             CodecError::BadOption {
