@@ -498,13 +498,20 @@ impl Model {
         let k = proj.index();
         let has_delta = routing.any_tenant(|t| t.layers[l].linears[k].is_some());
         let tenant_bias = routing.any_tenant(|t| t.layers[l].biases[k].is_some());
+        let fused = has_delta && !differentiable && !tenant_bias;
+        // The rows' sign deltas, when every delta here is one: computed once for both paths.
+        let signs = if fused || (has_delta && routing.uniform.is_none()) {
+            sign_routing(l, k, routing, x.dim(0)?)?
+        } else {
+            None
+        };
         // Serving: when every delta here is a sign delta and nothing needs gradients, the
         // kernels crate computes base product and deltas together (on CUDA, one kernel for a
         // decode row of one tenant; the base product added inside the delta kernel otherwise).
-        if has_delta && !differentiable && !tenant_bias {
-            if let Some((row_slot, deltas)) = sign_routing(l, k, routing, x.dim(0)?)? {
+        if fused {
+            if let Some((row_slot, deltas)) = &signs {
                 let refs: Vec<&SignDelta> = deltas.iter().collect();
-                let mut y = deltaserve_kernels::delta_linear(x, &base.weight, &row_slot, &refs)?;
+                let mut y = deltaserve_kernels::delta_linear(x, &base.weight, row_slot, &refs)?;
                 if let Some(b) = &base.bias {
                     y = y.broadcast_add(b)?;
                 }
@@ -527,9 +534,9 @@ impl Model {
         }
         if has_delta {
             if routing.uniform.is_none() {
-                if let Some((row_slot, deltas)) = sign_routing(l, k, routing, x.dim(0)?)? {
+                if let Some((row_slot, deltas)) = &signs {
                     let refs: Vec<&SignDelta> = deltas.iter().collect();
-                    let d = deltaserve_kernels::tenant_delta_matmul(x, &row_slot, &refs)?;
+                    let d = deltaserve_kernels::tenant_delta_matmul(x, row_slot, &refs)?;
                     return Ok((y + d)?);
                 }
             }
