@@ -24,7 +24,9 @@ pub use checkpoint::{resolve_model_dir, Checkpoint, RawTensor};
 pub use config::{Architecture, ModelConfig, RawConfig};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
-pub use llama::{rms_norm, ForwardOptions, Layer, Linear, LogitsWanted, Model, SeqInput};
+pub use llama::{
+    rms_norm, ForwardOptions, Layer, LayerwiseForward, Linear, LogitsWanted, Model, SeqInput,
+};
 pub use tenant::{LayerDelta, LinearDelta, Proj, TenantWeights};
 pub use tokenizer::{ChatMessage, TextCodec};
 

@@ -437,21 +437,8 @@ impl Model {
         }
         let mut x = Tensor::cat(&parts, 0)?;
 
-        for (l, layer) in self.layers.iter().enumerate() {
-            let eps = self.cfg.rms_norm_eps;
-            let normed = routing.norm(&x, &layer.input_layernorm, eps, |t| {
-                t.layers[l].input_layernorm.as_ref()
-            })?;
-            let attn = self.attention(l, layer, &normed, &routing, seqs, &starts, opts, obs)?;
-            x = (x + attn)?;
-            let normed = routing.norm(&x, &layer.post_attention_layernorm, eps, |t| {
-                t.layers[l].post_attention_layernorm.as_ref()
-            })?;
-            let gate = self.linear(l, Proj::Gate, &normed, &routing, opts.differentiable, obs)?;
-            let up = self.linear(l, Proj::Up, &normed, &routing, opts.differentiable, obs)?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
-            let down = self.linear(l, Proj::Down, &act, &routing, opts.differentiable, obs)?;
-            x = (x + down)?;
+        for l in 0..self.layers.len() {
+            x = self.decoder_layer(l, &x, &routing, seqs, &starts, opts, obs)?;
         }
         for s in seqs.iter_mut() {
             if let Some(c) = s.cache.as_deref_mut() {
@@ -479,6 +466,62 @@ impl Model {
             out.push(crate::grad::matmul_t(&h, head)?.to_dtype(accum_dtype(self.dtype))?);
         }
         Ok(out)
+    }
+
+    /// Decoder layer `l` on the packed rows `x`: attention and MLP, each with its residual.
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        routing: &Routing<'_>,
+        seqs: &mut [SeqInput<'_>],
+        starts: &[usize],
+        opts: ForwardOptions,
+        obs: Observer<'_, '_>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let eps = self.cfg.rms_norm_eps;
+        let normed = routing.norm(x, &layer.input_layernorm, eps, |t| {
+            t.layers[l].input_layernorm.as_ref()
+        })?;
+        let attn = self.attention(l, layer, &normed, routing, seqs, starts, opts, obs)?;
+        let x = (x + attn)?;
+        let normed = routing.norm(&x, &layer.post_attention_layernorm, eps, |t| {
+            t.layers[l].post_attention_layernorm.as_ref()
+        })?;
+        let gate = self.linear(l, Proj::Gate, &normed, routing, opts.differentiable, obs)?;
+        let up = self.linear(l, Proj::Up, &normed, routing, opts.differentiable, obs)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let down = self.linear(l, Proj::Down, &act, routing, opts.differentiable, obs)?;
+        Ok((x + down)?)
+    }
+
+    /// The differentiable forward of `seqs` (each from position 0, no cache) cut at the
+    /// decoder-layer boundaries, for gradient checkpointing: see [`LayerwiseForward`].
+    pub fn layerwise<'m, 't>(&'m self, seqs: &[&'t [u32]]) -> Result<LayerwiseForward<'m, 't>> {
+        if seqs.is_empty() {
+            return Err(ModelError::Input("an empty batch".into()));
+        }
+        for s in seqs {
+            if s.is_empty() {
+                return Err(ModelError::Input(
+                    "a sequence has no tokens to process".into(),
+                ));
+            }
+            if s.len() > self.cfg.max_position_embeddings {
+                return Err(ModelError::Input(format!(
+                    "{} tokens exceed the model's context of {} tokens (max_position_embeddings \
+                     in config.json); use shorter sequences",
+                    s.len(),
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        Ok(LayerwiseForward {
+            model: self,
+            seqs: seqs.to_vec(),
+        })
     }
 
     /// One projection for all rows: the shared base product, then each tenant's bias and delta.
@@ -655,5 +698,109 @@ impl Model {
         Ok(o.reshape((nh, t, hd))?
             .transpose(0, 1)?
             .reshape((t, nh * hd))?)
+    }
+}
+
+/// The differentiable forward pass in pieces: embeddings, one decoder layer at a time, and the
+/// final norm plus LM head on any subset of rows. Gradient checkpointing (Chen et al. 2016,
+/// "Training Deep Nets with Sublinear Memory Cost", §3) runs the layers once without a graph,
+/// keeping only each layer's input, and then recomputes one layer at a time with its graph
+/// during the backward pass, so the autograd graph never holds more than one layer.
+///
+/// Every piece computes exactly what [`Model::forward`] computes for the same sequences with
+/// `differentiable: true` and one tenant for all of them (the training case); rows are packed
+/// sequence after sequence, as there.
+pub struct LayerwiseForward<'m, 't> {
+    model: &'m Model,
+    seqs: Vec<&'t [u32]>,
+}
+
+impl LayerwiseForward<'_, '_> {
+    fn routing<'a>(&self, tenant: Option<&'a TenantWeights>) -> Result<Routing<'a>> {
+        let mut start = 0;
+        let segs = self
+            .seqs
+            .iter()
+            .map(|s| {
+                let seg = Segment {
+                    start,
+                    len: s.len(),
+                    tenant,
+                };
+                start += s.len();
+                seg
+            })
+            .collect();
+        Routing::new(segs, &self.model.device)
+    }
+
+    /// `(first row, rows)` of every sequence in the packed matrices.
+    pub fn rows(&self) -> Vec<(usize, usize)> {
+        let mut start = 0;
+        self.seqs
+            .iter()
+            .map(|s| {
+                start += s.len();
+                (start - s.len(), s.len())
+            })
+            .collect()
+    }
+
+    /// The packed token embeddings `(tokens, hidden)`, from `tenant`'s table when it has one.
+    pub fn embed(&self, tenant: Option<&TenantWeights>) -> Result<Tensor> {
+        let m = self.model;
+        let table = tenant
+            .and_then(|t| t.embed_tokens.as_ref())
+            .unwrap_or(&m.embed_tokens);
+        let vocab = table.dim(0)?;
+        let ids: Vec<u32> = self.seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(table.index_select(&Tensor::new(ids.as_slice(), &m.device)?, 0)?)
+    }
+
+    /// Decoder layer `l` on the packed rows `x` with `tenant`'s deltas, with only
+    /// differentiable ops. `tenant` needs entries only for layer `l`.
+    pub fn layer(&self, l: usize, x: &Tensor, tenant: Option<&TenantWeights>) -> Result<Tensor> {
+        let routing = self.routing(tenant)?;
+        let mut inputs: Vec<SeqInput<'_>> = self
+            .seqs
+            .iter()
+            .map(|s| SeqInput {
+                tokens: s,
+                cache: None,
+                tenant,
+                logits: LogitsWanted::All,
+            })
+            .collect();
+        let starts = vec![0; self.seqs.len()];
+        let opts = ForwardOptions {
+            differentiable: true,
+        };
+        self.model
+            .decoder_layer(l, x, &routing, &mut inputs, &starts, opts, None)
+    }
+
+    /// Logits of some rows `x` of the last layer's output: final norm, LM head, in f32 (f64 for
+    /// an f64 model), as [`Model::forward`] returns them. Every op is per row, so any block of
+    /// rows gives the same values as the whole.
+    pub fn logits(&self, x: &Tensor, tenant: Option<&TenantWeights>) -> Result<Tensor> {
+        let m = self.model;
+        let norm = tenant.and_then(|t| t.norm.as_ref()).unwrap_or(&m.norm);
+        let h = rms_norm(x, norm, m.cfg.rms_norm_eps)?;
+        let head = if m.cfg.tie_word_embeddings {
+            tenant
+                .and_then(|t| t.embed_tokens.as_ref())
+                .unwrap_or(&m.embed_tokens)
+        } else {
+            tenant
+                .and_then(|t| t.lm_head.as_ref())
+                .or(m.lm_head.as_ref())
+                .unwrap_or(&m.embed_tokens)
+        };
+        Ok(crate::grad::matmul_t(&h, head)?.to_dtype(accum_dtype(m.dtype))?)
     }
 }
