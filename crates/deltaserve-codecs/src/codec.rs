@@ -323,6 +323,7 @@ pub const CODECS: &[CodecInfo] = &[
     crate::rtn::INFO,
     crate::gptq::INFO,
     crate::eora::INFO,
+    crate::qahira::INFO,
 ];
 
 /// The registry entry named `name`.
@@ -402,6 +403,15 @@ impl SpecArgs {
     /// An integer setting (0 allowed), e.g. a seed.
     pub fn u64(&mut self, key: &str) -> Result<Option<u64>> {
         self.take(key, "a non-negative integer", |s| s.parse::<u64>().ok())
+    }
+
+    /// A `0|1` switch (`false`/`true` also accepted).
+    pub fn switch(&mut self, key: &str) -> Result<Option<bool>> {
+        self.take(key, "0 or 1", |s| match s {
+            "0" | "false" => Some(false),
+            "1" | "true" => Some(true),
+            _ => None,
+        })
     }
 
     /// A number in the open-closed interval `(lo, hi]` or closed `[lo, hi]` per `closed_lo`.

@@ -259,13 +259,7 @@ pub const INFO: CodecInfo = CodecInfo {
 fn build_gptq(args: &mut SpecArgs) -> Result<Box<dyn Codec>> {
     let grid = crate::rtn::grid_from_spec(args, 4, Some(128))?;
     let percdamp = args.f64_in("damp", 0.0, 10.0, true)?.unwrap_or(0.01);
-    let act_order = args
-        .take("act_order", "0 or 1", |s| match s {
-            "0" | "false" => Some(false),
-            "1" | "true" => Some(true),
-            _ => None,
-        })?
-        .unwrap_or(false);
+    let act_order = args.switch("act_order")?.unwrap_or(false);
     Ok(Box::new(Gptq {
         cfg: GptqConfig {
             grid,

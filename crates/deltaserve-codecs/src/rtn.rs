@@ -245,13 +245,7 @@ pub(crate) fn grid_from_spec(
         return Err(args.invalid(format!("bits={bits} is not in 1..=8")));
     }
     let group = args.usize("group")?.or(group);
-    let symmetric = args
-        .take("sym", "0 or 1", |s| match s {
-            "0" | "false" => Some(false),
-            "1" | "true" => Some(true),
-            _ => None,
-        })?
-        .unwrap_or(false);
+    let symmetric = args.switch("sym")?.unwrap_or(false);
     Ok(GridSpec {
         bits: bits as u8,
         group_size: group,
