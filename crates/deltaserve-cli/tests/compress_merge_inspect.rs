@@ -1,70 +1,18 @@
 //! `deltaserve compress`, `merge` and `inspect` end to end on a tiny random pair: what they print,
 //! and one clear error (exit status 1) for each bad input.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn deltaserve(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deltaserve"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("running the deltaserve binary")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> (String, String) {
-    let out = deltaserve(dir, args);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "deltaserve {args:?}\n{stdout}\n{stderr}"
-    );
-    (stdout, stderr)
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = deltaserve(dir, args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "deltaserve {args:?}\n{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
+use common::{fails, json, ok};
 
 #[test]
 fn compress_inspect_merge_and_their_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    ok(d, &["random-model", "--out", "base", "--seed", "1"]);
-    ok(
-        d,
-        &[
-            "random-model",
-            "--out",
-            "ft",
-            "--finetune-of",
-            "base",
-            "--seed",
-            "2",
-        ],
-    );
+    ok(d, "random-model --out base --seed 1");
+    ok(d, "random-model --out ft --finetune-of base --seed 2");
 
-    let (_, summary) = ok(
-        d,
-        &[
-            "compress",
-            "--base",
-            "base",
-            "--finetuned",
-            "ft",
-            "--out",
-            "ft.delta",
-        ],
-    );
+    let (_, summary) = ok(d, "compress --base base --finetuned ft --out ft.delta");
     for needle in [
         "wrote ft.delta",
         "14 compressed",
@@ -74,68 +22,27 @@ fn compress_inspect_merge_and_their_errors() {
         assert!(summary.contains(needle), "{needle}: {summary}");
     }
 
-    let err = fails(
-        d,
-        &[
-            "compress",
-            "--base",
-            "base",
-            "--finetuned",
-            "ft",
-            "--out",
-            "ft.delta",
-        ],
-    );
+    let err = fails(d, "compress --base base --finetuned ft --out ft.delta");
     assert!(
         err.contains("ft.delta already exists; use --force"),
         "{err}"
     );
     ok(
         d,
-        &[
-            "compress",
-            "--base",
-            "base",
-            "--finetuned",
-            "ft",
-            "--out",
-            "ft.delta",
-            "--force",
-        ],
+        "compress --base base --finetuned ft --out ft.delta --force",
     );
     let err = fails(
         d,
-        &[
-            "compress",
-            "--base",
-            "base",
-            "--finetuned",
-            "ft",
-            "--out",
-            "x.delta",
-            "--method",
-            "zip",
-        ],
+        "compress --base base --finetuned ft --out x.delta --method zip",
     );
     assert!(
         err.contains("unknown compression method \"zip\" (known: bitdelta, lowrank, lowrank-mixed, dare, deltadq"),
         "{err}"
     );
-    let err = fails(
-        d,
-        &[
-            "compress",
-            "--base",
-            "nowhere",
-            "--finetuned",
-            "ft",
-            "--out",
-            "x.delta",
-        ],
-    );
+    let err = fails(d, "compress --base nowhere --finetuned ft --out x.delta");
     assert!(err.contains("nowhere"), "{err}");
 
-    let (table, _) = ok(d, &["inspect", "ft.delta"]);
+    let (table, _) = ok(d, "inspect ft.delta");
     for needle in [
         "method bitdelta",
         "blake3-v1",
@@ -145,8 +52,8 @@ fn compress_inspect_merge_and_their_errors() {
     ] {
         assert!(table.contains(needle), "{needle}: {table}");
     }
-    let (json, _) = ok(d, &["inspect", "ft.delta", "--json"]);
-    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let (out, _) = ok(d, "inspect ft.delta --json");
+    let json = json(&out);
     assert_eq!(json["method"], "bitdelta");
     assert!(json["bits_per_param"].as_f64().unwrap() > 1.0);
     std::fs::write(
@@ -154,22 +61,12 @@ fn compress_inspect_merge_and_their_errors() {
         &std::fs::read(d.join("ft.delta")).unwrap()[..1000],
     )
     .unwrap();
-    let err = fails(d, &["inspect", "cut.delta"]);
+    let err = fails(d, "inspect cut.delta");
     assert!(err.contains("truncated"), "{err}");
 
     let (_, merged) = ok(
         d,
-        &[
-            "merge",
-            "--base",
-            "base",
-            "--delta",
-            "ft.delta",
-            "--out",
-            "merged",
-            "--max-shard-size",
-            "100kB",
-        ],
+        "merge --base base --delta ft.delta --out merged --max-shard-size 100kB",
     );
     assert!(
         merged.contains("wrote merged") && merged.contains("shards"),
@@ -177,44 +74,19 @@ fn compress_inspect_merge_and_their_errors() {
     );
     assert!(d.join("merged/model.safetensors.index.json").is_file());
     assert!(d.join("merged/config.json").is_file());
-    let err = fails(
-        d,
-        &[
-            "merge", "--base", "base", "--delta", "ft.delta", "--out", "merged",
-        ],
-    );
+    let err = fails(d, "merge --base base --delta ft.delta --out merged");
     assert!(err.contains("already exists; use --force"), "{err}");
-    let err = fails(
-        d,
-        &[
-            "merge", "--base", "ft", "--delta", "ft.delta", "--out", "m2",
-        ],
-    );
+    let err = fails(d, "merge --base ft --delta ft.delta --out m2");
     assert!(
         err.contains("was made for base") && err.contains("use the base it was compressed from"),
         "{err}"
     );
     assert!(!d.join("m2").exists());
-    let err = fails(
-        d,
-        &[
-            "merge", "--base", "base", "--delta", "ft.delta", "--out", "m3", "--dtype", "f8",
-        ],
-    );
+    let err = fails(d, "merge --base base --delta ft.delta --out m3 --dtype f8");
     assert!(err.contains("--dtype f8"), "{err}");
     let err = fails(
         d,
-        &[
-            "merge",
-            "--base",
-            "base",
-            "--delta",
-            "ft.delta",
-            "--out",
-            "m3",
-            "--max-shard-size",
-            "big",
-        ],
+        "merge --base base --delta ft.delta --out m3 --max-shard-size big",
     );
     assert!(err.contains("--max-shard-size"), "{err}");
 }

@@ -1,107 +1,43 @@
 //! `deltaserve eval ppl` and `deltaserve eval compare` end to end: random tiny base and fine-tune
 //! (with the fixture tokenizer and chat template), a BitDelta delta, JSON output and the report.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fixture_tokenizer() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama")
-}
+use common::{fixture, json, ok};
+use tempfile::TempDir;
 
-fn run(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_deltaserve"))
-        .args(args)
-        .output()
-        .expect("runs the binary");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "deltaserve {args:?} failed:\n{stderr}\n{stdout}"
+/// A scratch directory holding `base`, `ft`, `ft.delta`, `code.txt` and `tasks.jsonl`.
+fn setup() -> TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tok = fixture();
+    let tok = tok.to_str().unwrap();
+    ok(
+        d,
+        &format!("random-model --shape tiny --seed 1 --out base --tokenizer-from {tok}"),
     );
-    (stdout, stderr)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// A scratch directory removed when dropped (the CLI crate has no tempfile dependency).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Setup {
-    _dir: Scratch,
-    base: PathBuf,
-    ft: PathBuf,
-    delta: PathBuf,
-    text: PathBuf,
-    chat: PathBuf,
-    root: PathBuf,
-}
-
-fn setup(name: &str) -> Setup {
-    let root =
-        std::env::temp_dir().join(format!("deltaserve-eval-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
-    let dir = Scratch(root.clone());
-    let (base, ft, delta) = (root.join("base"), root.join("ft"), root.join("ft.delta"));
-    let tok = fixture_tokenizer();
-    run(&[
-        "random-model",
-        "--shape",
-        "tiny",
-        "--seed",
-        "1",
-        "--out",
-        p(&base),
-        "--tokenizer-from",
-        p(&tok),
-    ]);
-    run(&[
-        "random-model",
-        "--shape",
-        "tiny",
-        "--seed",
-        "2",
-        "--out",
-        p(&ft),
-        "--finetune-of",
-        p(&base),
-        "--noise",
-        "0.05",
-        "--tokenizer-from",
-        p(&tok),
-    ]);
-    run(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--finetuned",
-        p(&ft),
-        "--out",
-        p(&delta),
-        "--quiet",
-    ]);
-    let text = root.join("code.txt");
+    ok(
+        d,
+        &format!(
+            "random-model --shape tiny --seed 2 --out ft --finetune-of base --noise 0.05 \
+             --tokenizer-from {tok}"
+        ),
+    );
+    ok(
+        d,
+        "compress --base base --finetuned ft --out ft.delta --quiet",
+    );
     std::fs::write(
-        &text,
+        d.join("code.txt"),
         "def scale(x, factor=2):\n    \"\"\"Multiply x.\"\"\"\n    return x * factor\n".repeat(12),
     )
     .unwrap();
-    let chat = root.join("tasks.jsonl");
     let rec = |u: &str, a: &str| {
         serde_json::json!({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]})
             .to_string()
     };
     std::fs::write(
-        &chat,
+        d.join("tasks.jsonl"),
         [
             rec("Write add.", "def add(a, b):\n    return a + b"),
             rec("Write neg.", "def neg(x):\n    return -x"),
@@ -109,40 +45,20 @@ fn setup(name: &str) -> Setup {
         .join("\n"),
     )
     .unwrap();
-    Setup {
-        _dir: dir,
-        base,
-        ft,
-        delta,
-        text,
-        chat,
-        root,
-    }
+    tmp
 }
 
 #[test]
 fn eval_compare_json_and_report() {
-    let s = setup("compare");
-    let report = s.root.join("report");
-    let (out, _) = run(&[
-        "eval",
-        "compare",
-        "--base",
-        p(&s.base),
-        "--finetuned",
-        p(&s.ft),
-        "--delta",
-        p(&s.delta),
-        "--data",
-        p(&s.text),
-        p(&s.chat),
-        "--seq-len",
-        "64",
-        "--json",
-        "--report",
-        p(&report),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let tmp = setup();
+    let d = tmp.path();
+    let report = d.join("report");
+    let (out, _) = ok(
+        d,
+        "eval compare --base base --finetuned ft --delta ft.delta --data code.txt tasks.jsonl \
+         --seq-len 64 --json --report report",
+    );
+    let v = json(&out);
     let names: Vec<&str> = v["models"]
         .as_array()
         .unwrap()
@@ -187,27 +103,17 @@ fn eval_compare_json_and_report() {
         assert!(e > 0.3 && e < 0.9, "{}: rel err {e}", t["name"]);
     }
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
-    assert!(md.contains(p(&s.delta)), "the report names its inputs");
+    assert!(md.contains("ft.delta"), "the report names its inputs");
     for png in ["metrics.png", "layer_error.png"] {
         let bytes = std::fs::read(report.join(png)).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     }
 
     // The human table.
-    let (table, _) = run(&[
-        "eval",
-        "compare",
-        "--base",
-        p(&s.base),
-        "--finetuned",
-        p(&s.ft),
-        "--delta",
-        p(&s.delta),
-        "--data",
-        p(&s.text),
-        "--seq-len",
-        "64",
-    ]);
+    let (table, _) = ok(
+        d,
+        "eval compare --base base --finetuned ft --delta ft.delta --data code.txt --seq-len 64",
+    );
     for needle in [
         "model",
         "KL(ft‖model)",
@@ -224,57 +130,31 @@ fn eval_compare_json_and_report() {
 
 #[test]
 fn eval_ppl_with_a_delta_and_a_clamped_window() {
-    let s = setup("ppl");
-    let (out, _) = run(&[
-        "eval",
-        "ppl",
-        "--model",
-        p(&s.base),
-        "--delta",
-        p(&s.delta),
-        "--data",
-        p(&s.text),
-        "--seq-len",
-        "100000",
-        "--stride",
-        "64",
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tmp = setup();
+    let d = tmp.path();
+    let (out, _) = ok(
+        d,
+        "eval ppl --model base --delta ft.delta --data code.txt --seq-len 100000 --stride 64 \
+         --json",
+    );
+    let v = json(&out);
     assert_eq!(v["seq_len"], 512, "clamped to the tiny model's context");
     assert!(v["notes"][0].as_str().unwrap().contains("exceeds"));
     let with_delta = v["ppl"].as_f64().unwrap();
-    let (out, _) = run(&[
-        "eval",
-        "ppl",
-        "--model",
-        p(&s.base),
-        "--data",
-        p(&s.text),
-        "--seq-len",
-        "64",
-        "--stride",
-        "32",
-        "--json",
-    ]);
-    let base: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (out, _) = ok(
+        d,
+        "eval ppl --model base --data code.txt --seq-len 64 --stride 32 --json",
+    );
+    let base = json(&out);
     assert!(with_delta.is_finite() && base["ppl"].as_f64().unwrap().is_finite());
     assert_ne!(
         with_delta,
         base["ppl"].as_f64().unwrap(),
         "the delta changes the model"
     );
-    let (line, _) = run(&[
-        "eval",
-        "ppl",
-        "--model",
-        p(&s.ft),
-        "--data",
-        p(&s.text),
-        "--seq-len",
-        "64",
-        "--stride",
-        "32",
-    ]);
+    let (line, _) = ok(
+        d,
+        "eval ppl --model ft --data code.txt --seq-len 64 --stride 32",
+    );
     assert!(line.starts_with("perplexity "), "{line}");
 }
