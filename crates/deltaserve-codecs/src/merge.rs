@@ -330,6 +330,35 @@ fn plan<'a>(
         };
         out.push(planned);
     }
+    // Adapter deltas (`deltaserve finetune`, FORMAT.md "Adapter deltas") store only the
+    // projections they change: every other base tensor is the fine-tune's unchanged. A tied
+    // fine-tune has no `lm_head` of its own, so the base's is not carried over.
+    let ties = delta
+        .header()
+        .finetuned
+        .config
+        .as_ref()
+        .and_then(|c| c.get("tie_word_embeddings"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    for name in base.tensor_names() {
+        if delta.header().tensors.contains_key(name) || (ties && name == "lm_head.weight") {
+            continue;
+        }
+        let raw = base.raw(name)?;
+        out.push(Planned {
+            name,
+            shape: raw.shape.to_vec(),
+            dtype: match (FloatDtype::from_safetensors(raw.dtype), dtype) {
+                (Some(_), Some(d)) => d.safetensors(),
+                _ => raw.dtype,
+            },
+            source: Source::Finetuned {
+                bytes: raw.data,
+                dtype: raw.dtype,
+            },
+        });
+    }
     // Checkpoint order, as save_pretrained writes it: embeddings, layers by number, the rest.
     out.sort_by_cached_key(|p| natural_key(p.name));
     Ok(out)

@@ -106,6 +106,10 @@ pub fn run(a: Args) -> Result<()> {
     let dtype = parse_dtype(&a.dtype, &device)?;
     let model = deltaserve_model::resolve_model_dir(&a.model)?;
     let (gi, go) = parse_groups(&a.hira_groups)?;
+    if a.adapter == AdapterKind::Qahira {
+        // A QA-HiRA adapter folds into a blockq base only with the base's blocks (`merge`).
+        deltaserve_codecs::qahira::check_groups_match_base(&model, go, gi)?;
+    }
     let mut spec = AdapterSpec::new(a.adapter, a.rank);
     spec.alpha = a.alpha;
     spec.hira_in_group = gi;

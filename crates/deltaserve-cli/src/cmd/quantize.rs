@@ -1,11 +1,12 @@
-//! `deltaserve quantize`: a model quantized with RTN or GPTQ, written back as a Hugging Face
-//! directory of dequantized weights, so that it can serve as a *quantized base* for deltas
-//! (the BitDelta paper's "BitDelta on a quantized base", §4.3).
+//! `deltaserve quantize`: a model quantized with RTN, GPTQ or block-wise (`blockq`, the base a
+//! QA-HiRA adapter folds into), written back as a Hugging Face directory of dequantized weights,
+//! so that it can serve as a *quantized base* for deltas (the BitDelta paper's "BitDelta on a
+//! quantized base", §4.3) and for adapters (`finetune`, then `merge` into a quantized model).
 //!
 //! Layout of `--out`: the model's files with every attention/MLP projection replaced by its
 //! quantized-then-dequantized value in the model's dtype (`model.safetensors`, sharded like
 //! `merge` does), plus `quantization.delta`: the packed codes, scales and zero points as a delta
-//! of the model against itself (`rtn`/`gptq` coded entries, `value: finetuned`), which
+//! of the model against itself (`rtn`/`gptq`/`blockq` coded entries, `value: finetuned`), which
 //! `deltaserve inspect` reads for the exact bits per weight. The weights are what the codes
 //! decode to, rounded once to the model's dtype (bf16 for the demo family), which is what the
 //! model computes with; the codes are kept so the size is accounted exactly, not estimated.
@@ -26,7 +27,7 @@ use deltaserve_format::DeltaFile;
 use deltaserve_model::{Checkpoint, Model, TextCodec};
 
 /// The file in `--out` holding the packed codes.
-pub const CODES_FILE: &str = "quantization.delta";
+pub use deltaserve_codecs::qahira::CODES_FILE;
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -35,7 +36,11 @@ pub struct Args {
     model: String,
     /// rtn8 (round-to-nearest, 8 bits, one asymmetric min/max group per output row), gptq4
     /// (GPTQ, 4 bits, groups of 128 columns, damping 0.01, act-order off; needs --data), or a
-    /// full spec: rtn:bits=N,group=N,sym=0|1 or gptq:bits=N,group=N,damp=F,act_order=0|1.
+    /// full spec: rtn:bits=N,group=N,sym=0|1 or gptq:bits=N,group=N,damp=F,act_order=0|1; or
+    /// blockq:bits=N,rows=R,cols=C (min/max round-to-nearest in R x C blocks with an F32 scale and
+    /// offset each, default 4 bits in 8 x 4 blocks): the base a QA-HiRA adapter trained with
+    /// `finetune --adapter qahira --hira-groups C,R` folds into (`merge` then writes a quantized
+    /// model).
     #[arg(long, default_value = "gptq4")]
     method: String,
     /// Calibration text for GPTQ: a .txt or .jsonl file (or a directory of them), e.g.
@@ -60,13 +65,15 @@ pub struct Args {
     quiet: bool,
 }
 
-/// `rtn8` / `gptq4` to their specs; anything else must name the rtn or gptq codec.
+/// `rtn8` / `gptq4` to their specs; anything else must name the rtn, gptq or blockq codec.
 fn method_spec(method: &str) -> Result<String> {
     Ok(match method.trim() {
         "rtn8" => "rtn:bits=8".to_owned(),
         "gptq4" => "gptq:bits=4,group=128".to_owned(),
-        s if s.starts_with("rtn") || s.starts_with("gptq") => s.to_owned(),
-        other => bail!("--method {other}: expected rtn8, gptq4, rtn:... or gptq:..."),
+        s if s.starts_with("rtn") || s.starts_with("gptq") || s.starts_with("blockq") => {
+            s.to_owned()
+        }
+        other => bail!("--method {other}: expected rtn8, gptq4, rtn:..., gptq:... or blockq:..."),
     })
 }
 
