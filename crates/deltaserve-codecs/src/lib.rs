@@ -25,6 +25,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod apiq;
 pub mod bitdelta;
 pub mod budget;
 pub mod budget_choice;

@@ -240,7 +240,11 @@ pub fn lowrank_product(l1: &[f32], l2: &[f32], rows: usize, cols: usize, rank: u
 }
 
 /// The rank-r factors of `a` (L1 = U√S `[m, r]`, L2 = √S Vᵀ `[r, n]`, both row-major).
-fn rank_r_factors(a: MatRef<'_, f32>, opts: &LqOptions, rng: &mut StdRng) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rank_r_factors(
+    a: MatRef<'_, f32>,
+    opts: &LqOptions,
+    rng: &mut StdRng,
+) -> (Vec<f32>, Vec<f32>) {
     let (m, n) = (a.nrows(), a.ncols());
     let r = opts.rank;
     let l = (r + opts.oversample).min(m.min(n));
@@ -349,6 +353,9 @@ pub struct DecomposeReport {
     pub rank: usize,
     /// Whether errors were Fisher-weighted.
     pub fisher: bool,
+    /// How Q and L1/L2 were initialised: `lqlora` (weight error), `lqlora-fisher` (Fisher-
+    /// weighted weight error) or `apiq` (layer-output error on calibration data, [`crate::apiq`]).
+    pub init: String,
     /// The bits/param asked for.
     pub budget_bits: f64,
     /// Parameters of the projection weights.
@@ -399,41 +406,23 @@ impl std::fmt::Display for DecomposeReport {
     }
 }
 
-struct Matrix {
-    name: String,
-    rows: usize,
-    cols: usize,
-    dtype: deltaserve_format::Dtype,
-    w: Vec<f32>,
+/// One projection weight, decoded to f32 (shared with [`crate::apiq`]).
+pub(crate) struct Matrix {
+    pub(crate) name: String,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) dtype: deltaserve_format::Dtype,
+    pub(crate) w: Vec<f32>,
 }
 
-/// Decomposes every attention/MLP projection of `ckpt` (LQ-LoRA §3: Q + L1L2 with the NF
-/// configuration of each matrix chosen by the ILP of eq. 5 under `budget_bits`) and writes:
-///
-/// - `out/`: a Hugging Face directory, the base with each projection replaced by its
-///   dequantized Q in the model's dtype (loads anywhere; saves no memory until an engine
-///   dequantizes on load);
-/// - `out/nf_codes.safetensors`: the packed NF codes, 8-bit scale codes, FP32 group scales and
-///   offset of each Q (metadata: bits, block size, shape, exact storage bits);
-/// - `out/decompose.json`: the [`DecomposeReport`];
-/// - `out/lqlora_init.delta` (rank > 0): L1/L2 as `lowrank` entries (down = L2, up = L1)
-///   against `out/` itself, so base `out/` + this delta runs Q + L1L2.
-///
-/// `fisher` (weight name → per-weight values) weights the errors and the SVD.
-pub fn decompose_checkpoint(
+/// Every attention/MLP projection of `ckpt` decoded to f32, after checking the options that
+/// do not depend on the method (output, configurations, budget, rank, Fisher shapes).
+pub(crate) fn projections(
     ckpt: &deltaserve_model::Checkpoint,
     fisher: Option<&std::collections::BTreeMap<String, Vec<f32>>>,
     opts: &DecomposeOptions,
-) -> Result<DecomposeReport, CodecError> {
-    use crate::budget::{solve_with, BudgetOptions, Choice, Item};
+) -> Result<Vec<Matrix>, CodecError> {
     use crate::numeric::FloatDtype;
-    use deltaserve_format::{
-        fingerprint_safetensors, write_delta, DeltaFile, DeltaHeader, FullValue, OwnedTensor,
-        TensorEntry,
-    };
-    use rayon::prelude::*;
-    use std::time::Instant;
-
     if !opts.force && opts.out.symlink_metadata().is_ok() {
         return Err(CodecError::OutputExists {
             path: opts.out.clone(),
@@ -454,7 +443,6 @@ pub fn decompose_checkpoint(
             ),
         });
     }
-    // The projections, decoded to f32.
     let mut mats = Vec::new();
     for name in ckpt.tensor_names() {
         let raw = ckpt.raw(name)?;
@@ -507,7 +495,31 @@ pub fn decompose_checkpoint(
             ),
         });
     }
-    let params: u64 = mats.iter().map(|m| (m.rows * m.cols) as u64).sum();
+    Ok(mats)
+}
+
+/// Decomposes every attention/MLP projection of `ckpt` (LQ-LoRA §3: Q + L1L2 with the NF
+/// configuration of each matrix chosen by the ILP of eq. 5 under `budget_bits`) and writes:
+///
+/// - `out/`: a Hugging Face directory, the base with each projection replaced by its
+///   dequantized Q in the model's dtype (loads anywhere; saves no memory until an engine
+///   dequantizes on load);
+/// - `out/nf_codes.safetensors`: the packed NF codes, 8-bit scale codes, FP32 group scales and
+///   offset of each Q (metadata: bits, block size, shape, exact storage bits);
+/// - `out/decompose.json`: the [`DecomposeReport`];
+/// - `out/lqlora_init.delta` (rank > 0): L1/L2 as `lowrank` entries (down = L2, up = L1)
+///   against `out/` itself, so base `out/` + this delta runs Q + L1L2.
+///
+/// `fisher` (weight name → per-weight values) weights the errors and the SVD.
+pub fn decompose_checkpoint(
+    ckpt: &deltaserve_model::Checkpoint,
+    fisher: Option<&std::collections::BTreeMap<String, Vec<f32>>>,
+    opts: &DecomposeOptions,
+) -> Result<DecomposeReport, CodecError> {
+    use rayon::prelude::*;
+    use std::time::Instant;
+
+    let mats = projections(ckpt, fisher, opts)?;
     let fisher_of = |m: &Matrix| fisher.map(|f| f[&m.name].as_slice());
 
     // One (error, iterations, NfTensor?, L1, L2) per matrix and configuration. Only errors are
@@ -550,6 +562,44 @@ pub fn decompose_checkpoint(
     bar.finish_and_clear();
     let measure_seconds = start.elapsed().as_secs_f64();
 
+    let alloc = allocate(&mats, &errors, opts)?;
+
+    let bar = progress_bar(opts.progress, mats.len() as u64, "decomposing");
+    let finals: Vec<LqDecomposition> = mats
+        .par_iter()
+        .zip(alloc.picks.par_iter())
+        .map(|(m, &p)| {
+            let d = run(m, opts.configs[p]);
+            bar.inc(1);
+            d
+        })
+        .collect::<Result<_, _>>()?;
+    bar.finish_and_clear();
+
+    write_outputs(
+        ckpt,
+        &mats,
+        &finals,
+        &alloc,
+        measure_seconds,
+        opts,
+        if fisher.is_some() {
+            "lqlora-fisher"
+        } else {
+            "lqlora"
+        },
+    )
+}
+
+/// The ILP of LQ-LoRA eq. 5 over `errors` (matrix-major, one per configuration of
+/// `opts.configs`): the configuration of each matrix so that Q stays within the budget.
+pub(crate) fn allocate(
+    mats: &[Matrix],
+    errors: &[f64],
+    opts: &DecomposeOptions,
+) -> Result<crate::budget::Allocation, CodecError> {
+    use crate::budget::{solve_with, BudgetOptions, Choice, Item};
+    let params: u64 = mats.iter().map(|m| (m.rows * m.cols) as u64).sum();
     let items: Vec<Item> = mats
         .iter()
         .enumerate()
@@ -567,7 +617,7 @@ pub fn decompose_checkpoint(
         })
         .collect();
     let budget = (opts.budget_bits * params as f64).floor() as u64;
-    let alloc = solve_with(
+    Ok(solve_with(
         &items,
         budget,
         &BudgetOptions {
@@ -575,20 +625,28 @@ pub fn decompose_checkpoint(
             time_limit_s: opts.ilp_time_limit_s,
             ..BudgetOptions::default()
         },
-    )?;
+    )?)
+}
 
-    let bar = progress_bar(opts.progress, mats.len() as u64, "decomposing");
-    let finals: Vec<LqDecomposition> = mats
-        .par_iter()
-        .zip(alloc.picks.par_iter())
-        .map(|(m, &p)| {
-            let d = run(m, opts.configs[p]);
-            bar.inc(1);
-            d
-        })
-        .collect::<Result<_, _>>()?;
-    bar.finish_and_clear();
-
+/// Writes the Q directory, the packed codes, the L1/L2 delta and the report for `finals`
+/// (one per matrix, in the configuration `alloc` picked). `init` names the initialisation in
+/// the report and the delta header (`lqlora`, `lqlora-fisher`, `apiq`).
+pub(crate) fn write_outputs(
+    ckpt: &deltaserve_model::Checkpoint,
+    mats: &[Matrix],
+    finals: &[LqDecomposition],
+    alloc: &crate::budget::Allocation,
+    measure_seconds: f64,
+    opts: &DecomposeOptions,
+    init: &str,
+) -> Result<DecomposeReport, CodecError> {
+    use crate::numeric::FloatDtype;
+    use deltaserve_format::{
+        fingerprint_safetensors, write_delta, DeltaFile, DeltaHeader, FullValue, OwnedTensor,
+        TensorEntry,
+    };
+    let params: u64 = mats.iter().map(|m| (m.rows * m.cols) as u64).sum();
+    let fisher = init == "lqlora-fisher";
     // 1. The Q model directory, through merge (a scratch delta of full Q entries).
     let parent = opts
         .out
@@ -601,7 +659,7 @@ pub fn decompose_checkpoint(
     let mut header = DeltaHeader::new("nf-q", fingerprint_safetensors(&ckpt.weight_files())?, info);
     header.extra.extend(extra.clone());
     let mut tensors = Vec::new();
-    for (m, d) in mats.iter().zip(&finals) {
+    for (m, d) in mats.iter().zip(finals) {
         let fd = FloatDtype::from_safetensors(m.dtype).expect("checked above");
         let mut bytes = Vec::new();
         fd.encode_into(&d.q.dequantize(), &mut bytes);
@@ -653,10 +711,16 @@ pub fn decompose_checkpoint(
         let q_ckpt = deltaserve_model::Checkpoint::open(&opts.out)?;
         let (info, extra) = crate::files::finetune_files(&q_ckpt, &q_ckpt)?;
         let mut header = DeltaHeader::new(
-            format!(
-                "lqlora:rank={},budget_bits={}",
-                opts.lq.rank, opts.budget_bits
-            ),
+            match init {
+                "apiq" => format!(
+                    "lqlora:rank={},budget_bits={},init=apiq",
+                    opts.lq.rank, opts.budget_bits
+                ),
+                _ => format!(
+                    "lqlora:rank={},budget_bits={}",
+                    opts.lq.rank, opts.budget_bits
+                ),
+            },
             fingerprint_safetensors(&q_ckpt.weight_files())?,
             info,
         );
@@ -669,11 +733,12 @@ pub fn decompose_checkpoint(
                 "entries": "lowrank: up = L1 [out, r], down = L2 [r, in]; W ≈ Q + up·down",
                 "rank": opts.lq.rank,
                 "budget_bits": opts.budget_bits,
-                "fisher": fisher.is_some(),
+                "fisher": fisher,
+                "init": init,
             }),
         );
         let mut tensors = Vec::new();
-        for (m, d) in mats.iter().zip(&finals) {
+        for (m, d) in mats.iter().zip(finals) {
             let input = crate::codec::MatrixInput {
                 name: &m.name,
                 rows: m.rows,
@@ -710,7 +775,8 @@ pub fn decompose_checkpoint(
         out: opts.out.clone(),
         delta,
         rank: opts.lq.rank,
-        fisher: fisher.is_some(),
+        fisher,
+        init: init.to_owned(),
         budget_bits: opts.budget_bits,
         params,
         q_bits: finals.iter().map(|d| d.q.storage_bits()).sum(),
@@ -721,7 +787,7 @@ pub fn decompose_checkpoint(
         solve_seconds: alloc.solve_seconds,
         matrices: mats
             .iter()
-            .zip(&finals)
+            .zip(finals)
             .zip(&alloc.picks)
             .map(|((m, d), &p)| MatrixChoice {
                 name: m.name.clone(),
