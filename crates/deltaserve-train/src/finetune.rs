@@ -210,6 +210,48 @@ pub fn perplexity(
     Ok((nll / n.max(1) as f64).exp())
 }
 
+/// Seconds spent in each phase of the training steps (`--profile`), measured with a device
+/// synchronisation at every phase boundary, so each phase's device work is inside its time (the
+/// synchronisations themselves cost a little).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseSeconds {
+    /// Forward passes: the graph-free pass through the layers when checkpointing, the whole
+    /// graph-building forward otherwise.
+    pub forward: f64,
+    /// LM head, cross-entropy and their backward, block by block (checkpointing only).
+    pub loss: f64,
+    /// Backward passes: per-layer recompute plus backward when checkpointing.
+    pub backward: f64,
+    /// AdamW updates.
+    pub optimizer: f64,
+}
+
+/// Times phases when `--profile` asks; a no-op otherwise.
+struct PhaseTimer<'d> {
+    device: Option<&'d Device>,
+    at: Instant,
+}
+
+impl<'d> PhaseTimer<'d> {
+    fn new(device: &'d Device, on: bool) -> Self {
+        Self {
+            device: on.then_some(device),
+            at: Instant::now(),
+        }
+    }
+
+    /// Adds the seconds since the last call to `slot` (after the device finished its work).
+    fn lap(&mut self, slot: &mut f64) -> Result<()> {
+        if let Some(d) = self.device {
+            d.synchronize()?;
+            let now = Instant::now();
+            *slot += (now - self.at).as_secs_f64();
+            self.at = now;
+        }
+        Ok(())
+    }
+}
+
 /// What a checkpoint records besides the tensors, checked on `--resume`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -225,6 +267,11 @@ pub struct CheckpointState {
 
 const STATE_KEY: &str = "deltaserve_finetune";
 
+/// Rows per block of the chunked LM head + cross-entropy: with a 32,000-token vocabulary a block
+/// of 512 rows is 66 MB of f32 logits (the whole batch of 4 × 512 would be 262 MB, and the
+/// log-softmax keeps several such tensors plus their gradients).
+pub const DEFAULT_LOSS_CHUNK: usize = 512;
+
 /// Adapter fine-tuning of one model.
 pub struct Finetuner<'a> {
     model: &'a Model,
@@ -234,6 +281,9 @@ pub struct Finetuner<'a> {
     examples: Vec<EvalSequence>,
     step: usize,
     order: (usize, Vec<usize>),
+    checkpoint_layers: bool,
+    loss_chunk: usize,
+    profile: Option<std::cell::RefCell<PhaseSeconds>>,
 }
 
 impl<'a> Finetuner<'a> {
@@ -264,6 +314,9 @@ impl<'a> Finetuner<'a> {
             examples,
             step: 0,
             order: (usize::MAX, Vec::new()),
+            checkpoint_layers: true,
+            loss_chunk: DEFAULT_LOSS_CHUNK,
+            profile: None,
         })
     }
 
@@ -335,10 +388,16 @@ impl<'a> Finetuner<'a> {
         };
         for mb in micro {
             let seqs: Vec<&EvalSequence> = mb.iter().map(|&i| &self.examples[i]).collect();
+            if self.checkpoint_layers {
+                loss += self.micro_batch_checkpointed(&seqs, total, &vars, &mut grads)?;
+                continue;
+            }
+            let mut timer = self.timer();
             let tenant = self.adapters.tenant(true)?;
             let (nll, _) = batch_nll(self.model, Some(&tenant), &seqs, opts)?;
             let l = (nll / total as f64)?;
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            self.lap(&mut timer, |p| &mut p.forward)?;
             let store = l.backward()?;
             for (acc, v) in grads.iter_mut().zip(&vars) {
                 if let Some(g) = store.get(v.as_tensor()) {
@@ -348,6 +407,7 @@ impl<'a> Finetuner<'a> {
                     });
                 }
             }
+            self.lap(&mut timer, |p| &mut p.backward)?;
         }
         let grads = grads
             .into_iter()
@@ -355,6 +415,176 @@ impl<'a> Finetuner<'a> {
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok((loss, grads))
+    }
+
+    /// Whether [`Finetuner::loss_and_grads`] uses gradient checkpointing per decoder layer (on
+    /// by default): see [`Finetuner::micro_batch_checkpointed`].
+    pub fn set_checkpoint_layers(&mut self, on: bool) {
+        self.checkpoint_layers = on;
+    }
+
+    /// Rows (tokens) per block of the LM head and cross-entropy in a checkpointed pass (0: all
+    /// rows at once); see [`Finetuner::micro_batch_checkpointed`].
+    pub fn set_loss_chunk(&mut self, rows: usize) {
+        self.loss_chunk = rows;
+    }
+
+    /// Times the phases of every step from now on (see [`PhaseSeconds`]).
+    pub fn set_profile(&mut self, on: bool) {
+        self.profile = on.then(Default::default);
+    }
+
+    /// The phase times so far, if profiling.
+    pub fn profile(&self) -> Option<PhaseSeconds> {
+        self.profile.as_ref().map(|p| p.borrow().clone())
+    }
+
+    fn timer(&self) -> PhaseTimer<'a> {
+        PhaseTimer::new(self.model.device(), self.profile.is_some())
+    }
+
+    /// Adds one phase's lap to the profile, if profiling.
+    fn lap(
+        &self,
+        timer: &mut PhaseTimer<'_>,
+        phase: fn(&mut PhaseSeconds) -> &mut f64,
+    ) -> Result<()> {
+        if let Some(p) = &self.profile {
+            timer.lap(phase(&mut p.borrow_mut()))?;
+        }
+        Ok(())
+    }
+
+    /// The summed NLL of one micro-batch divided by `total`, and each trainable variable's
+    /// gradient of it, with gradient checkpointing per decoder layer (Chen et al. 2016, §3).
+    ///
+    /// 1. The layers run once without a graph (detached adapters), keeping each layer's input.
+    /// 2. The loss is computed from the last layer's output held in a `Var`, in blocks of
+    ///    `loss_chunk` rows, each block's LM head, log-softmax and picked targets built and
+    ///    back-propagated on its own, so the `(tokens, vocab)` f32 logits and their gradient
+    ///    never exist whole; the blocks' gradients of that `Var` are summed.
+    /// 3. From the last layer to the first, the layer is recomputed with its graph from a `Var`
+    ///    holding its saved input, and the surrogate `Σ out ⊙ g` (with `g` the loss's gradient
+    ///    of the layer's output, held constant) is back-propagated: its gradient of every
+    ///    parameter and of the input is exactly the loss's (the chain rule, one layer at a
+    ///    time), since candle's `backward` takes no upstream gradient. The input's gradient is
+    ///    the next layer down's `g`.
+    ///
+    /// The autograd graph holds one layer (or one logits block) at a time, and the saved inputs
+    /// are `layers × tokens × hidden` in the model dtype.
+    fn micro_batch_checkpointed(
+        &self,
+        seqs: &[&EvalSequence],
+        total: usize,
+        vars: &[Var],
+        grads: &mut [Option<Tensor>],
+    ) -> Result<f64> {
+        let mut timer = self.timer();
+        let tokens: Vec<&[u32]> = seqs.iter().map(|s| s.tokens.as_slice()).collect();
+        let pass = self.model.layerwise(&tokens)?;
+        let n_layers = self.model.config().num_hidden_layers;
+        let mut x = pass.embed(None)?;
+        let mut saved = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let tenant = self.adapters.layer_tenant(l, false)?;
+            let out = pass.layer(l, &x, Some(&tenant))?;
+            saved.push(x);
+            x = out;
+        }
+
+        self.lap(&mut timer, |p| &mut p.forward)?;
+
+        // The loss from the last hidden state, block by block. Targets and weights of the packed
+        // rows: row i of a sequence predicts its token i+1 (the last row predicts nothing).
+        let device = self.model.device();
+        let rows = x.dim(0)?;
+        let mut target = vec![0u32; rows];
+        let mut weight = vec![0f32; rows];
+        for ((start, len), s) in pass.rows().into_iter().zip(seqs) {
+            for i in 0..len - 1 {
+                target[start + i] = s.tokens[i + 1];
+                weight[start + i] = if s.scored[i + 1] { 1.0 } else { 0.0 };
+            }
+        }
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let chunk = if self.loss_chunk == 0 {
+            rows
+        } else {
+            self.loss_chunk
+        };
+        let mut loss = 0f64;
+        let mut grad_out: Option<Tensor> = None;
+        for c0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - c0);
+            if weight[c0..c0 + n].iter().all(|&w| w == 0.0) {
+                continue;
+            }
+            let logits = pass.logits(&top.as_tensor().narrow(0, c0, n)?, None)?;
+            let lp = log_softmax(&logits)?;
+            let t = Tensor::new(&target[c0..c0 + n], device)?.unsqueeze(1)?;
+            let picked = lp.gather(&t, 1)?.squeeze(1)?;
+            let w = Tensor::new(&weight[c0..c0 + n], device)?.to_dtype(picked.dtype())?;
+            let nll = ((picked * w)?.sum_all()?.neg()? / total as f64)?;
+            loss += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = nll.backward()?;
+            if let Some(g) = store.get(top.as_tensor()) {
+                grad_out = Some(match grad_out {
+                    None => g.clone(),
+                    Some(a) => (a + g)?,
+                });
+            }
+        }
+        self.lap(&mut timer, |p| &mut p.loss)?;
+        let Some(mut grad_out) = grad_out else {
+            return Ok(loss);
+        };
+        drop(top);
+
+        // Back through the layers, recomputing each with its graph.
+        let layer_of: Vec<usize> = self
+            .adapters
+            .adapters
+            .iter()
+            .flat_map(|a| std::iter::repeat_n(a.layer, a.params.len()))
+            .collect();
+        for l in (0..n_layers).rev() {
+            let input = saved.pop().ok_or_else(|| {
+                TrainError::Setting("gradient checkpointing lost a layer input".into())
+            })?;
+            // The first layer's input gradient is not needed (the embeddings are frozen).
+            let input = if l > 0 {
+                Var::from_tensor(&input)?.as_tensor().clone()
+            } else {
+                input
+            };
+            let tenant = self.adapters.layer_tenant(l, true)?;
+            let out = pass.layer(l, &input, Some(&tenant))?;
+            let store = (out * &grad_out)?.sum_all()?.backward()?;
+            for (i, v) in vars.iter().enumerate() {
+                if layer_of[i] != l {
+                    continue;
+                }
+                if let Some(g) = store.get(v.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        None => g.clone(),
+                        Some(a) => (a + g)?,
+                    });
+                }
+            }
+            if l > 0 {
+                grad_out = store
+                    .get(&input)
+                    .ok_or_else(|| {
+                        TrainError::Setting(format!(
+                            "gradient checkpointing: layer {l}'s input received no gradient"
+                        ))
+                    })?
+                    .clone();
+            }
+        }
+        self.lap(&mut timer, |p| &mut p.backward)?;
+        Ok(loss)
     }
 
     /// One optimizer step; returns its report (the loss before the update).
@@ -372,7 +602,9 @@ impl<'a> Finetuner<'a> {
             });
         }
         let vars = self.adapters.vars();
+        let mut timer = self.timer();
         self.opt.step(&vars, &grads, lr, &self.cfg)?;
+        self.lap(&mut timer, |p| &mut p.optimizer)?;
         Ok(StepReport {
             step: self.step,
             loss,
@@ -584,6 +816,12 @@ pub struct FinetuneJob {
     pub device: Device,
     /// Model dtype.
     pub dtype: DType,
+    /// Gradient checkpointing per decoder layer (see `Finetuner::set_checkpoint_layers`).
+    pub checkpoint_layers: bool,
+    /// Rows per block of the chunked LM head + cross-entropy (0: all at once).
+    pub loss_chunk: usize,
+    /// Time the phases of each step and report them.
+    pub profile: bool,
 }
 
 /// What a finished fine-tune reports.
@@ -606,6 +844,8 @@ pub struct FinetuneOutcome {
     pub steps_done: usize,
     /// Whether the adapter delta was written (false when stopped early).
     pub wrote: Option<PathBuf>,
+    /// Seconds per phase summed over this run's steps, with `profile`.
+    pub profile: Option<PhaseSeconds>,
 }
 
 fn load_sequences(
@@ -673,6 +913,9 @@ pub fn finetune(job: &FinetuneJob, progress: &mut dyn Progress) -> Result<Finetu
     };
     let trainable_params = adapters.param_count();
     let mut ft = Finetuner::new(&model, adapters, train, job.config.clone())?;
+    ft.set_checkpoint_layers(job.checkpoint_layers);
+    ft.set_loss_chunk(job.loss_chunk);
+    ft.set_profile(job.profile);
     if job.resume {
         progress.phase("resuming from the checkpoint");
         ft.load_checkpoint(&job.checkpoint)?;
@@ -737,5 +980,6 @@ pub fn finetune(job: &FinetuneJob, progress: &mut dyn Progress) -> Result<Finetu
         eval_ppl_adapter,
         steps_done,
         wrote,
+        profile: ft.profile(),
     })
 }

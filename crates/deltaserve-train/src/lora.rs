@@ -249,6 +249,24 @@ impl AdapterSet {
         Ok(t)
     }
 
+    /// The tenant of decoder layer `layer` alone (the other layers carry no delta): what a
+    /// gradient-checkpointed pass builds per layer, so only that layer's factors are cast to the
+    /// model dtype and, with `track`, only they are in the layer's graph.
+    pub fn layer_tenant(&self, layer: usize, track: bool) -> Result<TenantWeights> {
+        let mut t = TenantWeights {
+            layers: vec![LayerDelta::default(); self.layers],
+            ..Default::default()
+        };
+        for a in self.adapters.iter().filter(|a| a.layer == layer) {
+            let (down, up) = self.down_up(a, track)?;
+            t.layers[layer].linears[a.proj.index()] = Some(LinearDelta::LowRank {
+                down: down.to_dtype(self.model_dtype)?,
+                up: up.to_dtype(self.model_dtype)?,
+            });
+        }
+        Ok(t)
+    }
+
     /// The first trainable value that is not finite, as (tensor name, value).
     pub fn first_non_finite(&self) -> Result<Option<(String, f64)>> {
         for (name, v) in self.var_names().into_iter().zip(self.vars()) {
