@@ -81,6 +81,15 @@ pub struct Args {
     /// Model dtype: auto (f32 on CPU, bf16 on CUDA), f32, bf16, f16. Adapter parameters stay f32.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Gradient checkpointing per decoder layer: keep only each layer's input during the forward pass and recompute one layer at a time in the backward pass (about one more forward pass of work; activation memory of one layer instead of all). `--checkpoint-layers false` keeps the whole graph.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    checkpoint_layers: bool,
+    /// Tokens per block of the LM head + cross-entropy with --checkpoint-layers (the f32 logits of a block and their gradient exist at once, never the whole batch's); 0: all tokens at once.
+    #[arg(long, default_value_t = deltaserve_train::finetune::DEFAULT_LOSS_CHUNK)]
+    loss_chunk: usize,
+    /// Time the forward, loss, backward and optimizer phases of each step (synchronising the device at each boundary) and report the sums (stderr, and `profile` in --json).
+    #[arg(long)]
+    profile: bool,
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
@@ -143,6 +152,9 @@ pub fn run(a: Args) -> Result<()> {
         stop_after: a.stop_after,
         device,
         dtype,
+        checkpoint_layers: a.checkpoint_layers,
+        loss_chunk: a.loss_chunk,
+        profile: a.profile,
     };
     let outcome = finetune(
         &job,
@@ -151,6 +163,16 @@ pub fn run(a: Args) -> Result<()> {
         }),
     )
     .with_context(|| format!("fine-tuning an adapter on {}", a.model))?;
+    if let Some(p) = &outcome.profile {
+        let n = outcome.losses.len().max(1) as f64;
+        eprintln!(
+            "profile, seconds per step: forward {:.4}, loss {:.4}, backward {:.4}, optimizer {:.4}",
+            p.forward / n,
+            p.loss / n,
+            p.backward / n,
+            p.optimizer / n
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
         return Ok(());
