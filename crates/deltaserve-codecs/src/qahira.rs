@@ -555,7 +555,7 @@ pub fn fold_adapter(
             }
             other => {
                 for t in other.expected_tensors() {
-                    let (bytes, dtype, shape) = codes.tensor_bytes(&t.name)?;
+                    let (bytes, dtype, shape) = codes.tensor_bytes(t.name)?;
                     tensors.push((
                         t.name.to_owned(),
                         OwnedTensor::new(dtype, shape.to_vec(), bytes.to_vec()),
