@@ -60,6 +60,11 @@ pub struct Args {
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
+    /// Dtype of the written (dequantized) weights: as-base (the model's own, bf16 for the demo
+    /// family: what the model computes with, the codes' values rounded once), or f32 (the codes'
+    /// values exactly, so that a QA-HiRA adapter merged later gives exactly base + adapter).
+    #[arg(long, default_value = "as-base")]
+    dtype: String,
     /// Do not draw progress bars.
     #[arg(long)]
     quiet: bool,
@@ -116,6 +121,13 @@ pub fn calibration(
 
 pub fn run(a: Args) -> Result<()> {
     let spec = method_spec(&a.method)?;
+    let dtype = match a.dtype.as_str() {
+        "as-base" => None,
+        other => Some(
+            deltaserve_codecs::numeric::FloatDtype::parse(other)
+                .with_context(|| format!("--dtype {other}: expected as-base, f32, bf16 or f16"))?,
+        ),
+    };
     let codec = parse_codec(&spec).with_context(|| format!("--method {}", a.method))?;
     if codec.needs_calibration() && a.data.is_none() {
         bail!(
@@ -159,7 +171,7 @@ pub fn run(a: Args) -> Result<()> {
             out: a.out.clone(),
             force: a.force,
             max_shard_size: DEFAULT_MAX_SHARD_SIZE,
-            dtype: None,
+            dtype,
             progress: !a.quiet,
         },
     )
