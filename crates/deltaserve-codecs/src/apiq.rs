@@ -445,3 +445,305 @@ pub fn decompose(
     best.history = history;
     Ok(best)
 }
+
+// ================================================================================================
+// A whole checkpoint: allocate bits from full-precision activation errors, then decompose
+// stage by stage with the inputs of the partly decomposed model.
+// ================================================================================================
+
+/// Options of [`decompose_checkpoint`].
+#[derive(Debug, Clone)]
+pub struct ApiqCheckpointOptions {
+    /// Output, budget, configurations, rank and alternations (as `deltaserve decompose`).
+    pub decompose: crate::lqlora::DecomposeOptions,
+    /// Damping, error feedback and the lazy-update block.
+    pub apiq: ApiqOptions,
+    /// Take each stage's inputs from the model with every earlier projection already
+    /// decomposed (ApiQ's sequential scheme); `false` uses the full-precision inputs for all.
+    pub sequential: bool,
+    /// Tokens per calibration window.
+    pub seq_len: usize,
+}
+
+/// The stages of a decoder layer, in forward order; each stage's projections share one input.
+const STAGES: [&[deltaserve_model::Proj]; 4] = {
+    use deltaserve_model::Proj::*;
+    [&[Q, K, V], &[O], &[Gate, Up], &[Down]]
+};
+
+/// ApiQ-style initialisation of every attention/MLP projection of `ckpt` (loaded as `model`,
+/// f32) on calibration `tokens`; writes the same files as
+/// [`crate::lqlora::decompose_checkpoint`] (`init: apiq` in the report and delta header).
+///
+/// 1. Σ xᵀx of every projection's input on the full-precision model
+///    ([`crate::calib_stats::collect_calibration`]).
+/// 2. For every (matrix, configuration): [`decompose`] with target W under that metric; the
+///    ILP picks each matrix's configuration from these errors under the bit budget.
+/// 3. For each layer and stage in forward order (with `sequential`): run the full-precision
+///    model and the model with every projection decomposed so far (as a dense tenant delta
+///    Q + L1L2 − W) over the windows; H = Σ x_qᵀx_q and C = Σ x_fpᵀx_q at the stage's input;
+///    decompose [`corrected_target`] in the metric of H at the picked configuration.
+pub fn decompose_checkpoint(
+    ckpt: &deltaserve_model::Checkpoint,
+    model: &deltaserve_model::Model,
+    tokens: &[u32],
+    opts: &ApiqCheckpointOptions,
+) -> Result<crate::lqlora::DecomposeReport, CodecError> {
+    use crate::calib_stats::{collect_calibration, CalibStatsOptions};
+    use deltaserve_model::Proj;
+    use rayon::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let dopts = &opts.decompose;
+    let mats = crate::lqlora::projections(ckpt, None, dopts)?;
+    if tokens.is_empty() {
+        return Err(bad(
+            "--data",
+            "the calibration data holds no tokens; give a text or JSONL file with some text".into(),
+        ));
+    }
+    let seq_len = opts.seq_len.max(1);
+    let apiq = ApiqOptions {
+        lq: dopts.lq,
+        ..opts.apiq
+    };
+    let start = Instant::now();
+    let calib = collect_calibration(
+        model,
+        tokens,
+        &CalibStatsOptions {
+            seq_len,
+            max_tokens: tokens.len(),
+            progress: dopts.progress,
+        },
+    )?;
+    // One metric per distinct input (q/k/v share theirs, gate/up theirs).
+    let source_of = |name: &str| -> Result<(usize, Proj), CodecError> {
+        match Proj::parse_tensor_name(name) {
+            Some((l, p, false)) => Ok((
+                l,
+                match p {
+                    Proj::K | Proj::V => Proj::Q,
+                    Proj::Up => Proj::Gate,
+                    p => p,
+                },
+            )),
+            _ => Err(bad(
+                "--model",
+                format!("{name} is not a decoder-layer projection"),
+            )),
+        }
+    };
+    let mut sources: Vec<((usize, Proj), String)> = Vec::new();
+    for m in &mats {
+        let s = source_of(&m.name)?;
+        if !sources.iter().any(|(k, _)| *k == s) {
+            sources.push((s, m.name.clone()));
+        }
+    }
+    let metrics: HashMap<(usize, Proj), Arc<ActivationMetric>> = sources
+        .par_iter()
+        .map(|(key, name)| {
+            let c = calib.get(name).ok_or_else(|| {
+                bad(
+                    "--data",
+                    format!("no calibration statistics reached {name}"),
+                )
+            })?;
+            let cols = (c.gram.len() as f64).sqrt() as usize;
+            let h: Vec<f64> = c.gram.iter().map(|&v| v as f64).collect();
+            Ok((*key, Arc::new(ActivationMetric::new(&h, cols, apiq.damp)?)))
+        })
+        .collect::<Result<_, CodecError>>()?;
+    let metric_of = |m: &crate::lqlora::Matrix| -> Arc<ActivationMetric> {
+        metrics[&source_of(&m.name).expect("checked")].clone()
+    };
+
+    // 2. Activation errors of every (matrix, configuration) with full-precision inputs.
+    let pairs: Vec<(usize, usize)> = (0..mats.len())
+        .flat_map(|i| (0..dopts.configs.len()).map(move |c| (i, c)))
+        .collect();
+    let bar = crate::lqlora::progress_bar(dopts.progress, pairs.len() as u64, "measuring configs");
+    let errors: Vec<f64> = pairs
+        .par_iter()
+        .map(|&(i, c)| {
+            let m = &mats[i];
+            let e =
+                decompose(&m.w, m.rows, dopts.configs[c], &metric_of(m), &apiq).map(|d| d.error);
+            bar.inc(1);
+            e
+        })
+        .collect::<Result<_, _>>()?;
+    bar.finish_and_clear();
+    let alloc = crate::lqlora::allocate(&mats, &errors, dopts)?;
+
+    // 3. The final decomposition, stage by stage.
+    let finals: Vec<LqDecomposition> = if !opts.sequential {
+        mats.par_iter()
+            .zip(alloc.picks.par_iter())
+            .map(|(m, &p)| decompose(&m.w, m.rows, dopts.configs[p], &metric_of(m), &apiq))
+            .collect::<Result<_, _>>()?
+    } else {
+        let layers = model.config().num_hidden_layers;
+        let index: HashMap<&str, usize> = mats
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.name.as_str(), i))
+            .collect();
+        let windows: Vec<&[u32]> = tokens.chunks(seq_len).collect();
+        let mut tenant = deltaserve_model::TenantWeights::empty(layers);
+        let mut finals: Vec<Option<LqDecomposition>> = vec![None; mats.len()];
+        let bar = crate::lqlora::progress_bar(
+            dopts.progress,
+            mats.len() as u64,
+            "decomposing (sequential)",
+        );
+        let model_err = |e: candle_core::Error| {
+            bad(
+                "--data",
+                format!("running the model over calibration data: {e}"),
+            )
+        };
+        for l in 0..layers {
+            // The full-precision inputs of this layer's four stages, per window.
+            let mut fp: Vec<HashMap<Proj, candle_core::Tensor>> = Vec::with_capacity(windows.len());
+            for w in &windows {
+                let mut got = HashMap::new();
+                let mut obs = |layer: usize, proj: Proj, x: &candle_core::Tensor| {
+                    if layer == l && STAGES.iter().any(|s| s[0] == proj) {
+                        got.insert(proj, x.clone());
+                    }
+                };
+                let mut seqs = [deltaserve_model::SeqInput {
+                    tokens: w,
+                    cache: None,
+                    tenant: None,
+                    logits: deltaserve_model::LogitsWanted::Last,
+                }];
+                model
+                    .forward_observed(&mut seqs, Default::default(), &mut obs)
+                    .map_err(|e| {
+                        bad(
+                            "--data",
+                            format!("running the model over calibration data: {e}"),
+                        )
+                    })?;
+                fp.push(got);
+            }
+            for stage in STAGES {
+                let src = stage[0];
+                let members: Vec<usize> = stage
+                    .iter()
+                    .filter_map(|&p| {
+                        index
+                            .get(crate::calib_stats::weight_name(l, p).as_str())
+                            .copied()
+                    })
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let cols = mats[members[0]].cols;
+                let mut h = vec![0f64; cols * cols];
+                let mut cross = vec![0f64; cols * cols];
+                for (w, fpw) in windows.iter().zip(&fp) {
+                    let x_fp = fpw.get(&src).ok_or_else(|| {
+                        bad("--data", format!("layer {l} {} saw no input", src.module()))
+                    })?;
+                    let mut first_err: Option<candle_core::Error> = None;
+                    let mut obs = |layer: usize, proj: Proj, x: &candle_core::Tensor| {
+                        if layer != l || proj != src || first_err.is_some() {
+                            return;
+                        }
+                        let r = (|| -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+                            let xq = x.to_dtype(candle_core::DType::F32)?;
+                            let xf = x_fp.to_dtype(candle_core::DType::F32)?;
+                            let hq = xq.t()?.matmul(&xq)?.flatten_all()?.to_vec1::<f32>()?;
+                            let c = xf.t()?.matmul(&xq)?.flatten_all()?.to_vec1::<f32>()?;
+                            Ok((hq, c))
+                        })();
+                        match r {
+                            Ok((hq, c)) => {
+                                for (a, v) in h.iter_mut().zip(&hq) {
+                                    *a += *v as f64;
+                                }
+                                for (a, v) in cross.iter_mut().zip(&c) {
+                                    *a += *v as f64;
+                                }
+                            }
+                            Err(e) => first_err = Some(e),
+                        }
+                    };
+                    let mut seqs = [deltaserve_model::SeqInput {
+                        tokens: w,
+                        cache: None,
+                        tenant: Some(&tenant),
+                        logits: deltaserve_model::LogitsWanted::Last,
+                    }];
+                    model
+                        .forward_observed(&mut seqs, Default::default(), &mut obs)
+                        .map_err(|e| {
+                            bad(
+                                "--data",
+                                format!("running the model over calibration data: {e}"),
+                            )
+                        })?;
+                    if let Some(e) = first_err {
+                        return Err(model_err(e));
+                    }
+                }
+                let metric = ActivationMetric::new(&h, cols, apiq.damp)?;
+                let done: Vec<(usize, LqDecomposition)> = members
+                    .par_iter()
+                    .map(|&i| {
+                        let m = &mats[i];
+                        let target = corrected_target(&m.w, m.rows, &h, &cross, &metric);
+                        let d = decompose(
+                            &target,
+                            m.rows,
+                            dopts.configs[alloc.picks[i]],
+                            &metric,
+                            &apiq,
+                        )?;
+                        bar.inc(1);
+                        Ok((i, d))
+                    })
+                    .collect::<Result<_, CodecError>>()?;
+                for (i, d) in done {
+                    let m = &mats[i];
+                    let (_, p, _) =
+                        deltaserve_model::Proj::parse_tensor_name(&m.name).expect("checked");
+                    let diff: Vec<f32> = d
+                        .reconstruct()
+                        .iter()
+                        .zip(&m.w)
+                        .map(|(a, b)| a - b)
+                        .collect();
+                    let t = candle_core::Tensor::from_vec(diff, (m.rows, m.cols), model.device())
+                        .and_then(|t| t.to_dtype(model.dtype()))
+                        .map_err(model_err)?;
+                    tenant.layers[l].linears[p.index()] =
+                        Some(deltaserve_model::LinearDelta::Dense { diff: t });
+                    finals[i] = Some(d);
+                }
+            }
+        }
+        bar.finish_and_clear();
+        finals
+            .into_iter()
+            .zip(&mats)
+            .map(|(d, m)| {
+                d.ok_or_else(|| {
+                    bad(
+                        "--model",
+                        format!("{} is not in any decoder-layer stage", m.name),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let measure_seconds = start.elapsed().as_secs_f64();
+    crate::lqlora::write_outputs(ckpt, &mats, &finals, &alloc, measure_seconds, dopts, "apiq")
+}

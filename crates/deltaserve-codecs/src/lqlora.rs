@@ -805,7 +805,7 @@ pub(crate) fn write_outputs(
     Ok(report)
 }
 
-fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }

@@ -10,12 +10,19 @@
 //! `generate --model DIR --delta DIR/lqlora_init.delta`, `eval` and `serve` run Q + L1L2, and
 //! `finetune` starts its adapters from it. `--rank 0` quantizes only (NF under the same ILP),
 //! the baseline LQ-LoRA is compared with.
+//!
+//! `--init apiq --data PATH` initialises Q and L1/L2 to preserve each projection's *outputs*
+//! on calibration data instead of its weights (ApiQ, arXiv 2402.05147; the closed-form
+//! alternation in the metric of XᵀX that `deltaserve_codecs::apiq` documents), stage by stage
+//! with the inputs of the partly decomposed model; bits are allocated by the same ILP over the
+//! same NF configurations, so rows compare at equal bits.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args as ClapArgs;
+use deltaserve_codecs::apiq::{ApiqCheckpointOptions, ApiqOptions};
 use deltaserve_codecs::lqlora::{decompose_checkpoint, DecomposeOptions, LqOptions};
 use deltaserve_codecs::nf::NfConfig;
 use deltaserve_codecs::numeric::FloatDtype;
@@ -39,16 +46,35 @@ pub struct Args {
     /// block, a power of two 16–256), or `lqlora` for b ∈ {2,3,4,8} × N ∈ {16,…,256}.
     #[arg(long, default_value = "lqlora")]
     configs: String,
+    /// How Q and L1/L2 are initialised: `lqlora` (preserve the weights: ‖W − Q − L1L2‖,
+    /// Fisher-weighted with --fisher) or `apiq` (preserve each projection's outputs on --data:
+    /// ‖X W − X_q (Q + L1L2)‖ with X_q the inputs after the already-decomposed projections;
+    /// ApiQ, arXiv 2402.05147). `apiq` needs --data.
+    #[arg(long, default_value = "lqlora", value_parser = ["lqlora", "apiq"])]
+    init: String,
     /// Weight errors and the SVD by a diagonal Fisher estimate from --data (LQ-LoRA §3.3).
     #[arg(long, requires = "data")]
     fisher: bool,
-    /// Calibration text for --fisher: a .txt or .jsonl file or a directory of them
-    /// (e.g. assets/demo/data/calib.txt).
+    /// Calibration text for --fisher and --init apiq: a .txt or .jsonl file or a directory of
+    /// them (e.g. assets/demo/data/calib.txt).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Tokens per Fisher window (one gradient per window).
+    /// Tokens per calibration window (one Fisher gradient, or one sequence of activations).
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
+    /// Calibration windows for --init apiq (each --seq-len tokens).
+    #[arg(long, default_value_t = 32)]
+    apiq_windows: usize,
+    /// --init apiq: damping of XᵀX as a fraction of its mean diagonal (GPTQ's percdamp).
+    #[arg(long, default_value_t = 0.01)]
+    apiq_damp: f64,
+    /// --init apiq: round Q to NF plainly instead of with GPTQ-style error feedback under XᵀX.
+    #[arg(long)]
+    apiq_no_feedback: bool,
+    /// --init apiq: use the full-precision model's inputs for every projection instead of the
+    /// inputs after the already-decomposed ones (turns off ApiQ's sequential propagation).
+    #[arg(long)]
+    apiq_parallel: bool,
     /// Fisher windows to average.
     #[arg(long, default_value_t = 64)]
     fisher_windows: usize,
@@ -96,7 +122,42 @@ fn parse_configs(s: &str) -> Result<Vec<NfConfig>> {
         .collect()
 }
 
+/// Up to `want` tokens of `data` (documents joined by the first end-of-sequence token).
+fn calibration_tokens(
+    data: &std::path::Path,
+    codec: &TextCodec,
+    eos: &[u32],
+    want: usize,
+) -> Result<Vec<u32>> {
+    let mut tokens: Vec<u32> = Vec::new();
+    'files: for (path, jsonl) in deltaserve_train::data::list_files(&[data.to_path_buf()])
+        .with_context(|| format!("--data {}", data.display()))?
+    {
+        for doc in deltaserve_train::data::read_documents(&path, jsonl)? {
+            if !tokens.is_empty() {
+                tokens.extend(eos.first());
+            }
+            tokens.extend(deltaserve_train::data::tokenize(&doc, codec)?);
+            if tokens.len() >= want {
+                break 'files;
+            }
+        }
+    }
+    tokens.truncate(want);
+    Ok(tokens)
+}
+
 pub fn run(a: Args) -> Result<()> {
+    let apiq = a.init == "apiq";
+    if apiq && a.data.is_none() {
+        bail!(
+            "--init apiq needs --data PATH: calibration text whose activations the \
+             initialisation preserves (e.g. --data assets/demo/data/calib.txt)"
+        );
+    }
+    if apiq && a.fisher {
+        bail!("--init apiq and --fisher are two different initialisations; give one of them");
+    }
     let configs = parse_configs(&a.configs)?;
     let factor_dtype = FloatDtype::parse(&a.factor_dtype).with_context(|| {
         format!(
@@ -113,21 +174,7 @@ pub fn run(a: Args) -> Result<()> {
         let eos = model.config().eos_token_ids.clone();
         let codec = TextCodec::from_dir(ckpt.dir(), &eos)
             .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-        let want = a.seq_len * a.fisher_windows;
-        let mut tokens: Vec<u32> = Vec::new();
-        'files: for (path, jsonl) in deltaserve_train::data::list_files(std::slice::from_ref(data))
-            .with_context(|| format!("--data {}", data.display()))?
-        {
-            for doc in deltaserve_train::data::read_documents(&path, jsonl)? {
-                if !tokens.is_empty() {
-                    tokens.extend(eos.first());
-                }
-                tokens.extend(deltaserve_train::data::tokenize(&doc, &codec)?);
-                if tokens.len() >= want {
-                    break 'files;
-                }
-            }
-        }
+        let tokens = calibration_tokens(data, &codec, &eos, a.seq_len * a.fisher_windows)?;
         let windows: Vec<Vec<u32>> = tokens
             .chunks(a.seq_len)
             .filter(|w| w.len() >= 2)
@@ -176,8 +223,36 @@ pub fn run(a: Args) -> Result<()> {
         ilp_time_limit_s: a.ilp_time_limit,
         progress: !a.quiet,
     };
-    let report = decompose_checkpoint(&ckpt, fisher.as_ref(), &opts)
-        .with_context(|| format!("decomposing {}", dir.display()))?;
+    let report = if apiq {
+        let data = a.data.as_ref().expect("checked above");
+        let model = Model::load(&ckpt, DType::F32, &Device::Cpu)
+            .with_context(|| format!("loading {} for its activations", dir.display()))?;
+        let eos = model.config().eos_token_ids.clone();
+        let codec = TextCodec::from_dir(ckpt.dir(), &eos)
+            .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+        let tokens = calibration_tokens(data, &codec, &eos, a.seq_len * a.apiq_windows)?;
+        if tokens.is_empty() {
+            bail!(
+                "--data {}: no text to take activations from",
+                data.display()
+            );
+        }
+        let apiq_opts = ApiqCheckpointOptions {
+            decompose: opts,
+            apiq: ApiqOptions {
+                damp: a.apiq_damp,
+                error_feedback: !a.apiq_no_feedback,
+                ..ApiqOptions::default()
+            },
+            sequential: !a.apiq_parallel,
+            seq_len: a.seq_len,
+        };
+        deltaserve_codecs::apiq::decompose_checkpoint(&ckpt, &model, &tokens, &apiq_opts)
+            .with_context(|| format!("decomposing {} (ApiQ init)", dir.display()))?
+    } else {
+        decompose_checkpoint(&ckpt, fisher.as_ref(), &opts)
+            .with_context(|| format!("decomposing {}", dir.display()))?
+    };
     eprintln!("{report}");
     match &report.delta {
         Some(d) => eprintln!(
