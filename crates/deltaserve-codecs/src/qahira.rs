@@ -624,6 +624,66 @@ mod tests {
     }
 
     #[test]
+    fn blockq_specs_parse_and_bad_ones_are_one_line() {
+        use crate::codec::parse_codec;
+        assert_eq!(
+            parse_codec("blockq").unwrap().spec(),
+            "blockq:bits=4,rows=8,cols=4"
+        );
+        assert_eq!(
+            parse_codec("blockq:bits=3,rows=16,cols=32").unwrap().spec(),
+            "blockq:bits=3,rows=16,cols=32"
+        );
+        for (spec, says) in [
+            ("blockq:bits=9", "bits=9 is not in 1..=8"),
+            ("blockq:rows=0", "rows=0 is not a positive integer"),
+            ("blockq:block=4", "unknown setting \"block\""),
+        ] {
+            let e = parse_codec(spec).unwrap_err().to_string();
+            assert!(e.contains(says) && !e.contains('\n'), "{spec}: {e}");
+        }
+        // A matrix the blocks do not tile: the error names the weight.
+        let codec = parse_codec("blockq:rows=3").unwrap();
+        let w = matrix(8, 8);
+        let m = MatrixInput {
+            name: "model.layers.0.mlp.up_proj.weight",
+            rows: 8,
+            cols: 8,
+            base: &w,
+            finetuned: &w,
+            base_dtype: Dtype::BF16,
+            calibration: None,
+        };
+        let e = codec.encode(&m).unwrap_err().to_string();
+        assert!(e.contains("up_proj") && e.contains("3x4"), "{e}");
+    }
+
+    #[test]
+    fn stored_bits_are_codes_plus_two_f32_per_block() {
+        let q = BlockQuantized::quantize(&matrix(16, 32), 16, 32, 4, 8, 4).unwrap();
+        // 512 weights × 4 bits + 16 blocks × 64 bits = 6 bits per weight.
+        assert_eq!(q.stored_bits(), 512 * 4 + 16 * 64);
+        let codec = BlockQuant {
+            bits: 4,
+            block_rows: 8,
+            block_cols: 4,
+        };
+        let w = matrix(16, 32);
+        let m = MatrixInput {
+            name: "w",
+            rows: 16,
+            cols: 32,
+            base: &w,
+            finetuned: &w,
+            base_dtype: Dtype::F32,
+            calibration: None,
+        };
+        let enc = codec.encode(&m).unwrap();
+        assert_eq!(enc.stored_bytes() * 8, q.stored_bits());
+        assert_eq!(enc.bits_per_param(), 6.0);
+    }
+
+    #[test]
     fn a_difference_that_varies_inside_a_block_is_refused() {
         let w = matrix(8, 8);
         let mut q = BlockQuantized::quantize(&w, 8, 8, 4, 4, 4).unwrap();
