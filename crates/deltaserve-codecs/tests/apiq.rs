@@ -426,3 +426,48 @@ fn bad_metric_input_is_an_error_not_a_panic() {
     let e = decompose(&[0.0; 6], 3, cfg, &metric, &ApiqOptions::default()).unwrap_err();
     assert!(e.to_string().contains("--rank"), "{e}");
 }
+
+/// Seconds for one 4096×4096 matrix (rank 64, nf3-b64): the metric's factorisation (once per
+/// distinct layer input, shared by q/k/v and every configuration) and each alternation.
+/// `cargo test --release -p deltaserve-codecs --test apiq -- --ignored --nocapture time_4096`
+#[test]
+#[ignore]
+fn time_4096_square() {
+    use std::time::Instant;
+    let n = 4096;
+    let mut rng = StdRng::seed_from_u64(11);
+    // H = A Aᵀ + diag: 64 strong shared directions over anisotropic channel variances.
+    let k = 64;
+    let a: Vec<f64> = (0..n * k).map(|_| normal(&mut rng)).collect();
+    let mut h = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let s: f64 = (0..k).map(|t| a[i * k + t] * a[j * k + t]).sum();
+            h[i * n + j] = s;
+            h[j * n + i] = s;
+        }
+        h[i * n + i] += (-3.0 + 4.5 * i as f64 / n as f64).exp() * k as f64;
+    }
+    let w = random_matrix(n, n, 12);
+    let t0 = Instant::now();
+    let metric = ActivationMetric::new(&h, n, 0.01).unwrap();
+    let setup = t0.elapsed().as_secs_f64();
+    for iters in [1, 3] {
+        let opts = ApiqOptions {
+            lq: LqOptions {
+                rank: 64,
+                max_iters: iters,
+                rel_tol: 0.0,
+                ..LqOptions::default()
+            },
+            ..ApiqOptions::default()
+        };
+        let t = Instant::now();
+        let d = decompose(&w, n, NfConfig::new(3, 64).unwrap(), &metric, &opts).unwrap();
+        println!(
+            "4096x4096 rank 64 nf3-b64: metric setup {setup:.1} s; {iters} alternation(s) {:.1} s (error {:.4e})",
+            t.elapsed().as_secs_f64(),
+            d.error
+        );
+    }
+}
