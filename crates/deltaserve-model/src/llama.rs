@@ -83,6 +83,34 @@ pub struct Model {
     /// (vocab, hidden); `None` when tied to the embeddings.
     pub lm_head: Option<Tensor>,
     rope: RotaryTables,
+    train_masks: MaskCache,
+}
+
+/// Attention masks of the differentiable path, made once per shape: training runs the same
+/// `(T, S)` causal mask through every layer (twice with gradient checkpointing), and a mask made
+/// on the host is a host-to-device copy from pageable memory, which waits for the device.
+/// A few entries only (training batches have few distinct lengths); cleared when full.
+#[derive(Debug, Clone, Default)]
+struct MaskCache(std::sync::Arc<std::sync::Mutex<Vec<(MaskKey, Tensor)>>>);
+
+/// (query rows, key columns, first query position, first key position, window, dtype).
+type MaskKey = (usize, usize, usize, usize, Option<usize>, DType);
+
+impl MaskCache {
+    const ENTRIES: usize = 16;
+
+    fn get_or_make(&self, key: MaskKey, make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = v.iter().find(|(k, _)| *k == key) {
+            return Ok(t.clone());
+        }
+        let t = make()?;
+        if v.len() >= Self::ENTRIES {
+            v.clear();
+        }
+        v.push((key, t.clone()));
+        Ok(t)
+    }
 }
 
 /// The projection-input observer of [`Model::forward_observed`], if any.
@@ -342,6 +370,7 @@ impl Model {
             norm,
             lm_head,
             rope,
+            train_masks: MaskCache::default(),
         })
     }
 
@@ -674,22 +703,30 @@ impl Model {
         let mut scores = scores.to_dtype(accum_dtype(q.dtype()))?;
         let needs_mask = t > 1 || window.is_some_and(|w| s > w);
         if needs_mask {
-            let mut m = vec![0f32; t * s];
-            for i in 0..t {
-                let qpos = p0 + i;
-                for j in 0..s {
-                    let kpos = first + j;
-                    let visible = kpos <= qpos && window.is_none_or(|w| qpos - kpos < w);
-                    if !visible {
-                        m[i * s + j] = f32::NEG_INFINITY;
+            let make = || -> Result<Tensor> {
+                let mut m = vec![0f32; t * s];
+                for i in 0..t {
+                    let qpos = p0 + i;
+                    for j in 0..s {
+                        let kpos = first + j;
+                        let visible = kpos <= qpos && window.is_none_or(|w| qpos - kpos < w);
+                        if !visible {
+                            m[i * s + j] = f32::NEG_INFINITY;
+                        }
                     }
                 }
-            }
-            let m = Tensor::from_vec(m, (t, s), q.device())?.to_dtype(scores.dtype())?;
+                Ok(Tensor::from_vec(m, (t, s), q.device())?.to_dtype(scores.dtype())?)
+            };
+            let m = if opts.differentiable {
+                let key = (t, s, p0, first, window, scores.dtype());
+                self.train_masks.get_or_make(key, make)?
+            } else {
+                make()?
+            };
             scores = scores.broadcast_add(&m)?;
         }
         let probs = if opts.differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            crate::grad::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };

@@ -83,19 +83,25 @@ impl RotaryTables {
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
         if differentiable {
-            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(0)?;
-            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.unsqueeze(0)?;
-            let half = x.dim(D::Minus1)? / 2;
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
-        } else {
-            let x4 = x.contiguous()?.unsqueeze(0)?;
-            Ok(
-                candle_nn::rotary_emb::rope(&x4, &cos.contiguous()?, &sin.contiguous()?)?
-                    .squeeze(0)?,
-            )
+            // The fused kernel with the backward pass attached (candle's `rope` has none).
+            return Ok(crate::grad::rope(&x.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?);
         }
+        let x4 = x.contiguous()?.unsqueeze(0)?;
+        Ok(candle_nn::rotary_emb::rope(&x4, &cos.contiguous()?, &sin.contiguous()?)?.squeeze(0)?)
+    }
+
+    /// [`RotaryTables::apply`] written with plain tensor ops (`x·cos + rotate_half(x)·sin`, as
+    /// transformers' `apply_rotary_pos_emb`): the reference the fused path is tested against.
+    pub fn apply_plain(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_h, t, _d) = x.dims3()?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(0)?;
+        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.unsqueeze(0)?;
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
     }
 }
