@@ -172,6 +172,20 @@ impl AdapterSpec {
     /// gradient of anything computed from them reaches the parameters. `out` is the projection's
     /// output size.
     pub fn down_up(&self, params: &[Tensor], out: usize) -> Result<(Tensor, Tensor)> {
+        self.down_up_with(params, out, &IdentityCache::default(), None)
+    }
+
+    /// [`AdapterSpec::down_up`] taking QA-HiRA's constant `up` (a 0/1 matrix, up to
+    /// `out × out/g_o`) from `cache`, in `up_dtype` if given (the model's dtype, so the
+    /// forward's cast is a no-op): building it on the host and copying it to the device for every
+    /// projection of every step cost more than the rest of the adapter.
+    pub fn down_up_with(
+        &self,
+        params: &[Tensor],
+        out: usize,
+        cache: &IdentityCache,
+        up_dtype: Option<DType>,
+    ) -> Result<(Tensor, Tensor)> {
         let s = self.scaling();
         match (self.kind, params) {
             (AdapterKind::Lora, [a, b]) => Ok((a.clone(), (b * s)?)),
@@ -185,7 +199,7 @@ impl AdapterSpec {
             (AdapterKind::Qahira, [m]) => {
                 let (gi, go) = (self.hira_in_group, self.hira_out_group);
                 let down = (repeat_cols(m, gi)? * (s / gi as f64))?;
-                let up = repeat_identity(out / go, go, m.dtype(), m.device())?;
+                let up = cache.get(out / go, go, up_dtype.unwrap_or(m.dtype()), m.device())?;
                 Ok((down, up))
             }
             _ => Err(TrainError::Setting(format!(
@@ -226,6 +240,27 @@ pub fn repeat_identity(n: usize, g: usize, dtype: DType, device: &Device) -> Res
         v[o * n + o / g] = 1.0;
     }
     Ok(Tensor::from_vec(v, (n * g, n), device)?.to_dtype(dtype)?)
+}
+
+/// [`repeat_identity`] matrices made once and reused, keyed by `(n, g, dtype)` (one device).
+#[derive(Debug, Default)]
+pub struct IdentityCache(
+    std::sync::Mutex<std::collections::HashMap<(usize, usize, DType), Tensor>>,
+);
+
+impl IdentityCache {
+    /// `repeat_identity(n, g)` in `dtype` on `device`, made on first use.
+    pub fn get(&self, n: usize, g: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = map.get(&(n, g, dtype)) {
+            if t.device().same_device(device) {
+                return Ok(t.clone());
+            }
+        }
+        let t = repeat_identity(n, g, dtype, device)?;
+        map.insert((n, g, dtype), t.clone());
+        Ok(t)
+    }
 }
 
 /// `(out, in)` of a projection in a model with this config.

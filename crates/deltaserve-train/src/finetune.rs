@@ -96,25 +96,59 @@ impl FinetuneConfig {
 
 /// AdamW exactly as `torch.optim.AdamW` (decoupled decay, bias-corrected moments), with state
 /// that can be saved and restored.
+///
+/// The update is computed once for all variables together, on their values and gradients
+/// concatenated into one vector (torch's `foreach`/`fused` AdamW does the same for speed): a
+/// LoRA on a 7B model has 448 tensors, and one small update per tensor cost sixteen kernel
+/// launches each. The moments are kept concatenated in variable order.
 #[derive(Debug)]
 pub struct AdamW {
-    /// First moments, one per variable.
-    pub m: Vec<Tensor>,
-    /// Second moments.
-    pub v: Vec<Tensor>,
+    /// First moments of all variables, flattened and concatenated in variable order.
+    m: Tensor,
+    /// Second moments, likewise.
+    v: Tensor,
+    /// `(offset, shape)` of each variable in the concatenation.
+    slots: Vec<(usize, Vec<usize>)>,
     /// Updates done.
     pub t: usize,
 }
 
 impl AdamW {
-    /// Zero moments for `vars`.
+    /// Zero moments for `vars` (at least one).
     pub fn new(vars: &[Var]) -> Result<Self> {
-        let z = |v: &Var| v.as_tensor().zeros_like();
+        let first = vars
+            .first()
+            .ok_or_else(|| TrainError::Setting("AdamW: no variables to train".into()))?;
+        let mut slots = Vec::with_capacity(vars.len());
+        let mut n = 0;
+        for v in vars {
+            slots.push((n, v.dims().to_vec()));
+            n += v.elem_count();
+        }
+        let z = Tensor::zeros(n, first.dtype(), first.device())?;
         Ok(Self {
-            m: vars.iter().map(z).collect::<candle_core::Result<_>>()?,
-            v: vars.iter().map(z).collect::<candle_core::Result<_>>()?,
+            m: z.clone(),
+            v: z,
+            slots,
             t: 0,
         })
+    }
+
+    /// Variable `i`'s `(m, v)`, shaped like the variable.
+    pub fn moments(&self, i: usize) -> Result<(Tensor, Tensor)> {
+        let (off, shape) = &self.slots[i];
+        let n: usize = shape.iter().product();
+        Ok((
+            self.m.narrow(0, *off, n)?.reshape(shape.as_slice())?,
+            self.v.narrow(0, *off, n)?.reshape(shape.as_slice())?,
+        ))
+    }
+
+    /// Replaces all moments, one `(m, v)` per variable in order (a restored checkpoint).
+    pub fn set_moments(&mut self, m: &[Tensor], v: &[Tensor]) -> Result<()> {
+        self.m = flat_cat(m)?;
+        self.v = flat_cat(v)?;
+        Ok(())
     }
 
     /// One update of `vars` with gradients `grads` at learning rate `lr`.
@@ -128,19 +162,34 @@ impl AdamW {
         self.t += 1;
         let bc1 = 1.0 - cfg.beta1.powi(self.t as i32);
         let bc2 = 1.0 - cfg.beta2.powi(self.t as i32);
-        for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * cfg.beta1)? + (g * (1.0 - cfg.beta1))?)?;
-            let v = ((&self.v[i] * cfg.beta2)? + (g.sqr()? * (1.0 - cfg.beta2))?)?;
-            let p = var.as_tensor();
-            let decayed = (p * (1.0 - lr * cfg.weight_decay))?;
-            let denom = ((&v / bc2)?.sqrt()? + cfg.eps)?;
-            let update = ((&m / bc1)? / denom)?;
-            var.set(&(decayed - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+        let g = flat_cat(grads)?;
+        let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let p = flat_cat(&params)?;
+        let m = ((&self.m * cfg.beta1)? + (&g * (1.0 - cfg.beta1))?)?;
+        let v = ((&self.v * cfg.beta2)? + (g.sqr()? * (1.0 - cfg.beta2))?)?;
+        let decayed = (p * (1.0 - lr * cfg.weight_decay))?;
+        let denom = ((&v / bc2)?.sqrt()? + cfg.eps)?;
+        let update = ((&m / bc1)? / denom)?;
+        let p = (decayed - (update * lr)?)?;
+        for (var, (off, shape)) in vars.iter().zip(&self.slots) {
+            var.set(
+                &p.narrow(0, *off, var.elem_count())?
+                    .reshape(shape.as_slice())?,
+            )?;
         }
+        self.m = m;
+        self.v = v;
         Ok(())
     }
+}
+
+/// The tensors flattened and concatenated.
+fn flat_cat(ts: &[Tensor]) -> Result<Tensor> {
+    let flat: Vec<Tensor> = ts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&flat, 0)?)
 }
 
 /// Sum over the scored targets of `−log p(token)` for one sequence, from its `(T, vocab)`
@@ -513,7 +562,7 @@ impl<'a> Finetuner<'a> {
         } else {
             self.loss_chunk
         };
-        let mut loss = 0f64;
+        let mut loss_sum: Option<Tensor> = None;
         let mut grad_out: Option<Tensor> = None;
         for c0 in (0..rows).step_by(chunk) {
             let n = chunk.min(rows - c0);
@@ -526,7 +575,11 @@ impl<'a> Finetuner<'a> {
             let picked = lp.gather(&t, 1)?.squeeze(1)?;
             let w = Tensor::new(&weight[c0..c0 + n], device)?.to_dtype(picked.dtype())?;
             let nll = ((picked * w)?.sum_all()?.neg()? / total as f64)?;
-            loss += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // Summed on the device and read once: a read waits for the device.
+            loss_sum = Some(match loss_sum {
+                None => nll.detach(),
+                Some(a) => (a + nll.detach())?,
+            });
             let store = nll.backward()?;
             if let Some(g) = store.get(top.as_tensor()) {
                 grad_out = Some(match grad_out {
@@ -536,8 +589,15 @@ impl<'a> Finetuner<'a> {
             }
         }
         self.lap(&mut timer, |p| &mut p.loss)?;
+        // Read after the backward pass is queued, so the read does not stall the device.
+        let read = |l: Option<Tensor>| -> Result<f64> {
+            Ok(match l {
+                Some(l) => l.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                None => 0.0,
+            })
+        };
         let Some(mut grad_out) = grad_out else {
-            return Ok(loss);
+            return read(loss_sum);
         };
         drop(top);
 
@@ -584,7 +644,7 @@ impl<'a> Finetuner<'a> {
             }
         }
         self.lap(&mut timer, |p| &mut p.backward)?;
-        Ok(loss)
+        read(loss_sum)
     }
 
     /// One optimizer step; returns its report (the loss before the update).
@@ -668,11 +728,8 @@ impl<'a> Finetuner<'a> {
             } else {
                 Dtype::F32
             };
-            for (prefix, t) in [
-                ("param", v.as_tensor()),
-                ("adam_m", &self.opt.m[i]),
-                ("adam_v", &self.opt.v[i]),
-            ] {
+            let (m, v2) = self.opt.moments(i)?;
+            for (prefix, t) in [("param", v.as_tensor()), ("adam_m", &m), ("adam_v", &v2)] {
                 owned.push((
                     format!("{prefix}.{name}"),
                     t.dims().to_vec(),
@@ -772,11 +829,13 @@ impl<'a> Finetuner<'a> {
         };
         let names = self.adapters.var_names();
         let vars = self.adapters.vars();
-        for (i, (name, v)) in names.iter().zip(&vars).enumerate() {
+        let (mut ms, mut vs) = (Vec::new(), Vec::new());
+        for (name, v) in names.iter().zip(&vars) {
             v.set(&load(&format!("param.{name}"), v.as_tensor())?)?;
-            self.opt.m[i] = load(&format!("adam_m.{name}"), v.as_tensor())?;
-            self.opt.v[i] = load(&format!("adam_v.{name}"), v.as_tensor())?;
+            ms.push(load(&format!("adam_m.{name}"), v.as_tensor())?);
+            vs.push(load(&format!("adam_v.{name}"), v.as_tensor())?);
         }
+        self.opt.set_moments(&ms, &vs)?;
         self.opt.t = state.step;
         self.step = state.step;
         Ok(())

@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::adapters::{proj_shape, AdapterKind, AdapterSpec};
+use crate::adapters::{proj_shape, AdapterKind, AdapterSpec, IdentityCache};
 use crate::error::{Result, TrainError};
 use crate::student::{param_dtype, tensor_le_bytes};
 
@@ -51,6 +51,7 @@ pub struct AdapterSet {
     pub adapters: Vec<ProjAdapter>,
     layers: usize,
     model_dtype: DType,
+    identities: IdentityCache,
 }
 
 fn candle_dtype(d: Dtype) -> Option<DType> {
@@ -108,6 +109,7 @@ impl AdapterSet {
             adapters,
             layers: cfg.num_hidden_layers,
             model_dtype: model.dtype(),
+            identities: IdentityCache::default(),
         })
     }
 
@@ -216,8 +218,9 @@ impl AdapterSet {
             .sum()
     }
 
-    /// One adapter's `(down, up)` in the parameter dtype; with `track` built from the `Var`s
-    /// themselves, so autograd reaches them.
+    /// One adapter's `(down, up)` in the parameter dtype (QA-HiRA's constant `up` in the model's
+    /// dtype, from a cache); with `track` built from the `Var`s themselves, so autograd reaches
+    /// them.
     pub fn down_up(&self, a: &ProjAdapter, track: bool) -> Result<(Tensor, Tensor)> {
         let params: Vec<Tensor> = a
             .params
@@ -230,7 +233,8 @@ impl AdapterSet {
                 }
             })
             .collect();
-        self.spec.down_up(&params, a.shape.0)
+        self.spec
+            .down_up_with(&params, a.shape.0, &self.identities, Some(self.model_dtype))
     }
 
     /// The tenant for a forward pass: every projection gets `LinearDelta::LowRank`.
