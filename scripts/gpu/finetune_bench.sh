@@ -1,30 +1,66 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool): LoRA / Q-BaRA / QA-HiRA fine-tuning step time on a
-# Llama-2-7B-shaped random model (bf16, batch $BATCH x 512 tokens; batch 4 runs out of memory in ours: candle keeps every
-# intermediate and a gradient for each), `deltaserve finetune` vs PyTorch +
-# PEFT (if installed). Binary from .bin/b2.tar.xz. Step time of ours = (total of a 5-step run −
-# total of a 2-step run) / 3, so the first step's CUDA warm-up is left out; the loss is read back
-# every step, so each step's device work is finished inside its time.
+# Runs on the GPU machine (device tool): `deltaserve finetune` step time, phase profile and peak
+# GPU memory on a Llama-2-7B-shaped random model (bf16, sequences of 512 tokens), optionally next
+# to PyTorch + PEFT (scripts/reference/bench_finetune_peft.py) in the same call.
+#
+#   BIN=.bin/F.tar.xz RUNS="lora:1:true lora:4:true lora:1:false qahira:1:true" PEFT="1 4" \
+#     bash scripts/gpu/finetune_bench.sh
+#
+# RUNS: ADAPTER:BATCH:CHECKPOINT_LAYERS entries. Each run does STEPS optimizer steps (default 4)
+# with --profile; its step time is the median of steps 2..STEPS (the first step's CUDA warm-up is
+# left out; the loss is read back every step, so each step's device work is inside its time).
+# Peak memory: the maximum of `nvidia-smi --query-gpu=memory.used` polled every 100 ms during the
+# run (the whole process: CUDA context, weights, candle's allocations). PEFT: one JSON line per
+# attention implementation and batch; PEFT_CKPT=1 adds a run with transformers' gradient
+# checkpointing. Results: $OUT/*.json, *.err, and a summary on stdout.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-mkdir -p /tmp/b && tar -xJf .bin/b2.tar.xz -C /tmp/b
-B=/tmp/b/deltaserve
+BIN=${BIN:-.bin/F.tar.xz}
+RUNS=${RUNS:-"lora:1:true lora:4:true lora:1:false qahira:1:true"}
+STEPS=${STEPS:-4}
+PEFT=${PEFT:-}
 OUT=${OUT:-/tmp/out}
+mkdir -p /tmp/b "$OUT" && tar -xJf "$BIN" -C /tmp/b
+B=/tmp/b/deltaserve
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import peft, transformers, torch; print('peft', peft.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" 2>&1 | tail -1
 [ -f /tmp/l7b/config.json ] || ( time $B random-model --shape llama2-7b --out /tmp/l7b --tokenizer-from tests/fixtures/models/llama ) 2>&1 | tail -4
-BATCH=${BATCH:-1}
-for spec in "lora --rank 16" "qahira --rank 16 --hira-groups 8,16"; do
-  name=$(echo $spec | cut -d' ' -f1)
-  for n in 2 5; do
-    timeout 120 $B finetune --model /tmp/l7b --data assets/demo/data/heldout_code.txt --out /tmp/$name.delta \
-      --adapter $spec --steps $n --batch $BATCH --seq 512 --device cuda:0 --save-every 0 --json --force \
-      > $OUT/ours_${name}_$n.json 2> $OUT/ours_${name}_$n.err || tail -n 3 $OUT/ours_${name}_$n.err
-  done
-  python3 -c "
-import json
-a=json.load(open('$OUT/ours_${name}_2.json')); b=json.load(open('$OUT/ours_${name}_5.json'))
-print('ours $name trainable', b['trainable_params'], 'steady s/step', round((5*b['seconds_per_step']-2*a['seconds_per_step'])/3, 4), 'mean5', round(b['seconds_per_step'],4))" 2>&1 | tail -1
+for run in $RUNS; do
+  IFS=: read -r adapter batch ckpt <<< "$run"
+  case $adapter in
+    qahira) spec="--adapter qahira --rank 16 --hira-groups 8,16" ;;
+    *) spec="--adapter $adapter --rank 16" ;;
+  esac
+  name=${adapter}_b${batch}_ckpt${ckpt}
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
+  poll=$!
+  timeout 150 $B finetune --model /tmp/l7b --data assets/demo/data/heldout_code.txt --out /tmp/$name.delta \
+    $spec --steps "$STEPS" --batch "$batch" --seq 512 --device cuda:0 --save-every 0 --json --force \
+    --checkpoint-layers "$ckpt" --profile > "$OUT/$name.json" 2> "$OUT/$name.err"
+  rc=$?
+  kill $poll 2>/dev/null; wait $poll 2>/dev/null
+  peak=$(sort -n "$OUT/$name.mem" | tail -1)
+  python3 - "$OUT/$name.json" "$name" "$rc" "$peak" <<'EOF'
+import json, statistics, sys
+path, name, rc, peak = sys.argv[1:]
+try:
+    r = json.load(open(path))
+except Exception:
+    print(f"{name}: exit {rc}, no report (see {name}.err), peak {peak} MiB")
+    sys.exit(0)
+s = r["step_seconds"]
+n = len(s)
+p = {k: round(v / n, 4) for k, v in (r.get("profile") or {}).items()}
+print(f"{name}: trainable {r['trainable_params']}, s/step median(2..) {statistics.median(s[1:]):.4f}, "
+      f"steps {[round(x, 3) for x in s]}, peak {peak} MiB, per-step profile {p}")
+EOF
+  tail -n 2 "$OUT/$name.err" | grep -iE "error|out of memory" || true
 done
-nvidia-smi --query-gpu=memory.used --format=csv,noheader
-timeout 150 python3 scripts/reference/bench_finetune_peft.py --model /tmp/l7b --rank 16 --batch $BATCH --seq 512 --steps 5 2>&1 | tee $OUT/peft.jsonl | tail -n 4
+for b in $PEFT; do
+  timeout 200 python3 scripts/reference/bench_finetune_peft.py --model /tmp/l7b --rank 16 --batch "$b" --seq 512 \
+    --steps 5 ${PEFT_ATTN:+--attn $PEFT_ATTN} ${PEFT_CKPT:+--grad-ckpt} 2>&1 | tee "$OUT/peft_b$b.jsonl" | grep impl \
+    | python3 -c "
+import json, statistics, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print(r['impl'], 'batch', r['batch'], 's/step median(2..)', round(statistics.median(r['step_seconds'][1:]), 4), 'peak', round(r['peak_mem_gb'], 1), 'GiB')"
+done
