@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Prints the markdown tables of BENCHMARKS.md ("CPU sign-matmul kernels") from criterion's
-results: run `cargo bench -p deltaserve-kernels --bench sign_matmul` first, then
-`python3 crates/deltaserve-kernels/benches/report.py [target/criterion]`.
+"""Prints the tables of BENCHMARKS.md ("CPU kernels, third pass") from criterion's results of
+`benches/sign_matmul.rs`: `python3 crates/deltaserve-kernels/benches/report.py [CRITERION_HOME]`
+(`benches/run_cpu.sh` runs the bench and then this).
 
-GB/s are 10^9 bytes per second of the bytes each call reads and writes (Throughput::Bytes). The
-fraction is of a reference read rate from the same run: `membw/sum_1GiB_all_threads`, or candle's
-dense f32 GEMV (M = 1) where that reads faster, so the fraction is never flattered by a weak
-baseline."""
+GB/s are 10^9 bytes per second of the bytes each call reads and writes (Throughput::Bytes), from
+criterion's median time. The bandwidth floor is `membw/read_1GiB_all_threads` (a 1 GiB buffer
+streamed by every thread, each over its own contiguous part), measured at the start and again at
+the end of the run; the higher of the two is used, so a fraction is never flattered by a slow
+moment of the machine."""
 import json
 import pathlib
 import sys
@@ -20,37 +21,60 @@ for bench in root.glob("**/new/benchmark.json"):
     nbytes = meta.get("throughput", {}).get("Bytes")
     runs[meta["full_id"]] = (ns, nbytes / ns if nbytes else None)
 
-bw_sum = runs["membw/sum_1GiB_all_threads"][1]
-bw1 = runs["membw/sum_1GiB_1_thread"][1]
-gemv = max((r[1] for key, r in runs.items() if key.startswith("dense_f32_cold/") and key.endswith("/m1")), default=0)
-bw = max(bw_sum, gemv)
-print(f"Read bandwidth: sum of 1 GiB f32 {bw_sum:.1f} GB/s on all threads ({bw1:.1f} on one); "
-      f"candle dense f32 GEMV up to {gemv:.1f} GB/s; reference = {bw:.1f} GB/s\n")
+
+def rate(key):
+    r = runs.get(key)
+    return r[1] if r else float("nan")
+
+
+starts = (rate("membw/read_1GiB_all_threads"), rate("membw/read_1GiB_1_thread"))
+ends = (rate("membw/read_1GiB_all_threads_end"), rate("membw/read_1GiB_1_thread_end"))
+floor = max(x for x in (starts[0], ends[0]) if x == x)
+print(f"Read bandwidth (1 GiB streamed, all threads / one thread): start {starts[0]:.1f} / {starts[1]:.1f} GB/s, "
+      f"end {ends[0]:.1f} / {ends[1]:.1f} GB/s; floor = {floor:.1f} GB/s\n")
+
+
+def fmt_t(ns):
+    return f"{ns / 1e3:.0f} µs" if ns < 1e6 else f"{ns / 1e6:.2f} ms"
+
 
 shapes = [("llama7b_qkvo", 4096, 4096), ("llama7b_up", 11008, 4096), ("llama7b_down", 4096, 11008)]
-print("| shape (N×K) | M | weights | kernel | time | GB/s | of reference | vs dense bf16 | vs dense f32 |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("Decode, M = 1:\n")
+print("| shape (N×K) | kernel | weights | time | GB/s | of floor | vs candle bf16 | vs candle f32 |")
+print("|---|---|---|---|---|---|---|---|")
 for name, n, k in shapes:
-    for m in (1, 8):
-        bf16 = runs.get(f"dense_bf16_cold/{name}/m{m}")
-        f32 = runs.get(f"dense_f32_cold/{name}/m{m}")
-        rows = []
+    bf16 = runs.get(f"dense_bf16_cold/{name}/m1")
+    f32 = runs.get(f"dense_f32_cold/{name}/m1")
+    rows = []
+    for level in ("Avx512", "Avx2", "Portable"):
         for placement in ("cold", "hot"):
-            for level in ("Avx512", "Avx2", "Portable"):
-                r = runs.get(f"sign_t_{placement}/{name}/{level}/m{m}")
-                if r:
-                    rows.append((f"sign bits, {placement}", f"x·Sᵀ {level}", r))
-        if bf16:
-            rows.append(("dense bf16, cold", "candle matmul", bf16))
-        if f32:
-            rows.append(("dense f32, cold", "candle matmul", f32))
-        for weights, kernel, (ns, gbs) in rows:
-            t = f"{ns / 1e3:.0f} µs" if ns < 1e6 else f"{ns / 1e6:.2f} ms"
-            vs_bf16 = f"{bf16[0] / ns:.1f}×" if bf16 else "-"
-            vs_f32 = f"{f32[0] / ns:.1f}×" if f32 else "-"
-            print(f"| {name} ({n}×{k}) | {m} | {weights} | {kernel} | {t} | {gbs:.1f} | {gbs / bw:.0%} | {vs_bf16} | {vs_f32} |")
+            r = runs.get(f"sign_t_{placement}/{name}/{level}/m1")
+            if r:
+                rows.append((f"x·Sᵀ {level}", f"sign bits, {placement}", r))
+    if bf16:
+        rows.append(("candle matmul", "dense bf16, cold", bf16))
+    if f32:
+        rows.append(("candle matmul", "dense f32, cold", f32))
+    for kernel, weights, (ns, gbs) in rows:
+        vs_bf16 = f"{bf16[0] / ns:.1f}×" if bf16 else "-"
+        vs_f32 = f"{f32[0] / ns:.1f}×" if f32 else "-"
+        print(f"| {name} ({n}×{k}) | {kernel} | {weights} | {fmt_t(ns)} | {gbs:.1f} | {gbs / floor:.0%} | {vs_bf16} | {vs_f32} |")
 
-t = runs.get("tenant_delta_cold/llama7b_qkvo/m8_4tenants")
-if t:
-    print(f"\nMulti-tenant (`tenant_delta_cold/llama7b_qkvo/m8_4tenants`: 8 rows, 4 tenants + 2 base-only rows): "
-          f"{t[0] / 1e3:.0f} µs, {t[1]:.1f} GB/s ({t[1] / bw:.0%} of bandwidth)")
+print("\nBatches of one tenant, cold (compute-bound: G sign-products/s = M·N·K / time):\n")
+print("| shape (N×K) | M | kernel | time | G products/s | GB/s | of floor |")
+print("|---|---|---|---|---|---|---|")
+for name, n, k in shapes:
+    for m in (1, 8, 32):
+        for level in ("Avx512", "Avx2", "Portable"):
+            r = runs.get(f"sign_t_cold/{name}/{level}/m{m}")
+            if r and (m > 1 or level == "Avx512"):
+                ns, gbs = r
+                print(f"| {name} ({n}×{k}) | {m} | {level} | {fmt_t(ns)} | {m * n * k / ns:.0f} | {gbs:.1f} | {gbs / floor:.0%} |")
+
+mixes = sorted((key, r) for key, r in runs.items() if key.startswith("tenants_cold/"))
+if mixes:
+    print("\nBatch mixes, `tenant_delta_matmul` on 4096×4096, cold (bytes = distinct tenants × 2 MiB of bits + x + out):\n")
+    print("| mix | time | GB/s | of floor |")
+    print("|---|---|---|---|")
+    for key, (ns, gbs) in mixes:
+        print(f"| {key.split('/')[-1]} | {fmt_t(ns)} | {gbs:.1f} | {gbs / floor:.0%} |")

@@ -164,6 +164,43 @@ fn parallel_paths_match_reference() {
     }
 }
 
+/// Each worker thread keeps the lookup tables of the last call it worked on: calls one after
+/// another with different `x`, and calls made at once from several threads (rayon tasks that
+/// themselves call the kernel, so a thread may switch between calls), must each use their own.
+#[test]
+fn successive_and_concurrent_calls_use_their_own_x() {
+    use rayon::prelude::*;
+    let mut rng = StdRng::seed_from_u64(7);
+    // 300 × 1000 products per row: above the size where a call goes parallel.
+    let (n, k) = (300, 1000);
+    let words = random_words(&mut rng, n, k);
+    let signs = SignsView::new(&words, n, k).unwrap();
+    let xs: Vec<Vec<f32>> = (0..8)
+        .map(|i| random_x(&mut rng, (1 + i % 3) * k))
+        .collect();
+    for level in levels() {
+        for x in &xs {
+            let out = cpu::sign_matmul_t_with(level, x, signs).unwrap();
+            assert_close(
+                &format!("{level:?} successive M={}", x.len() / k),
+                &out,
+                &sign_matmul_t_ref(x, &words, n, k),
+            );
+        }
+        let outs: Vec<Vec<f32>> = xs
+            .par_iter()
+            .map(|x| cpu::sign_matmul_t_with(level, x, signs).unwrap())
+            .collect();
+        for (x, out) in xs.iter().zip(&outs) {
+            assert_close(
+                &format!("{level:?} concurrent M={}", x.len() / k),
+                out,
+                &sign_matmul_t_ref(x, &words, n, k),
+            );
+        }
+    }
+}
+
 #[test]
 fn tenant_delta_matmul_matches_reference_mixed_slots() {
     let mut rng = StdRng::seed_from_u64(4);

@@ -29,6 +29,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -320,38 +322,62 @@ fn matmul_t_transposed(level: SimdLevel, x: &[f32], m: usize, signs: SignsView<'
     if n == 0 || m == 0 {
         return out_t;
     }
-    let tables = match level {
-        SimdLevel::Portable => portable::build_tables(x, m, k),
-        SimdLevel::Avx2 => Vec::new(),
+    let build = |tables: &mut Vec<f32>| match level {
+        SimdLevel::Portable => *tables = portable::build_tables(x, m, k),
+        SimdLevel::Avx2 => tables.clear(),
         // SAFETY: every public entry point checked `level.is_available()`.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { avx512::build_tables(x, m, k) },
+        SimdLevel::Avx512 => *tables = unsafe { avx512::build_tables(x, m, k) },
         #[cfg(not(target_arch = "x86_64"))]
-        SimdLevel::Avx512 => portable::build_tables(x, m, k),
+        SimdLevel::Avx512 => *tables = portable::build_tables(x, m, k),
     };
-    let task = |(b, chunk): (usize, &mut [f32])| {
+    let task = |tables: &[f32], (b, chunk): (usize, &mut [f32])| {
         let n0 = b * ROWS_PER_TASK;
         let rows = chunk.len() / m;
         matmul_t_block(
             level,
             x,
             m,
-            &tables,
+            tables,
             signs.row_words(n0..n0 + rows),
             k,
             chunk,
         );
     };
     if m * n * k < PARALLEL_MIN_PRODUCTS {
+        let mut tables = Vec::new();
+        build(&mut tables);
         out_t
             .chunks_mut(ROWS_PER_TASK * m)
             .enumerate()
-            .for_each(task);
+            .for_each(|c| task(&tables, c));
     } else {
+        // Each worker thread builds its own copy of the tables (the first time it runs a task of
+        // this call) rather than all reading the caller's: building them is a few µs at K = 11008
+        // (16 floats per 4 columns), while pulling 64–176 KiB that another core just wrote costs
+        // a cross-core transfer per cache line. Measured on 128 × 4096 (two tasks), the shared
+        // tables made the two-thread call slower than the one-thread call.
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            /// (call id, that call's tables) of this thread's last task.
+            static TABLES: RefCell<(u64, Vec<f32>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+        }
+        let call = CALLS.fetch_add(1, Ordering::Relaxed);
         out_t
             .par_chunks_mut(ROWS_PER_TASK * m)
             .enumerate()
-            .for_each(task);
+            .for_each(|c| {
+                TABLES.with(|t| {
+                    // The borrow holds only over plain compute (no rayon call that could run
+                    // another task of this thread inside it).
+                    let mut t = t.borrow_mut();
+                    if t.0 != call {
+                        build(&mut t.1);
+                        t.0 = call;
+                    }
+                    task(&t.1, c);
+                })
+            });
     }
     out_t
 }
