@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the CUDA packed-delta kernels (issue 5): tests, compute-sanitizer on the tests,
-# `deltaserve bench kernels` (the default kernels beside the earlier split-K kernel, unfused and
-# fused decode steps, same run) and BitDelta's Triton kernel on the same shapes. Run from the
+# `deltaserve bench kernels` (the default kernels beside the second pass's bf16 kernel, unfused
+# and fused decode steps, same run) and BitDelta's Triton kernel on the same shapes. Run from the
 # repository root on the GPU machine, with the binaries built on the build machine:
 #   deltaserve          cargo build --release --features cuda -p deltaserve-cli
 #   kernels-cuda-tests  cargo test --release --features cuda -p deltaserve-kernels --no-run
@@ -24,14 +24,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,te
 t0=$SECONDS
 
 echo "== tests"
-timeout 60 $B/kernels-cuda-tests --test-threads=4 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|error" | head -30
+timeout 120 $B/kernels-cuda-tests --test-threads=4 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|error" | head -30
 echo "tests done at $((SECONDS - t0)) s"
 
 echo "== compute-sanitizer (memcheck) on the tests"
+# Two runs, so that a timeout in the larger int8/bf16 sweep cannot hide the others.
 timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-tests --test-threads=1 \
   tenant_delta_matmul_add_fuses delta_linear_fused tenant_delta_matmul_many_rows leading_dims gradient_flows 2>&1 \
   | tee "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|test result|panicked|Invalid|error" | head -20
 echo "sanitizer exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
+timeout 50 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-tests --test-threads=1 \
+  int8_and_bf16 2>&1 | tee "$OUT/sanitizer_int8.log" | grep -E "ERROR SUMMARY|test result|panicked|Invalid|error" | head -20
+echo "sanitizer (int8/bf16 sweep) exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
 
 echo "== bench kernels"
 timeout 100 $B/deltaserve bench kernels --device cuda:0 --iters 30 --prefill "" ${BENCH_ARGS:-} --json "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log"

@@ -15,8 +15,10 @@
 //!   the base bf16 weight and the tenant's bits in one pass, the base product on tensor cores
 //!   with `x` loaded as it is (no prep for that half); [`crate::tenant_delta_matmul_add`] instead
 //!   adds a precomputed base product in the delta kernel's store.
-//! - [`Bf16Path::Decode`]: a persistent, cp.async-pipelined decode kernel, measured slower than
-//!   the default split-K kernel and kept opt-in.
+//! - **bf16 decode with at most 2 rows per delta** (many tenants, one row each): int8 tensor
+//!   cores. x is written as 3 signed base-256 digits of a per-row fixed-point form, one LOP3
+//!   makes four 0/2^p sign values, `mma.sync` m16n8k32 u8 x s8 sums exactly in s32; half the
+//!   unpacking and mma instructions of the bf16 path (explained at the int8 path in the `.cu`).
 //!
 //! Routing reaches the kernels as a `GroupTable` passed by value as a kernel parameter (32
 //! groups, 512 rows), so a decode step launches two kernels and copies nothing to the device.
@@ -49,30 +51,29 @@ const GROUP_ROWS: usize = 32;
 /// Columns of `x` per chunk of the tensor-core kernel (`xp` rows are padded to a multiple).
 const TC_CHUNK: usize = 512;
 
-/// Blocks per SM of each `ds_dec_bf16_t{1,2}_r{1,2,4}` kernel, index `2 log2(rt) + tiles - 1`.
-static DEC_OCCUPANCY: [std::sync::OnceLock<usize>; 6] = [const { std::sync::OnceLock::new() }; 6];
+/// Groups of at most this many rows take the int8 kernel (`ds_tci8_bf16_*`) on the default path;
+/// it supports 8, but with more than 2 rows per group (more than one n-tile) it measured slower
+/// than the bf16 kernel on the H100 (BENCHMARKS.md, third pass).
+const INT8_MAX_GROUP_ROWS: usize = 2;
+/// The int8 kernel's s32 sums are exact for K < 2^17 (`sign_matmul.cu`); beyond, bf16.
+const INT8_MAX_K: usize = 1 << 16;
 
 /// Which kernel computes a bf16 forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Bf16Path {
-    /// Tensor cores (the default): the split-K kernel (`ds_tc_bf16_*`, one block per feature tile
-    /// and group, 4 warps splitting K), for decode and prefill.
+    /// Tensor cores (the default). Batches whose groups (rows sharing a delta) all have at most 2
+    /// rows, with 16-byte aligned sign rows (`ceil(K/32) % 4 == 0`), take the int8 kernel
+    /// (`ds_tci8_bf16_*`: half the unpacking and mma instructions of the bf16 one); the rest the
+    /// bf16 split-K kernel (`ds_tc_bf16_*`), with 8 warps splitting K where the grid has fewer
+    /// than 2 blocks per SM, else 4.
     #[default]
     TensorCore,
-    /// Tensor cores, the pipelined persistent decode kernel (`ds_dec_bf16_t1_*`) for batches of
-    /// up to [`DECODE_MAX_ROWS`] rows when every delta's rows are 16-byte aligned (else split-K).
-    /// Measured slower than split-K on the H100 (BENCHMARKS.md), so it is not the default; kept
-    /// for benchmarks and as the base of further work.
-    Decode,
-    /// As [`Bf16Path::Decode`] with 2 feature tiles per warp (`ds_dec_bf16_t2_*`).
-    DecodeT2,
+    /// The bf16 split-K kernel with 4 warps everywhere: the second pass's default, kept so that
+    /// tests and `bench kernels` can compare the two on the same batch.
+    Bf16,
     /// The CUDA-core kernel that f32 inputs use.
     Simple,
 }
-
-/// With [`Bf16Path::Decode`], batches of up to this many rows take the pipelined decode kernel;
-/// larger ones (prefill) the split-K kernel.
-pub const DECODE_MAX_ROWS: usize = 128;
 
 /// Routing for one launch; mirrors `struct GroupTable` in the `.cu` file field for field.
 #[repr(C)]
@@ -102,6 +103,15 @@ impl GroupTable {
             n_groups: 0,
             identity: u32::from(identity),
         }
+    }
+
+    /// The most rows any group with a delta has (base-only groups do no arithmetic).
+    fn max_delta_group_rows(&self) -> usize {
+        (0..self.n_groups as usize)
+            .filter(|&g| self.words[g] != 0)
+            .map(|g| (self.row_begin[g + 1] - self.row_begin[g]) as usize)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The most rows any group of this table has.
@@ -263,73 +273,47 @@ fn forward<T: CudaDType + DeviceRepr>(
     }
     if dtype == DType::BF16 && path != Bf16Path::Simple {
         let xb = x_storage.as_cuda_slice::<bf16>()?;
-        let (xp, corr, kp) = prep(dev, &xb.slice(x_start..x_start + m * k), m, k)?;
-        let kp_i = to_i32(kp, "padded K")?;
+        let xv = xb.slice(x_start..x_start + m * k);
         let sms = multiprocessors(dev);
-        for table in tables {
-            let aligned = w.is_multiple_of(4)
-                && table.words[..table.n_groups as usize]
+        let aligned = |t: &GroupTable| {
+            w.is_multiple_of(4)
+                && t.words[..t.n_groups as usize]
                     .iter()
-                    .all(|p| p.is_multiple_of(16));
+                    .all(|p| p.is_multiple_of(16))
+        };
+        if path == Bf16Path::TensorCore
+            && k < INT8_MAX_K
+            && tables
+                .iter()
+                .all(|t| aligned(t) && t.max_delta_group_rows() <= INT8_MAX_GROUP_ROWS)
+        {
+            forward_int8(dev, &xv, m, n, k, tables, base, &mut y)?;
+            return Ok(y);
+        }
+        let (xp, corr, kp) = prep(dev, &xv, m, k)?;
+        let kp_i = to_i32(kp, "padded K")?;
+        for table in tables {
+            let aligned = aligned(table);
             let rt: usize = match table.max_group_rows() {
                 0..=8 => 1,
                 9..=16 => 2,
                 _ => 4,
             };
-            if aligned
-                && m <= DECODE_MAX_ROWS
-                && matches!(path, Bf16Path::Decode | Bf16Path::DecodeT2)
-            {
-                let tiles = if path == Bf16Path::DecodeT2 { 2 } else { 1 };
-                let f = dev.get_or_load_custom_func(
-                    &format!("ds_dec_bf16_t{tiles}_r{rt}"),
-                    MODULE,
-                    PTX,
-                )?;
-                // Persistent: as many blocks of 4 warps as fit on the GPU at once, or fewer when
-                // there are fewer items (16 * tiles features of one group) than warps.
-                let items = n.div_ceil(16 * tiles) * table.n_groups as usize;
-                // Asked of the driver once per kernel (it depends on the kernel and the
-                // architecture only).
-                let per_sm = *DEC_OCCUPANCY[2 * (rt.trailing_zeros() as usize) + tiles - 1]
-                    .get_or_init(|| {
-                        f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
-                            .map_or(4, |b| b.max(1) as usize)
-                    });
-                let blocks = items.div_ceil(4).min(per_sm * sms).max(1);
-                let mut b = f.builder();
-                b.arg(table)
-                    .arg(&xp)
-                    .arg(&corr)
-                    .arg(&base)
-                    .arg(&mut y)
-                    .arg(&n_i)
-                    .arg(&w_i)
-                    .arg(&kp_i);
-                let cfg = LaunchConfig {
-                    grid_dim: (to_u32(blocks)?, 1, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: arguments match `ds_dec_bf16_*`; the table's rows are < m, its words
-                // [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or holds m * n bf16.
-                unsafe { b.launch(cfg) }.w()?;
-                continue;
-            }
-            let groups = table.n_groups as usize;
-            // The widest tile that still gives every SM two blocks.
-            let mut tiles = 1;
-            for t in [4usize, 2] {
-                if rt * t <= 8 && groups * n.div_ceil(16 * t) >= 2 * sms {
-                    tiles = t;
-                    break;
-                }
-            }
-            let name = format!(
-                "ds_tc_bf16_t{tiles}_r{rt}_{}",
-                if aligned { "v" } else { "s" }
-            );
-            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let (tiles, blocks) = feature_tiles(table.n_groups as usize, n, rt, sms);
+            // 8 warps splitting K where the grid leaves SMs short of warps (one tenant), on the
+            // default path; the second pass's 4-warp kernel otherwise.
+            let (suffix, threads) = if !aligned {
+                ("s", 128)
+            } else if path == Bf16Path::TensorCore && blocks < 2 * sms {
+                ("w8", 256)
+            } else {
+                ("v", 128)
+            };
+            let f = dev.get_or_load_custom_func(
+                &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}"),
+                MODULE,
+                PTX,
+            )?;
             let mut b = f.builder();
             b.arg(table)
                 .arg(&xp)
@@ -341,10 +325,11 @@ fn forward<T: CudaDType + DeviceRepr>(
                 .arg(&kp_i);
             let cfg = LaunchConfig {
                 grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
-                block_dim: (128, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: arguments match the kernel; the table's rows are < m, its words [n, w].
+            // SAFETY: arguments match the kernel; the table's rows are < m, its words [n, w]
+            // (w % 4 == 0 and 16-byte aligned rows for the `v` and `w8` kernels).
             unsafe { b.launch(cfg) }.w()?;
         }
     } else {
@@ -368,6 +353,90 @@ fn forward<T: CudaDType + DeviceRepr>(
         }
     }
     Ok(y)
+}
+
+/// The widest feature tile (1, 2 or 4 tiles of 16 features per warp, with `rt * tiles <= 8` row
+/// tiles x feature tiles of accumulators) that still gives every SM two blocks, and the grid's
+/// block count.
+fn feature_tiles(groups: usize, n: usize, rt: usize, sms: usize) -> (usize, usize) {
+    let tiles = [4usize, 2]
+        .into_iter()
+        .find(|&t| rt * t <= 8 && groups * n.div_ceil(16 * t) >= 2 * sms)
+        .unwrap_or(1);
+    (tiles, groups * n.div_ceil(16 * tiles))
+}
+
+/// The int8 path (`ds_prepi8_bf16`, then `ds_tci8_bf16_*` per table; `sign_matmul.cu` explains
+/// it): every group of `tables` with a delta has at most 8 rows, sign rows are 16-byte aligned,
+/// `k < 2^17`.
+#[allow(clippy::too_many_arguments)]
+fn forward_int8<T: DeviceRepr>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    tables: &[GroupTable],
+    base: u64,
+    y: &mut CudaSlice<T>,
+) -> candle_core::Result<()> {
+    let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
+    let (n_i, k_i, kp_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(kp, "padded K")?);
+    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
+    // SAFETY: the prep kernel writes all 3 digit planes of every row and both per-row values.
+    let mut xi8 = unsafe { dev.alloc::<u32>(m * 3 * kp / 4) }?;
+    let mut xsum = unsafe { dev.alloc::<f64>(m) }?;
+    let mut rscale = unsafe { dev.alloc::<f64>(m) }?;
+    let f = dev.get_or_load_custom_func("ds_prepi8_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(x)
+        .arg(&mut xi8)
+        .arg(&mut xsum)
+        .arg(&mut rscale)
+        .arg(&k_i)
+        .arg(&kp_i);
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(m)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values.
+    unsafe { b.launch(cfg) }.w()?;
+    let sms = multiprocessors(dev);
+    for table in tables {
+        // Two rows per n-tile (three digit columns and a zero one each).
+        let rt2 = table
+            .max_delta_group_rows()
+            .div_ceil(2)
+            .clamp(1, 4)
+            .next_power_of_two();
+        let (tiles, blocks) = feature_tiles(table.n_groups as usize, n, rt2, sms);
+        let nw = if blocks < 2 * sms { 8 } else { 4 };
+        let f = dev.get_or_load_custom_func(
+            &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}"),
+            MODULE,
+            PTX,
+        )?;
+        let mut b = f.builder();
+        b.arg(table)
+            .arg(&xi8)
+            .arg(&xsum)
+            .arg(&rscale)
+            .arg(&base)
+            .arg(&mut *y)
+            .arg(&n_i)
+            .arg(&w_i)
+            .arg(&kp_i);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
+            block_dim: (32 * nw, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
+        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or m * n bf16.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(())
 }
 
 /// Runs `ds_prep_bf16`: `x` (m, k) bf16 scaled and rearranged for the tensor-core kernels (`xp`,

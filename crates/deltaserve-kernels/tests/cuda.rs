@@ -304,8 +304,8 @@ fn tenant_case(
 fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(6);
-    // K = 100, 1000 and 4091 have ceil(K/32) % 4 == 0, which the pipelined decode kernel
-    // (`Bf16Path::Decode*`) needs; the others take the split-K kernel whatever the path.
+    // K = 100, 1000 and 4091 have ceil(K/32) % 4 == 0, which the int8 kernel and the 8-warp
+    // bf16 kernel need; the others take the 4-warp bf16 kernel's unaligned form.
     for &k in &[1usize, 33, 100, 257, 1000, 4091, 4096 + 17] {
         for &n in &[3usize, 65, 300] {
             for &m in &MS {
@@ -313,8 +313,7 @@ fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
                 let refs: Vec<&SignDelta> = deltas.iter().collect();
                 for (dtype, path) in [
                     (DType::BF16, Bf16Path::TensorCore),
-                    (DType::BF16, Bf16Path::Decode),
-                    (DType::BF16, Bf16Path::DecodeT2),
+                    (DType::BF16, Bf16Path::Bf16),
                     (DType::BF16, Bf16Path::Simple),
                     (DType::F32, Bf16Path::TensorCore),
                     (DType::F16, Bf16Path::TensorCore),
@@ -348,6 +347,76 @@ fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
             }
         }
     }
+}
+
+/// Both tensor-core kernels of a decode batch on the same inputs: the default path (the int8
+/// kernel where every group with a delta has at most 2 rows and the sign rows are 16-byte
+/// aligned, else the bf16 kernel with 8 warps on small grids) and `Bf16Path::Bf16` (the bf16
+/// kernel with 4 warps). Aligned K (ceil(K/32) % 4 == 0: 100, 1000, 4091, 4096, 11008) and
+/// others; one row per tenant for 32 tenants (the int8 kernel with 4 feature tiles per warp), 2
+/// rows per tenant, one tenant with 1 and 2 rows (8 warps), base-only rows (`tenant_case` leaves
+/// ~20% of rows on the base), and the `+ base` store. The int8 kernel's own error (fixed-point x,
+/// 2^-16 of a row's largest |x|) is far below the bf16 rounding of the output, so both paths have
+/// the bf16 bound; the worst errors are printed.
+#[test]
+fn int8_and_bf16_decode_kernels_match_reference() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut cases = Vec::new();
+    for &k in &[33usize, 100, 1000, 4091, 4096] {
+        for &n in &[3usize, 65, 300] {
+            for (m, d) in [(1usize, 1usize), (2, 1), (5, 3), (6, 6), (17, 9)] {
+                cases.push((m, n, k, d));
+            }
+        }
+    }
+    cases.push((32, 1100, 1000, 32));
+    cases.push((32, 1100, 11008, 32));
+    cases.push((64, 300, 4096, 32));
+    let mut worst = [0f64; 2];
+    for (m, n, k, d) in cases {
+        let (deltas, cpu_deltas, row_slot) = tenant_case(&mut rng, &dev, m, n, k, d);
+        let refs: Vec<&SignDelta> = deltas.iter().collect();
+        let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
+        let x = x.to_device(&dev).unwrap();
+        let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+        let (b, br) = random_x(&mut rng, &[m, n], DType::BF16);
+        let b = b.to_device(&dev).unwrap();
+        for (i, path) in [Bf16Path::TensorCore, Bf16Path::Bf16]
+            .into_iter()
+            .enumerate()
+        {
+            poison(&dev, m * n, DType::BF16);
+            let y = tenant_delta_matmul_with(&x, &row_slot, &refs, path).unwrap();
+            let got = flat(&y);
+            let err = rel_err(&got, &want);
+            worst[i] = worst[i].max(err);
+            assert!(
+                err < tol(DType::BF16),
+                "{path:?} M={m} N={n} K={k} D={d}: {err:.2e}"
+            );
+            for (row, slot) in row_slot.iter().enumerate() {
+                if slot.is_none() {
+                    assert!(
+                        got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0),
+                        "{path:?}: base-only row {row} not zero"
+                    );
+                }
+            }
+            // base + delta in the store: against the f64 sum of the rounded base and reference.
+            let y = tenant_delta_matmul_add_with(&b, &x, &row_slot, &refs, path).unwrap();
+            let want_add: Vec<f32> = want.iter().zip(&br).map(|(d, b)| d + b).collect();
+            let err = rel_err(&flat(&y), &want_add);
+            assert!(
+                err < tol(DType::BF16),
+                "{path:?} + base M={m} N={n} K={k}: {err:.2e}"
+            );
+        }
+    }
+    println!(
+        "worst relative errors: default path {:.1e}, bf16 kernel {:.1e}",
+        worst[0], worst[1]
+    );
 }
 
 #[test]
@@ -385,8 +454,8 @@ fn tenant_delta_matmul_many_rows_per_tenant_and_many_tenants() {
 fn tenant_delta_matmul_add_fuses_the_base_on_every_tensor_core_kernel() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(8);
-    // Decode sizes on the pipelined kernel (aligned K), one on the split-K fallback (K = 257),
-    // and 40 tenants (two launches).
+    // One row (the int8 kernel on the default path), 17 rows of 3 tenants (the bf16 kernel), the
+    // unaligned fallback (K = 257), and 40 tenants (two launches).
     for (m, n, k, num_deltas) in [
         (1, 65, 1000, 1),
         (17, 300, 4091, 3),
@@ -404,7 +473,7 @@ fn tenant_delta_matmul_add_fuses_the_base_on_every_tensor_core_kernel() {
             .map(|(b, d)| (f64::from(*b) + f64::from(*d)) as f32)
             .collect();
         let (x, base) = (x.to_device(&dev).unwrap(), base.to_device(&dev).unwrap());
-        for path in [Bf16Path::TensorCore, Bf16Path::Decode, Bf16Path::DecodeT2] {
+        for path in [Bf16Path::TensorCore, Bf16Path::Bf16] {
             poison(&dev, m * n, DType::BF16);
             let y = tenant_delta_matmul_add_with(&base, &x, &row_slot, &refs, path).unwrap();
             let got = flat(&y);

@@ -14,12 +14,13 @@
 //!   timed back to back with events instead (the output says which). On the CPU: host clock,
 //!   median of `--iters` calls.
 //! - on CUDA, the other kernels run in the same process beside the default one, so every
-//!   comparison is same run, same card: "ours" is the default (split-K) tensor-core kernel,
-//!   "dec T1" / "dec T2" the pipelined persistent decode kernel (`Bf16Path::Decode*`, one or two
-//!   feature tiles per warp); the decode step is timed unfused (base GEMV, delta, add: as the
-//!   model runs it), with the add fused into the delta kernel's store (base GEMV, then
-//!   `tenant_delta_matmul_add`), and as one kernel (`cuda::delta_linear_fused`: base weight and
-//!   bits in one pass; `delta_linear` takes it only where it wins).
+//!   comparison is same run, same card: "ours" is the default tensor-core path (int8 kernel for
+//!   groups of at most 2 rows, else the bf16 split-K kernel), "bf16" the second pass's default
+//!   (`Bf16Path::Bf16`: the bf16 split-K kernel with 4 warps everywhere); the decode step is timed
+//!   unfused (base GEMV, delta, add: as the model runs it), with the add fused into the delta
+//!   kernel's store (base GEMV, then `tenant_delta_matmul_add`), and as one kernel
+//!   (`cuda::delta_linear_fused`: base weight and bits in one pass; `delta_linear` takes it only
+//!   where it wins).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -98,9 +99,9 @@ struct Row {
     /// floor / measured, floor = delta_bytes / copy bandwidth.
     ours_frac_of_floor: f64,
     cuda_core_us: Option<f64>,
-    /// The pipelined decode kernel with 1 and 2 feature tiles per warp (CUDA only).
-    dec_us: Option<f64>,
-    dec_t2_us: Option<f64>,
+    /// The second pass's default, the bf16 split-K kernel with 4 warps (`Bf16Path::Bf16`; CUDA
+    /// only).
+    bf16_us: Option<f64>,
     dense_us: Option<f64>,
     dense_gbps: Option<f64>,
     base_us: Option<f64>,
@@ -224,8 +225,8 @@ fn kernels(args: KernelArgs) -> Result<()> {
         println!("\n## {n}x{k} (out x in): one delta = {:.2} MB of bits, dense bf16 = {:.1} MB; {} deltas and {} dense matrices rotated",
             delta_bits as f64 / 1e6, dense_bytes as f64 / 1e6, pool_len, dense.len());
         println!(
-            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>8} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
-            "rows", "tenants", "bytes MB", "ours us", "GB/s", "%copy", "dec T1", "%copy", "dec T2", "cudacore",
+            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "rows", "tenants", "bytes MB", "ours us", "GB/s", "%copy", "bf16 us", "%copy", "bf16/ours", "cudacore",
             "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "floor us", "x best"
         );
         for &(rows, tenants) in &mixes {
@@ -246,8 +247,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
             } else {
                 None
             };
-            let dec_us = path_time(&mut clock, iters, sets, &x, &slots, &set, Path::Decode)?;
-            let dec_t2_us = path_time(&mut clock, iters, sets, &x, &slots, &set, Path::DecodeT2)?;
+            let bf16_us = path_time(&mut clock, iters, sets, &x, &slots, &set, Path::Bf16)?;
             let floor_us = bytes as f64 / copy_gbps / 1e3;
 
             // cuBLAS on merged weights: one matmul per tenant over its rows.
@@ -307,8 +307,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 ours_gbps: bytes as f64 / ours_us / 1e3,
                 ours_frac_of_floor: floor_us / ours_us,
                 cuda_core_us,
-                dec_us,
-                dec_t2_us,
+                bf16_us,
                 dense_us,
                 dense_gbps,
                 base_us,
@@ -318,16 +317,16 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 step_floor_us,
             };
             println!(
-                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>8} {:>5}% {:>8} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>8} {:>5}% {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
                 rows,
                 tenants,
                 bytes as f64 / 1e6,
                 row.ours_us,
                 row.ours_gbps,
                 100.0 * row.ours_frac_of_floor,
-                opt(row.dec_us, 1),
-                opt(row.dec_us.map(|t| 100.0 * floor_us / t), 0),
-                opt(row.dec_t2_us, 1),
+                opt(row.bf16_us, 1),
+                opt(row.bf16_us.map(|t| 100.0 * floor_us / t), 0),
+                opt(row.bf16_us.map(|t| t / row.ours_us), 2),
                 opt(row.cuda_core_us, 1),
                 opt(row.dense_us, 1),
                 opt(row.dense_gbps, 0),
@@ -390,7 +389,7 @@ impl Report {
                     "n": r.n, "k": r.k, "rows": r.rows, "tenants": r.tenants,
                     "delta_bytes": r.delta_bytes, "ours_us": r.ours_us, "ours_gbps": r.ours_gbps,
                     "ours_frac_of_floor": r.ours_frac_of_floor, "cuda_core_us": r.cuda_core_us,
-                    "dec_us": r.dec_us, "dec_t2_us": r.dec_t2_us,
+                    "bf16_us": r.bf16_us,
                     "dense_us": r.dense_us, "dense_gbps": r.dense_gbps, "base_us": r.base_us,
                     "step_us": r.step_us,
                     "step_add_us": r.step_add_us, "step_fused_us": r.step_fused_us,
@@ -452,8 +451,7 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
 #[derive(Clone, Copy)]
 enum Path {
     Simple,
-    Decode,
-    DecodeT2,
+    Bf16,
 }
 
 #[cfg(feature = "cuda")]
@@ -462,8 +460,7 @@ impl Path {
         use deltaserve_kernels::cuda::Bf16Path;
         match self {
             Path::Simple => Bf16Path::Simple,
-            Path::Decode => Bf16Path::Decode,
-            Path::DecodeT2 => Bf16Path::DecodeT2,
+            Path::Bf16 => Bf16Path::Bf16,
         }
     }
 }

@@ -9,9 +9,11 @@
 //   ds_prep_bf16         x (M, K) bf16 -> xp (M, Kp) bf16 in tensor-core fragment order, scaled,
 //                        and per-chunk sums for corr; see "the tensor-core path" below.
 //   ds_tc_bf16_*         y = scale * (x . S^T) for row groups sharing one delta (decode and
-//                        prefill), bf16 tensor cores (mma.sync m16n8k16), f32 accumulation.
-//   ds_dec_bf16_*        the decode form of ds_tc_bf16_*: persistent warps, cp.async pipeline
-//                        (see "Decode path" below); both take an optional `base` added in the store.
+//                        prefill), bf16 tensor cores (mma.sync m16n8k16), f32 accumulation;
+//                        an optional `base` is added in the store.
+//   ds_prepi8_bf16,      the same for groups of at most 8 rows (decode) with int8 tensor cores
+//   ds_tci8_bf16_*       (mma.sync m16n8k32 u8 x s8, exact s32 sums): half the unpacking and
+//                        half the mma instructions; see "The int8 path" below.
 //   ds_fused_bf16_*      a whole decode delta linear layer, x . Wbase^T + the delta, in one kernel
 //                        (see "Fused delta linear layer" below).
 //   ds_fwd_simple_*      the same product on CUDA cores, f32 (f64) accumulation; for f32, f16 and
@@ -184,9 +186,21 @@ __device__ __forceinline__ void ds_load4(const uint32_t* __restrict__ row, int w
     }
 }
 
-// Block: 4 warps splitting K (warp w takes 512-column chunks w, w + 4, ...), each warp T tiles of
-// 16 output features and RT tiles of 8 rows of x; the 4 partial sums meet in shared memory.
-template <int T, int RT, bool VEC>
+// Block: NW warps splitting K (warp w takes 512-column chunks w, w + NW, ...), each warp T tiles
+// of 16 output features and RT tiles of 8 rows of x; the NW partial sums meet in shared memory.
+// NW = 8 (`_w8` kernels) halves each warp's serial chain of chunks (HBM latency + compute) and
+// doubles the warps in flight, which is what a grid of fewer than 2 blocks per SM needs (one
+// tenant: 1-32 rows of a 4096-feature layer, 256 blocks); measured on the H100 it took 4096x4096
+// 32x1 from 15.8 to 11.7 us and 4096x11008 1x1 from 20.6 to 14.1 us (BENCHMARKS.md, third pass).
+// CLAMP (the `_w8` kernels): the word loads are unconditional, their index clamped into the row
+// (VEC: W % 4 == 0, so a group of 4 words is all in or all out; words past K multiply xp zeros,
+// and a chunk past the warp's last is loaded but never used). Guarded loads (`if (wi0 < W)`)
+// become predicated loads that ptxas schedules near the END of the loop body, after ~75% of the
+// chunk's LOP3/HMMA (SASS of ds_tc_bf16_t4_r1_v), so the next chunk's HBM latency is hardly
+// overlapped; unconditional loads moved to ~65% (still not the top: ptxas sinks them to save
+// registers). On full grids the guarded NW = 4 kernel was as fast or faster (fewer registers,
+// more blocks per SM), so it stays there.
+template <int T, int RT, bool VEC, int NW, bool CLAMP>
 __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
                                                 const float* __restrict__ corr_part,
                                                 const __nv_bfloat16* __restrict__ base,
@@ -247,27 +261,38 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         for (int i = 0; i < SC; ++i) total += (double)part[i];
         corr_s[threadIdx.x] = (float)total;
     }
+    auto load = [&](int sc, uint32_t (&dst)[T][2][4]) {
+        if (CLAMP) {
+            const int wi = min(16 * sc + 4 * t, W - 4);
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint4 v = __ldg(reinterpret_cast<const uint4*>(arow[i][h] + wi));
+                    dst[i][h][0] = v.x; dst[i][h][1] = v.y; dst[i][h][2] = v.z; dst[i][h][3] = v.w;
+                }
+        } else {
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) ds_load4<VEC>(arow[i][h], 16 * sc + 4 * t, W, dst[i][h]);
+        }
+    };
     uint32_t a[T][2][4];
-#pragma unroll
-    for (int i = 0; i < T; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) ds_load4<VEC>(arow[i][h], 16 * warp + 4 * t, W, a[i][h]);
+    load(warp, a);
 
-    for (int sc = warp; sc < SC; sc += 4) {
+    for (int sc = warp; sc < SC; sc += NW) {
         // Ask L2 for the words two chunks ahead (no registers held), then load the next chunk's
         // words while this one is computed.
-        if (t == 0 && 16 * (sc + 8) < W) {
+        if (t == 0 && 16 * (sc + 2 * NW) < W) {
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
-                    asm volatile("prefetch.global.L2 [%0];" ::"l"(arow[i][h] + 16 * (sc + 8)));
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"(arow[i][h] + 16 * (sc + 2 * NW)));
         }
         uint32_t an[T][2][4];
-#pragma unroll
-        for (int i = 0; i < T; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) ds_load4<VEC>(arow[i][h], 16 * (sc + 4) + 4 * t, W, an[i][h]);
+        load(sc + NW, an);
 
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
@@ -308,8 +333,8 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
                 for (int c = 0; c < 4; ++c) a[i][h][c] = an[i][h][c];
     }
 
-    // Split-K reduction: warps 1..3 hand their partial sums to warp 0.
-    __shared__ float red[3][T][RT][4][32];
+    // Split-K reduction: warps 1..NW-1 hand their partial sums to warp 0.
+    __shared__ float red[NW - 1][T][RT][4][32];
     if (warp > 0) {
 #pragma unroll
         for (int i = 0; i < T; ++i)
@@ -327,8 +352,9 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const float v = acc[i][rt][q] + red[0][i][rt][q][lane] + red[1][i][rt][q][lane] +
-                                red[2][i][rt][q][lane];
+                float v = acc[i][rt][q];
+#pragma unroll
+                for (int w = 0; w < NW - 1; ++w) v += red[w][i][rt][q][lane];
                 // d0, d1: feature g, columns 2t, 2t+1; d2, d3: feature g + 8.
                 const int n = n0 + 16 * i + g + ((q >> 1) << 3);
                 const int j = 8 * rt + 2 * t + (q & 1);
@@ -343,19 +369,17 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
     }
 }
 
-#define DS_TC_KERNEL(T, RT)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128) ds_tc_bf16_t##T##_r##RT##_v(               \
+#define DS_TC_KERNEL1(T, RT, SUF, VEC, NW, CLAMP)                                               \
+    extern "C" __global__ void __launch_bounds__(32 * NW) ds_tc_bf16_t##T##_r##RT##_##SUF(       \
         const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
         const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
         int Kp) {                                                                               \
-        ds_tc_bf16_body<T, RT, true>(tab, xp, corr, base, y, N, W, Kp);                         \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128) ds_tc_bf16_t##T##_r##RT##_s(               \
-        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
-        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
-        int Kp) {                                                                               \
-        ds_tc_bf16_body<T, RT, false>(tab, xp, corr, base, y, N, W, Kp);                        \
+        ds_tc_bf16_body<T, RT, VEC, NW, CLAMP>(tab, xp, corr, base, y, N, W, Kp);               \
     }
+#define DS_TC_KERNEL(T, RT)                                                                     \
+    DS_TC_KERNEL1(T, RT, v, true, 4, false)                                                     \
+    DS_TC_KERNEL1(T, RT, s, false, 4, false)                                                    \
+    DS_TC_KERNEL1(T, RT, w8, true, 8, true)
 
 DS_TC_KERNEL(1, 1)
 DS_TC_KERNEL(2, 1)
@@ -367,25 +391,7 @@ DS_TC_KERNEL(1, 4)
 DS_TC_KERNEL(2, 4)
 
 // ---------------------------------------------------------------------------------------------
-// Decode path: persistent warps with a cp.async pipeline (bf16 x, W % 4 == 0, 16-byte aligned).
-//
-// Why. The split-K kernel above gives each block one (feature tile, group) item and each warp only
-// K / 2048 chunks (2 at K = 4096): a block issues its loads, waits one HBM latency, computes, and
-// exits, so the loads in flight per SM come in bursts, and at 32 rows x 32 tenants it read the bits
-// at 59-70% of copy bandwidth. Here every warp is an independent worker that walks a strided list
-// of items (16 T output features x one group, the whole K, no cross-warp reduction), and the
-// words of its next S - 1 chunks - across item boundaries - are always in flight: cp.async copies
-// them into a per-warp ring in shared memory, so they hold no registers. Each lane copies exactly
-// the 16 bytes it later reads (rows g and g + 8 of a tile, words 4t..4t+3 of the chunk), so the
-// ring needs no barrier: cp.async.wait_group makes a thread's own copies visible to it.
-// The math per chunk is that of ds_tc_bf16_body (same xp, corr and LOP3 unpacking).
-// Measured on the H100 (BENCHMARKS.md, "CUDA kernels, second pass"): 19-24% SLOWER than the
-// split-K kernel at 32 rows x 32 tenants, and much slower for one tenant with 32 rows (few items,
-// few warps). A likely cause: every chunk's B fragments (xp) are an L2 round trip after the ring
-// wait, once per 1 KB of bits with T = 1, where split-K shares them across 4 tiles. So it is not
-// the default (Bf16Path::Decode selects it).
-// `base` (may be null): y = base + scale * (x . S^T), the rest of a delta linear layer fused into
-// the store; base-only rows (null words) then get `base` (or zeros without it).
+// cp.async helpers (the fused layer's per-warp ring).
 
 __device__ __forceinline__ void ds_cp_async16(void* smem, const void* gmem, int src_bytes) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -400,194 +406,284 @@ template <int N> __device__ __forceinline__ void ds_cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// The first item at or after `item` (stepping by `stride`) whose group has a delta.
-__device__ __forceinline__ int ds_next_item(const GroupTable& tab, int item, int stride, int total,
-                                            int n_tiles) {
-    while (item < total && tab.words[item / n_tiles] == 0ull) item += stride;
-    return item;
+// ---------------------------------------------------------------------------------------------
+// The int8 path: groups of at most 8 rows (decode; src/cuda.rs routes batches whose groups all
+// have at most 2 rows here, where it measured fastest).
+//
+// Why. With one row per group the bf16 kernel uses 1 of the 8 mma columns, and what limits it is
+// the ALU: 16 LOP3 + 1 shift per 32 signs (LOP3 issues at half rate), plus 32 mma.m16n8k16 per
+// 512-column chunk of a 16-feature tile. An int8 register holds four values, so `w & mask` with
+// mask = 0x01010101 << p makes four unsigned values b 2^p (b = the bit at position p of each
+// byte) with ONE LOP3 and no magic or shift: 8 LOP3 per 32 signs, and mma.m16n8k32 (u8 x s8,
+// s32 accumulation, native IMMA on sm_90; fp8 mma.sync is not native there) halves the mma count.
+// The 2^p weight is moved into x: X'_k = X_k 2^(7 - p), X_k = round(x_k 2^E) with E per row such
+// that |X| < 2^15 (exact for every element within 2^7 of the row's largest, i.e. all its bf16
+// bits; smaller ones are rounded to 2^-E, 2^-16 of the largest). |X'| < 2^22 is written as three
+// signed base-256 digits d0 + 256 d1 + 65536 d2, each its own mma column (a fourth column is
+// zero), so two rows fit an n8 tile. Sums are exact in s32 (|2^p d| <= 2^14, K < 2^17), and
+//   sum_k b_k X_k = 2^-7 (D0 + 256 D1 + 65536 D2),  x . s = 2 sum_k b_k x_k - sum_k x_k,
+// computed in f64 in the store with sum_k x_k (of the rounded x) from the prep kernel.
+// Register r (0..7) of a word holds positions p = r of its 4 bytes; mma step s (0..3) uses
+// registers 2 s (a0 / a1, rows g / g + 8) and 2 s + 1 (a2 / a3). Thread t's B registers of step
+// s hold x at k = 32 wi + 8 j + (2 s + h), j = 0..3, h = 0 (b0) / 1 (b1), wi = 16 sc + 4 t + c;
+// xi8 stores them in that order (ds_prepi8_bf16).
+// Measured on the H100 at 32 rows x 32 tenants (one row per group; BENCHMARKS.md, third pass):
+// 4096x4096 48.8 -> 38.8 us, 11008x4096 109.2 -> 89.2 us, 4096x11008 122.6 -> 102.8 us against the
+// bf16 kernel; with 4 or 8 rows per group (2 or 4 n-tiles) it was slower or no faster.
+
+// xi8 layout, per row of x: three digit planes of Kp bytes,
+//   pos = ((sc * 4 + c) * 4 + t) * 32 + s * 8 + h * 4 + j.
+// One block per row, 256 threads: the row's largest |x| picks E, then every thread writes whole
+// 4-byte registers of the three planes and sums the rounded x (f64) into xsum[row];
+// rscale[row] = 2^-E.
+extern "C" __global__ void __launch_bounds__(256) ds_prepi8_bf16(const __nv_bfloat16* __restrict__ x,
+                                                                 uint32_t* __restrict__ xi8,
+                                                                 double* __restrict__ xsum,
+                                                                 double* __restrict__ rscale,
+                                                                 int K, int Kp) {
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const __nv_bfloat16* xr = x + (size_t)row * K;
+    __shared__ float red_m[8];
+    __shared__ double red_s[8];
+    float m = 0.f;
+    for (int k = tid; k < K; k += 256) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if ((tid & 31) == 0) red_m[tid >> 5] = m;
+    __syncthreads();
+    m = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, red_m[i]);
+    // m = f 2^em, f in [0.5, 1): m 2^(15 - em) < 2^15.
+    int em = 0;
+    if (m > 0.f) frexpf(m, &em);
+    const int E = m > 0.f ? 15 - em : 0;
+    double sum = 0.0;
+    const int regs = Kp / 4;  // 4-byte registers per plane
+    for (int q = tid; q < regs; q += 256) {
+        // q = (((sc * 4 + c) * 4 + t) * 4 + s) * 2 + h
+        const int h = q & 1, s = (q >> 1) & 3, t = (q >> 3) & 3, c = (q >> 5) & 3, sc = q >> 7;
+        const int wi = 16 * sc + 4 * t + c, p = 2 * s + h;
+        uint32_t d[3] = {0, 0, 0};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int k = 32 * wi + 8 * j + p;
+            const float xv = k < K ? __bfloat162float(xr[k]) : 0.f;
+            const int X = __float2int_rn(ldexpf(xv, E));  // |X| < 2^15
+            sum += ldexp((double)X, -E);
+            int v = X * (1 << (7 - p));  // |v| < 2^22
+#pragma unroll
+            for (int i = 0; i < 3; ++i) {
+                const int di = (int)(int8_t)(v & 0xFF);  // low byte as a signed digit
+                d[i] |= (uint32_t)(uint8_t)di << (8 * j);
+                v = (v - di) >> 8;  // exact: v - di is a multiple of 256
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 3; ++i) xi8[((size_t)row * 3 + i) * regs + q] = d[i];
+    }
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if ((tid & 31) == 0) red_s[tid >> 5] = sum;
+    __syncthreads();
+    if (tid == 0) {
+        double total = 0.0;
+        for (int i = 0; i < 8; ++i) total += red_s[i];
+        xsum[row] = total;
+        rscale[row] = ldexp(1.0, -E);
+    }
 }
 
-#define DS_DEC_WARPS 4
+__device__ __forceinline__ void ds_mma_u8s8(int* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                            uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 
-template <int T, int RT, int S>
-__device__ __forceinline__ void ds_dec_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
-                                                 const float* __restrict__ corr_part,
-                                                 const __nv_bfloat16* __restrict__ base,
-                                                 __nv_bfloat16* __restrict__ y, int N, int W,
-                                                 int Kp) {
-    __shared__ uint4 ring[DS_DEC_WARPS][S][T][2][32];
+// Split-K as ds_tc_bf16_body (NW warps, T feature tiles per warp, clamped unconditional word
+// loads as its CLAMP form; needs ceil(K/32) % 4 == 0, 16-byte aligned rows and K < 2^17 for the
+// s32 sums), groups of at most 2 RT2 rows.
+// Thread (g, t): B column g = digit g & 3 (3: zero) of group row 2 rt + (g >> 2); its
+// accumulators c0, c1 (feature g) and c2, c3 (feature g + 8) are digits 2 (t & 1), 2 (t & 1) + 1
+// of group row 2 rt + (t >> 1).
+template <int T, int RT2, int NW>
+__device__ __forceinline__ void ds_tci8_body(const GroupTable& tab, const uint32_t* __restrict__ xi8,
+                                             const double* __restrict__ xsum,
+                                             const double* __restrict__ rscale,
+                                             const __nv_bfloat16* __restrict__ base,
+                                             __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {
+    const int grp = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int n_tiles = (N + 16 * T - 1) / (16 * T);
-    const int total = n_tiles * (int)tab.n_groups;
-    const int gw = blockIdx.x * DS_DEC_WARPS + warp, stride = gridDim.x * DS_DEC_WARPS;
-    const int SC = Kp / 512;
+    const unsigned int rb = tab.row_begin[grp];
+    const int R = (int)(tab.row_begin[grp + 1] - rb);
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
+    const int n0 = blockIdx.x * 16 * T;
 
-    // Base-only groups: y = base (or 0).
-    for (int item = gw; item < total; item += stride) {
-        const int grp = item / n_tiles;
-        if (tab.words[grp] != 0ull) continue;
-        const unsigned int rb = tab.row_begin[grp];
-        const int R = (int)(tab.row_begin[grp + 1] - rb), n0 = (item % n_tiles) * 16 * T;
-        for (int idx = lane; idx < R * 16 * T; idx += 32) {
+    if (words == nullptr) {  // base-only rows: zeros (or the base)
+        for (int idx = threadIdx.x; idx < R * 16 * T; idx += blockDim.x) {
             const int j = idx / (16 * T), n = n0 + idx % (16 * T);
             if (n < N) {
                 const size_t o = (size_t)group_row(tab, rb, j) * N + n;
                 y[o] = base ? base[o] : __float2bfloat16(0.f);
             }
         }
+        return;
     }
+    const uint32_t* arow[T][2];
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+        const int nl = min(n0 + 16 * i + g, N - 1), nh = min(n0 + 16 * i + g + 8, N - 1);
+        arow[i][0] = words + (size_t)nl * W;
+        arow[i][1] = words + (size_t)nh * W;
+    }
+    const int plane_u4 = Kp / 16;  // uint4 per digit plane
+    const uint4* brow[RT2];
+    bool bact[RT2];
+#pragma unroll
+    for (int rt = 0; rt < RT2; ++rt) {
+        const int j = 2 * rt + (g >> 2), digit = g & 3;
+        bact[rt] = j < R && digit < 3;
+        brow[rt] = reinterpret_cast<const uint4*>(xi8) +
+                   ((size_t)(bact[rt] ? group_row(tab, rb, j) : 0) * 3 + (digit < 3 ? digit : 0)) *
+                       plane_u4;
+    }
+    int acc[T][RT2][4];
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int rt = 0; rt < RT2; ++rt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][rt][q] = 0;
 
-    // Producer: the (item, chunk) whose words are copied next, S - 1 steps ahead of the consumer.
-    int p_item = ds_next_item(tab, gw, stride, total, n_tiles), p_sc = 0;
-    auto issue = [&](int slot) {
-        if (p_item < total) {
-            const int grp = p_item / n_tiles, n0 = (p_item % n_tiles) * 16 * T;
-            const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
-            const int wi = 16 * p_sc + 4 * t;
-            const int bytes = wi < W ? 16 : 0;  // W % 4 == 0: all four words or none
-#pragma unroll
-            for (int i = 0; i < T; ++i)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int n = min(n0 + 16 * i + g + 8 * h, N - 1);
-                    const uint32_t* src = words + (size_t)n * W + (bytes ? wi : 0);
-                    ds_cp_async16(&ring[warp][slot][i][h][lane], src, bytes);
-                }
-            if (++p_sc == SC) {
-                p_sc = 0;
-                p_item = ds_next_item(tab, p_item + stride, stride, total, n_tiles);
-            }
-        }
-        ds_cp_async_commit();  // empty groups keep the count uniform
-    };
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) issue(s);
-
-    const uint32_t one = 0x3F803F80u, half = 0x3F003F00u;
-    const int row_u4 = Kp / 8;
-    int step = 0;
-    for (int item = ds_next_item(tab, gw, stride, total, n_tiles); item < total;
-         item = ds_next_item(tab, item + stride, stride, total, n_tiles)) {
-        const int grp = item / n_tiles, n0 = (item % n_tiles) * 16 * T;
-        const unsigned int rb = tab.row_begin[grp];
-        const int R = (int)(tab.row_begin[grp + 1] - rb);
-        const uint4* brow[RT];
-        bool bact[RT];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) {
-            const int j = 8 * rt + g;
-            bact[rt] = j < R;
-            brow[rt] = xp + (size_t)(bact[rt] ? group_row(tab, rb, j) : 0) * row_u4;
-        }
-        // corr of row `lane` of the group (the sum of its SC partial sums); read at the end.
-        double corr_d = 0.0;
-        if (lane < R) {
-            const float* part = corr_part + (size_t)group_row(tab, rb, lane) * SC;
-            for (int i = 0; i < SC; ++i) corr_d += (double)part[i];
-        }
-        float acc[T][RT][4];
+    const int SC = Kp / 512;
+    auto load = [&](int sc, uint32_t (&dst)[T][2][4]) {
+        const int wi = min(16 * sc + 4 * t, W - 4);
 #pragma unroll
         for (int i = 0; i < T; ++i)
 #pragma unroll
-            for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[i][rt][q] = 0.f;
-
-        for (int sc = 0; sc < SC; ++sc, ++step) {
-            ds_cp_async_wait<S - 2>();
-            const int slot = step % S;
-            uint32_t a[T][2][4];
+            for (int h = 0; h < 2; ++h) {
+                const uint4 v = __ldg(reinterpret_cast<const uint4*>(arow[i][h] + wi));
+                dst[i][h][0] = v.x; dst[i][h][1] = v.y; dst[i][h][2] = v.z; dst[i][h][3] = v.w;
+            }
+    };
+    uint32_t a[T][2][4];
+    load(warp, a);
+    for (int sc = warp; sc < SC; sc += NW) {
+        if (t == 0 && 16 * (sc + 2 * NW) < W) {
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const uint4 v = ring[warp][slot][i][h][lane];
-                    a[i][h][0] = v.x; a[i][h][1] = v.y; a[i][h][2] = v.z; a[i][h][3] = v.w;
+                for (int h = 0; h < 2; ++h)
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"(arow[i][h] + 16 * (sc + 2 * NW)));
+        }
+        uint32_t an[T][2][4];
+        load(sc + NW, an);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            uint32_t b[RT2][4][2];
+#pragma unroll
+            for (int rt = 0; rt < RT2; ++rt) {
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    uint4 v = make_uint4(0, 0, 0, 0);
+                    if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + t) * 2 + hf);
+                    b[rt][2 * hf][0] = v.x;
+                    b[rt][2 * hf][1] = v.y;
+                    b[rt][2 * hf + 1][0] = v.z;
+                    b[rt][2 * hf + 1][1] = v.w;
                 }
-            issue((step + S - 1) % S);  // into the slot read one step ago
+            }
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                uint32_t b[RT][8][2];
+            for (int i = 0; i < T; ++i) {
+                const uint32_t wl = a[i][0][c], wh = a[i][1][c];
 #pragma unroll
-                for (int rt = 0; rt < RT; ++rt) {
+                for (int s = 0; s < 4; ++s) {
+                    // Plain ANDs; the immediate mask makes each one LOP3.
+                    const uint32_t m0 = 0x01010101u << (2 * s), m1 = 0x01010101u << (2 * s + 1);
+                    const uint32_t a0 = wl & m0, a1 = wh & m0, a2 = wl & m1, a3 = wh & m1;
 #pragma unroll
-                    for (int sp = 0; sp < 4; ++sp) {
-                        uint4 v = make_uint4(0, 0, 0, 0);
-                        if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + sp) * 4 + t);
-                        b[rt][2 * sp][0] = v.x;
-                        b[rt][2 * sp][1] = v.y;
-                        b[rt][2 * sp + 1][0] = v.z;
-                        b[rt][2 * sp + 1][1] = v.w;
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < T; ++i) {
-                    const uint32_t wl = a[i][0][c], wh = a[i][1][c];
-                    const uint32_t wl8 = wl >> 8, wh8 = wh >> 8;
-#pragma unroll
-                    for (int s = 0; s < 8; ++s) {
-                        const uint32_t a0 = ds_unpack(wl, wl8, 2 * s, one, half);
-                        const uint32_t a1 = ds_unpack(wh, wh8, 2 * s, one, half);
-                        const uint32_t a2 = ds_unpack(wl, wl8, 2 * s + 1, one, half);
-                        const uint32_t a3 = ds_unpack(wh, wh8, 2 * s + 1, one, half);
-#pragma unroll
-                        for (int rt = 0; rt < RT; ++rt)
-                            ds_mma_bf16(acc[i][rt], a0, a1, a2, a3, b[rt][s][0], b[rt][s][1]);
-                    }
+                    for (int rt = 0; rt < RT2; ++rt)
+                        ds_mma_u8s8(acc[i][rt], a0, a1, a2, a3, b[rt][s][0], b[rt][s][1]);
                 }
             }
         }
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) a[i][h][c] = an[i][h][c];
+    }
 
-        const float scale = tab.scale[grp];
-        const float corr_f = (float)corr_d;
+    __shared__ int red[NW - 1][T][RT2][4][32];
+    if (warp > 0) {
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+#pragma unroll
+            for (int rt = 0; rt < RT2; ++rt)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) red[warp - 1][i][rt][q][lane] = acc[i][rt][q];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    const float scale = tab.scale[grp];
+#pragma unroll
+    for (int rt = 0; rt < RT2; ++rt) {
+        const int j = 2 * rt + (t >> 1);
+        const int row = j < R ? group_row(tab, rb, j) : 0;
 #pragma unroll
         for (int i = 0; i < T; ++i) {
 #pragma unroll
-            for (int rt = 0; rt < RT; ++rt) {
+            for (int hh = 0; hh < 2; ++hh) {
+                int d0 = acc[i][rt][2 * hh], d1 = acc[i][rt][2 * hh + 1];
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    // d0, d1: feature g, columns 2t, 2t+1; d2, d3: feature g + 8.
-                    const int n = n0 + 16 * i + g + ((q >> 1) << 3);
-                    const int j = 8 * rt + 2 * t + (q & 1);
-                    const float corr_j = __shfl_sync(0xffffffffu, corr_f, j & 31);
-                    if (n < N && j < R) {
-                        const size_t o = (size_t)group_row(tab, rb, j) * N + n;
-                        float v = scale * (acc[i][rt][q] - corr_j);
-                        if (base) v += __bfloat162float(base[o]);
-                        y[o] = __float2bfloat16(v);
-                    }
+                for (int w = 0; w < NW - 1; ++w) {
+                    d0 += red[w][i][rt][2 * hh][lane];
+                    d1 += red[w][i][rt][2 * hh + 1][lane];
+                }
+                // Even t holds digits 0, 1 of its row; odd t digit 2 (and the zero column).
+                const int d2 = __shfl_xor_sync(0xffffffffu, d0, 1);
+                const int n = n0 + 16 * i + g + 8 * hh;
+                if ((t & 1) == 0 && j < R && n < N) {
+                    const double S = (double)d0 + 256.0 * (double)d1 + 65536.0 * (double)d2;
+                    // x . s = 2 sum b x - sum x, sum b x = rscale 2^-7 S
+                    const double dot = 2.0 * rscale[row] * (S * 0.0078125) - xsum[row];
+                    const size_t o = (size_t)row * N + n;
+                    float out = scale * (float)dot;
+                    if (base) out += __bfloat162float(base[o]);
+                    y[o] = __float2bfloat16(out);
                 }
             }
         }
     }
-    ds_cp_async_wait<0>();
 }
 
-#define DS_DEC_KERNEL(T, RT, S)                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * DS_DEC_WARPS) ds_dec_bf16_t##T##_r##RT(   \
-        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
-        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
-        int Kp) {                                                                               \
-        ds_dec_bf16_body<T, RT, S>(tab, xp, corr, base, y, N, W, Kp);                           \
+#define DS_TCI8_KERNEL(T, RT2, NW)                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * NW) ds_tci8_bf16_t##T##_r##RT2##_w##NW(    \
+        const GroupTable tab, const uint32_t* __restrict__ xi8, const double* __restrict__ xsum, \
+        const double* __restrict__ rscale, const __nv_bfloat16* __restrict__ base,              \
+        __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {                                  \
+        ds_tci8_body<T, RT2, NW>(tab, xi8, xsum, rscale, base, y, N, W, Kp);                    \
     }
+#define DS_TCI8_KERNELS(T, RT2) DS_TCI8_KERNEL(T, RT2, 4) DS_TCI8_KERNEL(T, RT2, 8)
 
-// T = 1: 1 KB of words per chunk per warp, 8 stages (32 KB of ring per block);
-// T = 2: 2 KB, 4 stages (the same 32 KB).
-DS_DEC_KERNEL(1, 1, 8)
-DS_DEC_KERNEL(1, 2, 8)
-DS_DEC_KERNEL(1, 4, 8)
-DS_DEC_KERNEL(2, 1, 4)
-DS_DEC_KERNEL(2, 2, 4)
-DS_DEC_KERNEL(2, 4, 4)
+DS_TCI8_KERNELS(1, 1)
+DS_TCI8_KERNELS(2, 1)
+DS_TCI8_KERNELS(4, 1)
+DS_TCI8_KERNELS(1, 2)
+DS_TCI8_KERNELS(2, 2)
+DS_TCI8_KERNELS(4, 2)
+DS_TCI8_KERNELS(1, 4)
+DS_TCI8_KERNELS(2, 4)
 
 // ---------------------------------------------------------------------------------------------
 // Fused delta linear layer for decode: y = x . Wbase^T + scale_t * (x . S_t^T), one kernel.
 //
 // Why. At decode the base GEMV reads N K bf16 values and already runs at the bandwidth floor, so a
 // separate delta launch (plus the add) costs more than the 1/16 x D extra bytes it reads. Here one
-// block owns 16 output features for all M <= 32 rows of the batch and streams, through the same
-// per-warp cp.async ring as ds_dec_bf16, first its 16 rows of Wbase and then, for every group
+// block owns 16 output features for all M <= 32 rows of the batch and streams, through a
+// per-warp cp.async ring in shared memory, first its 16 rows of Wbase and then, for every group
 // (tenant), the same 16 rows of that tenant's bits. The 8 warps of a block split K.
 //
 // The base product also runs on the tensor cores, with no rearranged copy of x: a thread (g, t)
@@ -596,7 +692,9 @@ DS_DEC_KERNEL(2, 4, 4)
 // (P+4, P+5) (P+6, P+7); used as a0 a2 of k-step 0 and a0 a2 of k-step 1 (and b0 b1 likewise),
 // mma index k = 2t, 2t+1, 2t+8, 2t+9 maps to the same physical column in A and in B, and the 4
 // threads t cover 32 distinct columns per kstep: the sum over k is taken in another order, which
-// does not change it. The delta steps are those of ds_dec_bf16 (xp and corr from ds_prep_bf16).
+// does not change it. The delta steps unpack bits as ds_tc_bf16_body does (xp and corr from
+// ds_prep_bf16); each lane copies exactly the 16 bytes it later reads, so the ring needs no
+// barrier (cp.async.wait_group makes a thread's own copies visible to it).
 // Partial sums meet in shared memory (f32 atomics, one 16 x 32 tile per block); the store
 // subtracts scale * corr per row and rounds once to bf16.
 // Needs K % 8 == 0 (16-byte rows of W and x), W % 4 == 0, 16-byte aligned W, x and words, and one
