@@ -1,6 +1,6 @@
 #!/bin/bash
 # QA-HiRA on a 4-bit block-quantized demo base, and its merge into a quantized model
-# (BENCHMARKS.md, "QA-HiRA merged into a quantized model"). CPU, ~25 min on 2 shared cores.
+# (BENCHMARKS.md, "QA-HiRA merged into a quantized model"). CPU, ~40 min on 2 shared cores.
 #
 #   scripts/bench/qahira_demo.sh [OUT_DIR] [DELTASERVE]
 #
@@ -43,7 +43,24 @@ ppl() { $B eval ppl --data assets/demo/data/heldout_code.txt --seq-len 512 --str
   echo "merged-q4 $(ppl --model "$OUT/merged-q4")"
   echo "base-q4+lora $(ppl --model "$OUT/base-q4" --delta "$OUT/lora.delta")"
 } > "$OUT/ppl_code.txt"
-for f in qahira lora merged; do
+# 6. The same with the quantized base's weights in f32 (`quantize --dtype f32`): the merged
+#    model then equals base + adapter to f32 rounding (the bf16 base above rounds each weight).
+$B quantize --model assets/demo/base --method blockq:bits=4,rows=8,cols=4 --dtype f32 --out "$OUT/base-q4f32" --force --quiet
+$B finetune --model "$OUT/base-q4f32" --data $TRAIN --eval $HELD --out "$OUT/qahira-f32.delta" \
+  --adapter qahira --rank 5 --hira-groups 4,8 --steps 80 --batch 4 --seq 256 --lr 2e-3 --save-every 40 --json --force \
+  > "$OUT/qahira-f32.json"
+$B merge --base "$OUT/base-q4f32" --delta "$OUT/qahira-f32.delta" --out "$OUT/merged-q4f32" --force --quiet
+$B finetune --model "$OUT/merged-q4f32" --data $TRAIN --eval $HELD --out "$OUT/unused.delta" \
+  --checkpoint "$OUT/unused.ckpt" --adapter lora --steps 1 --stop-after 0 --batch 4 --seq 256 \
+  --json --force > "$OUT/merged-f32.json"
+rm -f "$OUT/unused.ckpt"
+{
+  echo "base-q4f32 $(ppl --model "$OUT/base-q4f32")"
+  echo "base-q4f32+qahira $(ppl --model "$OUT/base-q4f32" --delta "$OUT/qahira-f32.delta")"
+  echo "merged-q4f32 $(ppl --model "$OUT/merged-q4f32")"
+} >> "$OUT/ppl_code.txt"
+
+for f in qahira lora merged qahira-f32 merged-f32; do
   python3 -c "import json,sys; d=json.load(open('$OUT/$f.json')); print('$f', {k: d.get(k) for k in ('trainable_params','seconds_per_step','eval_ppl_base','eval_ppl_adapter')})"
 done
 cat "$OUT/ppl_code.txt"
