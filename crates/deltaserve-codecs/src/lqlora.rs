@@ -703,7 +703,7 @@ pub(crate) fn write_outputs(
     drop(merged);
 
     // 2. The packed codes.
-    write_codes(&opts.out.join(CODES_FILE), &mats, &finals)?;
+    write_codes(&opts.out.join(CODES_FILE), mats, finals)?;
 
     // 3. The L1/L2 delta against the Q directory.
     let mut lowrank_bits = 0u64;
