@@ -59,8 +59,9 @@ pub(super) unsafe fn build_tables(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 /// `out_t (rows, m) = (x · Sᵀ)ᵀ` for the `rows = out_t.len() / m` sign rows in `words`, from the
 /// tables of [`build_tables`].
 ///
-/// Output rows go 32 at a time (two vectors of 16 lanes, lane = sign row). A gather fetches word
-/// `w` of the 32 rows; each of its 8 nibbles indexes the 16-entry table of its 4 columns with one
+/// Output rows go 32 at a time (two vectors of 16 lanes, lane = sign row). Word `w` of the 32
+/// rows is brought into lanes by [`bcast_tile`] (contiguous loads and a transpose; full blocks) or
+/// by a gather ([`lut_tile`]; the last, short block); each of its 8 nibbles indexes the 16-entry table of its 4 columns with one
 /// `vpermps` (which reads only the low 4 bits of each lane, so a right shift is all the decoding).
 /// One `vpermps` + one add thus cover 16 rows × 4 columns, where a masked add covers 1 × 16 and
 /// needs a port-5 `kmov` for its mask: four times the work per instruction on the scarce port.
@@ -256,8 +257,9 @@ unsafe fn bcast_tile<const RM: usize>(b: &Block, prefetch: bool, res: &mut [[f32
             v[2] = _mm512_unpacklo_epi64(t1, t3);
             v[3] = _mm512_unpackhi_epi64(t1, t3);
         }
-        for d in 0..4 {
-            lookup_word::<RM, true>(b, 4 * p + d, v[0][d], v[1][d], &mut acc);
+        let [va, vb] = v;
+        for (d, (wa, wb)) in va.into_iter().zip(vb).enumerate() {
+            lookup_word::<RM, true>(b, 4 * p + d, wa, wb, &mut acc);
         }
     }
     let zero = _mm512_setzero_si512();

@@ -4,9 +4,10 @@
 //! `*_with` functions (tests force each level, so a machine with AVX-512 checks all three):
 //!
 //! - [`SimdLevel::Avx512`] (`avx512.rs`, AVX-512F + BW). `x · Sᵀ`: per call, every group of 4
-//!   columns of `x` gets a 16-entry table of the signed sums its 4 sign bits can select; a gather
-//!   fetches one word of 16 sign rows and each nibble is then one `vpermps` (16 rows × 4 columns)
-//!   and one add. `g · S`: a 16-bit half of a word is a lane mask, and
+//!   columns of `x` gets a 16-entry table of the signed sums its 4 sign bits can select; one
+//!   vector holds one word of 16 sign rows (read with contiguous 16-byte loads and an in-register
+//!   transpose for full 32-row blocks, gathered for the last short block) and each nibble is then
+//!   one `vpermps` (16 rows × 4 columns) and one add. `g · S`: a 16-bit half of a word is a lane mask, and
 //!   `Σ_n s_n g_n = 2 · Σ_{bit=1} g_n − Σ_n g_n` costs one masked add per 16 products.
 //! - [`SimdLevel::Avx2`] (`avx2.rs`, AVX2 + FMA): a variable shift moves each bit to the float sign
 //!   position, giving a `±1.0` vector per 8 columns that is shared by the rows of `x` in a tile.
@@ -16,11 +17,12 @@
 //! None of them expands `S` to floats in memory (the tables are built from `x`: `16 · K` floats
 //! per row of `x`, at most 16 rows at a time). Each reads a word once per call for up to
 //! 16 rows of `x` (the AVX-512 and portable kernels; AVX2 tiles 4), and rayon splits the output
-//! features `N` (the transposed product splits `K`). Padding bits past `K` are ignored: the
-//! columns past `K` are read as zeros.
+//! features `N` (the transposed product splits `K`); each worker thread builds its own copy of a
+//! call's tables. Padding bits past `K` are ignored: the columns past `K` are read as zeros.
 //!
-//! Check: `cargo test --release -p deltaserve-kernels`; bench: `cargo bench -p deltaserve-kernels`
-//! (results in `BENCHMARKS.md`, section "CPU sign-matmul kernels").
+//! Check: `cargo test --release -p deltaserve-kernels`; bench:
+//! `bash crates/deltaserve-kernels/benches/run_cpu.sh` (results in `BENCHMARKS.md`, sections
+//! "CPU sign-matmul kernels" and "CPU kernels, third pass").
 
 mod portable;
 
