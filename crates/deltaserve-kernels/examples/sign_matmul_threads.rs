@@ -1,6 +1,13 @@
-//! Scratch: one-thread vs two-thread `x · Sᵀ` and read bandwidth, best and median of many calls.
+//! Two-core scaling of the CPU `x · Sᵀ` and the read bandwidth it is held to, as best and median
+//! of many calls: for the shared 2-vCPU machine, where criterion's medians swing with the other
+//! sessions' builds, the best of a few hundred 0.1–1 ms calls is the run with both cores free.
 //!
 //! `cargo run --release -p deltaserve-kernels --example sign_matmul_threads -- [calls]`
+//! (default 200; `SHAPES=128x4096,4096x4096` picks `N x K` shapes). Prints, for one and two rayon
+//! threads: a 1 GiB streaming read (AVX-512 loads, one contiguous half per thread), and the
+//! AVX-512 kernel at M = 1 with the weights cold (rotating over 640 MiB, past the 300 MiB L3) or
+//! hot (one copy), called from inside the pool or (two threads only) from an outside thread as
+//! the criterion bench and a server do. `BENCHMARKS.md` ("CPU kernels, third pass") has a run.
 
 use std::hint::black_box;
 use std::time::Instant;
