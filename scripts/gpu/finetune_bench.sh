@@ -24,6 +24,10 @@ mkdir -p /tmp/b "$OUT" && tar -xJf "$BIN" -C /tmp/b
 B=/tmp/b/deltaserve
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 [ -f /tmp/l7b/config.json ] || ( time $B random-model --shape llama2-7b --out /tmp/l7b --tokenizer-from tests/fixtures/models/llama ) 2>&1 | tail -4
+# Warm-up, numbers discarded: on a fresh machine the first CUDA run JIT-compiles candle's PTX
+# kernels (the 2026-11-26 call lost its first 150 s run to this).
+timeout 300 $B finetune --model /tmp/l7b --data assets/demo/data/heldout_code.txt --out /tmp/warm.delta \
+  --adapter lora --rank 16 --steps 1 --batch 1 --seq 64 --device cuda:0 --save-every 0 --force > /dev/null 2>&1
 for run in $RUNS; do
   IFS=: read -r adapter batch ckpt <<< "$run"
   case $adapter in
