@@ -4,7 +4,8 @@
 # calibration data (`decompose --init apiq`), next to the LQ-LoRA rows of lqlora_demo.sh (same
 # NF configurations, same ILP budget for Q). CPU only; ~7 min per budget on 2 shared cores.
 #   scripts/bench/apiq_demo.sh [OUT_DIR]
-#   EXTRA="--apiq-parallel" scripts/bench/apiq_demo.sh /tmp/apiq_parallel   # ablation
+#   EXTRA="--apiq-parallel" scripts/bench/apiq_demo.sh /tmp/apiq_parallel        # ablation
+#   EXTRA="--apiq-error-feedback" scripts/bench/apiq_demo.sh /tmp/apiq_feedback  # ablation
 set -euo pipefail
 BIN=${BIN:-target/release/deltaserve}
 OUT=${1:-/tmp/apiq_demo}

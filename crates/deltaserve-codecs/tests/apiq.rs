@@ -427,7 +427,7 @@ fn bad_metric_input_is_an_error_not_a_panic() {
     assert!(e.to_string().contains("--rank"), "{e}");
 }
 
-/// Seconds for one 4096×4096 matrix (rank 64, nf3-b64): the metric's factorisation (once per
+/// Seconds for one 4096×4096 matrix (rank 64, nf3-b64, with error feedback): the metric's factorisation (once per
 /// distinct layer input, shared by q/k/v and every configuration) and each alternation.
 /// `cargo test --release -p deltaserve-codecs --test apiq -- --ignored --nocapture time_4096`
 #[test]
@@ -460,6 +460,7 @@ fn time_4096_square() {
                 rel_tol: 0.0,
                 ..LqOptions::default()
             },
+            error_feedback: true,
             ..ApiqOptions::default()
         };
         let t = Instant::now();
