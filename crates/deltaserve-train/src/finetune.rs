@@ -6,6 +6,11 @@
 //! gradient of a step does not depend on how `--batch` × `--accum` splits it. AdamW (torch's
 //! update, written here so its moments can be checkpointed) with a cosine schedule.
 //!
+//! Memory: by default each micro-batch's gradient is computed with gradient checkpointing per
+//! decoder layer and the LM head + cross-entropy in blocks of rows
+//! ([`Finetuner::set_checkpoint_layers`], [`Finetuner::set_loss_chunk`]), so the autograd graph
+//! holds one layer at a time; the gradients equal the one-graph backward's (tested).
+//!
 //! Examples are drawn in epochs, each a permutation seeded by `(seed, epoch)`, so the examples of
 //! step `k` are a function of `k`: a run stopped after a checkpoint and resumed (`--resume`)
 //! continues bit for bit as if it had not stopped (tested in `tests/finetune.rs`). Checkpoints
