@@ -107,6 +107,32 @@ fn main() {
         let x: Vec<f32> = (0..k)
             .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
             .collect();
+        // The same bits in the row-interleaved layout, two threads, called from outside the pool.
+        let ils: Vec<cpu::InterleavedSigns> = mats
+            .iter()
+            .map(|w| cpu::InterleavedSigns::new(SignsView::new(w, n, k).unwrap()))
+            .collect();
+        for cold in [true, false] {
+            let mut t = Vec::new();
+            for c in 0..calls {
+                let i = if cold { c % count } else { 0 };
+                let s = Instant::now();
+                black_box(
+                    cpu::sign_matmul_t_interleaved_with(SimdLevel::Avx512, &x, &ils[i]).unwrap(),
+                );
+                t.push(s.elapsed().as_secs_f64());
+            }
+            let (best, med) = stats(t);
+            println!(
+                "{n}x{k} 2 thr {} interleaved: best {:.0} us ({:.2} GB/s), median {:.0} us ({:.2} GB/s)",
+                if cold { "cold" } else { "hot " },
+                best * 1e6,
+                bytes as f64 / best / 1e9,
+                med * 1e6,
+                bytes as f64 / med / 1e9
+            );
+        }
+        drop(ils);
         for (pi, pool) in pools.iter().enumerate() {
             for (cold, inside) in [(true, true), (false, true), (true, false), (false, false)] {
                 if !inside && pi == 0 {

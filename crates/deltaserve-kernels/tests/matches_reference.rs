@@ -201,6 +201,38 @@ fn successive_and_concurrent_calls_use_their_own_x() {
     }
 }
 
+/// The row-interleaved copy gives the reference's products at every level: odd shapes (groups of
+/// 16 rows with a padded last group, N = 17 and 33 straddling one and two 32-row blocks), and a
+/// shape large enough to run in parallel tasks.
+#[test]
+fn interleaved_signs_match_reference() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut shapes: Vec<(usize, usize, usize)> = Vec::new();
+    for k in KS {
+        for n in [1, 3, 16, 17, 33, 65] {
+            for m in MS {
+                shapes.push((n, k, m));
+            }
+        }
+    }
+    shapes.extend([(300, 1000, 1), (300, 1000, 6), (130, 4096 + 33, 1)]);
+    for level in levels() {
+        for &(n, k, m) in &shapes {
+            let x = random_x(&mut rng, m * k);
+            let words = random_words(&mut rng, n, k);
+            let signs = SignsView::new(&words, n, k).unwrap();
+            let il = cpu::InterleavedSigns::new(signs);
+            assert_eq!((il.n(), il.k()), (n, k));
+            let out = cpu::sign_matmul_t_interleaved_with(level, &x, &il).unwrap();
+            assert_close(
+                &format!("{level:?} interleaved x·Sᵀ M={m} N={n} K={k}"),
+                &out,
+                &sign_matmul_t_ref(&x, &words, n, k),
+            );
+        }
+    }
+}
+
 #[test]
 fn tenant_delta_matmul_matches_reference_mixed_slots() {
     let mut rng = StdRng::seed_from_u64(4);

@@ -317,6 +317,110 @@ unsafe fn lookup_word<const RM: usize, const TWO: bool>(
     nibble!(7);
 }
 
+/// [`matmul_t_block`] on the row-interleaved layout of [`super::InterleavedSigns`]: `words`
+/// holds whole groups of 16 rows, word `w` of a group's 16 rows contiguous (64 bytes), so one
+/// plain load gives the vector that [`bcast_tile`] builds with loads and a transpose, and
+/// [`lut_tile`] with a gather. Rows of the last group past `rows` are zero words: computed, never
+/// stored.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512BW; `tables` come from [`build_tables`] for `m` rows of
+/// `k`, and `words` holds the `ceil(rows / 16)` groups of `16 · ceil(k/32)` words of the
+/// `rows = out_t.len() / m` rows.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn matmul_t_block_interleaved(
+    tables: &[f32],
+    m: usize,
+    words: &[u32],
+    k: usize,
+    out_t: &mut [f32],
+) {
+    let wpr = words_per_row(k);
+    let groups = 8 * wpr;
+    let rows = out_t.len() / m;
+    assert!(tables.len() >= m * groups * 16 && words.len() >= rows.div_ceil(16) * 16 * wpr);
+    let zero = _mm512_setzero_si512();
+    let mut res = [[0f32; 32]; 4];
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = (rows - r0).min(32);
+        let block = Block {
+            // r0 is a multiple of 32: group r0 / 16 starts at word r0 · wpr.
+            words: words.as_ptr().add(r0 * wpr),
+            wpr,
+            idx_a: zero,
+            idx_b: zero,
+            ka: 0,
+            kb: 0,
+            tables: tables.as_ptr(),
+            table_stride: groups * 16,
+        };
+        let mut i0 = 0;
+        while i0 < m {
+            let rm = (m - i0).min(4);
+            let b = Block {
+                tables: block.tables.add(i0 * block.table_stride),
+                ..block
+            };
+            let prefetch = i0 == 0;
+            match (rm, nr > 16) {
+                (1, false) => interleaved_tile::<1, false>(&b, prefetch, &mut res),
+                (2, false) => interleaved_tile::<2, false>(&b, prefetch, &mut res),
+                (3, false) => interleaved_tile::<3, false>(&b, prefetch, &mut res),
+                (4, false) => interleaved_tile::<4, false>(&b, prefetch, &mut res),
+                (1, true) => interleaved_tile::<1, true>(&b, prefetch, &mut res),
+                (2, true) => interleaved_tile::<2, true>(&b, prefetch, &mut res),
+                (3, true) => interleaved_tile::<3, true>(&b, prefetch, &mut res),
+                (4, true) => interleaved_tile::<4, true>(&b, prefetch, &mut res),
+                _ => unreachable!("tile of {rm} rows not instantiated. This is a bug."),
+            }
+            for (i, res) in res.iter().enumerate().take(rm) {
+                for (r, v) in res.iter().enumerate().take(nr) {
+                    out_t[(r0 + r) * m + i0 + i] = *v;
+                }
+            }
+            i0 += rm;
+        }
+        r0 += 32;
+    }
+}
+
+/// One tile of [`matmul_t_block_interleaved`]: 16 rows (32 if `TWO`: the next group is `16 · wpr`
+/// words on) and `RM` rows of tables. With `prefetch`, each word also prefetches the two lines of
+/// the next 32-row block at the same offset into L2 (the layout keeps the block contiguous).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn interleaved_tile<const RM: usize, const TWO: bool>(
+    b: &Block,
+    prefetch: bool,
+    res: &mut [[f32; 32]; 4],
+) {
+    let mut acc = [[[_mm512_setzero_ps(); 2]; 2]; RM];
+    let next = (b.words as *const u8).wrapping_add(32 * 4 * b.wpr);
+    for wi in 0..b.wpr {
+        if prefetch {
+            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(128 * wi) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(128 * wi + 64) as *const i8);
+        }
+        let wa = _mm512_loadu_si512(b.words.add(16 * wi) as *const _);
+        let wb = if TWO {
+            _mm512_loadu_si512(b.words.add(16 * b.wpr + 16 * wi) as *const _)
+        } else {
+            _mm512_setzero_si512()
+        };
+        lookup_word::<RM, TWO>(b, wi, wa, wb, &mut acc);
+    }
+    for (res, acc) in res.iter_mut().zip(&acc) {
+        _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(acc[0][0], acc[0][1]));
+        if TWO {
+            _mm512_storeu_ps(
+                res.as_mut_ptr().add(16),
+                _mm512_add_ps(acc[1][0], acc[1][1]),
+            );
+        }
+    }
+}
+
 /// Words (32 columns each) per column tile of `g · S`: 16 accumulators.
 const KW: usize = 8;
 

@@ -38,7 +38,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::error::KernelError;
-use crate::signs::SignsView;
+use crate::signs::{words_per_row, SignsView};
 
 /// Output features (rows of `S`) per rayon task. 64 rows of K = 4096 are 32 KiB of bits: enough
 /// work to hide a task's cost, and a llama-7B layer still splits into 64 or more tasks.
@@ -132,8 +132,119 @@ pub fn sign_matmul_t_with(
 ) -> Result<Vec<f32>, KernelError> {
     level.check()?;
     let m = rows_of(x.len(), signs.k(), "sign_matmul_t", "x")?;
-    let out_t = matmul_t_transposed(level, x, m, signs);
+    let out_t = matmul_t_transposed(level, x, m, Words::RowMajor(signs));
     Ok(transpose(&out_t, signs.n(), m))
+}
+
+/// A sign matrix copied into the row-interleaved layout that the AVX-512 `x · Sᵀ` reads with
+/// plain loads:
+///
+/// ```text
+/// rows in groups of 16 (the last padded with zero words);
+/// group g = words [16·wpr·g, 16·wpr·(g+1)); word w of row 16g + r at 16·wpr·g + 16·w + r
+/// ```
+///
+/// The format's row-major layout needs a gather or a transpose per word of 16 rows to put the
+/// rows in vector lanes, and that, not memory, bounds the kernel (`BENCHMARKS.md`, "CPU kernels,
+/// third pass"). Built once when a delta is loaded, it costs a copy of the bits (plus at most 15
+/// padding rows) and saves that work on every call. Same bits, same results as
+/// [`sign_matmul_t`].
+#[derive(Debug, Clone)]
+pub struct InterleavedSigns {
+    words: Vec<u32>,
+    n: usize,
+    k: usize,
+}
+
+impl InterleavedSigns {
+    /// Rows per group.
+    const GROUP: usize = 16;
+
+    /// Copies `signs` into the interleaved layout.
+    pub fn new(signs: SignsView<'_>) -> Self {
+        let (n, k, wpr) = (signs.n(), signs.k(), signs.words_per_row());
+        let mut words = vec![0u32; n.div_ceil(Self::GROUP) * Self::GROUP * wpr];
+        for (r, row) in signs.words().chunks_exact(wpr).enumerate() {
+            let (g, lane) = (r / Self::GROUP, r % Self::GROUP);
+            for (w, &word) in row.iter().enumerate() {
+                words[Self::GROUP * (wpr * g + w) + lane] = word;
+            }
+        }
+        Self { words, n, k }
+    }
+
+    /// Rows (output features, `N`).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Columns (input features, `K`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The words of the groups holding rows `n0..n0 + rows` (`n0` a multiple of 16).
+    fn group_words(&self, n0: usize, rows: usize) -> &[u32] {
+        let per_group = Self::GROUP * words_per_row(self.k);
+        &self.words[n0 / Self::GROUP * per_group..(n0 + rows).div_ceil(Self::GROUP) * per_group]
+    }
+
+    /// Rows `n0..n0 + rows` back in the row-major layout, for the levels without an interleaved
+    /// kernel.
+    fn row_major(&self, n0: usize, rows: usize) -> Vec<u32> {
+        let wpr = words_per_row(self.k);
+        let mut out = vec![0u32; rows * wpr];
+        for (r, row) in out.chunks_exact_mut(wpr).enumerate() {
+            let (g, lane) = ((n0 + r) / Self::GROUP, (n0 + r) % Self::GROUP);
+            for (w, word) in row.iter_mut().enumerate() {
+                *word = self.words[Self::GROUP * (wpr * g + w) + lane];
+            }
+        }
+        out
+    }
+}
+
+/// [`sign_matmul_t`] on an [`InterleavedSigns`], at the best [`SimdLevel`].
+pub fn sign_matmul_t_interleaved(
+    x: &[f32],
+    signs: &InterleavedSigns,
+) -> Result<Vec<f32>, KernelError> {
+    sign_matmul_t_interleaved_with(SimdLevel::detect(), x, signs)
+}
+
+/// [`sign_matmul_t_interleaved`] at a chosen level. Only AVX-512 reads the interleaved words
+/// directly; the other levels copy each task's rows back to row-major first.
+pub fn sign_matmul_t_interleaved_with(
+    level: SimdLevel,
+    x: &[f32],
+    signs: &InterleavedSigns,
+) -> Result<Vec<f32>, KernelError> {
+    level.check()?;
+    let m = rows_of(x.len(), signs.k, "sign_matmul_t_interleaved", "x")?;
+    let out_t = matmul_t_transposed(level, x, m, Words::Interleaved(signs));
+    Ok(transpose(&out_t, signs.n, m))
+}
+
+/// The sign words a product reads: the format's row-major layout or the interleaved copy.
+#[derive(Clone, Copy)]
+enum Words<'a> {
+    RowMajor(SignsView<'a>),
+    Interleaved(&'a InterleavedSigns),
+}
+
+impl Words<'_> {
+    fn n(&self) -> usize {
+        match self {
+            Words::RowMajor(s) => s.n(),
+            Words::Interleaved(s) => s.n,
+        }
+    }
+    fn k(&self) -> usize {
+        match self {
+            Words::RowMajor(s) => s.k(),
+            Words::Interleaved(s) => s.k,
+        }
+    }
 }
 
 /// `g · S`: `g (M, N)` row-major → `(M, K)`; the gradient of `x · Sᵀ` with respect to `x`.
@@ -255,7 +366,7 @@ pub fn tenant_delta_matmul_with(
         for &row in rows {
             xs.extend_from_slice(&x[row * k..(row + 1) * k]);
         }
-        let out_t = matmul_t_transposed(level, &xs, rows.len(), delta.signs);
+        let out_t = matmul_t_transposed(level, &xs, rows.len(), Words::RowMajor(delta.signs));
         for (i, &row) in rows.iter().enumerate() {
             let dst = &mut out[row * n..(row + 1) * n];
             for (j, o) in dst.iter_mut().enumerate() {
@@ -305,7 +416,7 @@ fn row_sums(a: &[f32], m: usize, width: usize) -> Vec<f32> {
 
 /// `(x · Sᵀ)ᵀ`, shape `(N, M)`: each task owns whole rows of it, so the tasks write disjoint
 /// contiguous chunks.
-fn matmul_t_transposed(level: SimdLevel, x: &[f32], m: usize, signs: SignsView<'_>) -> Vec<f32> {
+fn matmul_t_transposed(level: SimdLevel, x: &[f32], m: usize, signs: Words<'_>) -> Vec<f32> {
     let (n, k) = (signs.n(), signs.k());
     if m > LUT_ROWS && level != SimdLevel::Avx2 {
         // Tables for all rows would outgrow L2: take LUT_ROWS rows per pass over the bits.
@@ -336,15 +447,25 @@ fn matmul_t_transposed(level: SimdLevel, x: &[f32], m: usize, signs: SignsView<'
     let task = |tables: &[f32], (b, chunk): (usize, &mut [f32])| {
         let n0 = b * ROWS_PER_TASK;
         let rows = chunk.len() / m;
-        matmul_t_block(
-            level,
-            x,
-            m,
-            tables,
-            signs.row_words(n0..n0 + rows),
-            k,
-            chunk,
-        );
+        match signs {
+            Words::RowMajor(signs) => matmul_t_block(
+                level,
+                x,
+                m,
+                tables,
+                signs.row_words(n0..n0 + rows),
+                k,
+                chunk,
+            ),
+            // SAFETY: every public entry point checked `level.is_available()`.
+            #[cfg(target_arch = "x86_64")]
+            Words::Interleaved(il) if level == SimdLevel::Avx512 => unsafe {
+                avx512::matmul_t_block_interleaved(tables, m, il.group_words(n0, rows), k, chunk)
+            },
+            Words::Interleaved(il) => {
+                matmul_t_block(level, x, m, tables, &il.row_major(n0, rows), k, chunk)
+            }
+        }
     };
     if m * n * k < PARALLEL_MIN_PRODUCTS {
         let mut tables = Vec::new();
