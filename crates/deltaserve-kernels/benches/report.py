@@ -46,7 +46,7 @@ for name, n, k in shapes:
     bf16 = runs.get(f"dense_bf16_cold/{name}/m1")
     f32 = runs.get(f"dense_f32_cold/{name}/m1")
     rows = []
-    for level in ("Avx512", "Avx2", "Portable"):
+    for level in ("Avx512_interleaved", "Avx512", "Avx2", "Portable"):
         for placement in ("cold", "hot"):
             r = runs.get(f"sign_t_{placement}/{name}/{level}/m1")
             if r:

@@ -106,6 +106,28 @@ fn bench_sign(c: &mut Criterion) {
                     );
                 }
             }
+            if placement == "cold" {
+                // The same bits in the row-interleaved layout a loader would keep for the CPU.
+                let ils: Vec<cpu::InterleavedSigns> = mats
+                    .iter()
+                    .map(|w| cpu::InterleavedSigns::new(SignsView::new(w, n, k).unwrap()))
+                    .collect();
+                let x: Vec<f32> = (0..k).map(|_| rng.next_f32()).collect();
+                group.throughput(Throughput::Bytes((bits_bytes + 4 * k + 4 * n) as u64));
+                let mut i = 0;
+                group.bench_function(
+                    BenchmarkId::new(format!("{best:?}_interleaved"), "m1"),
+                    |b| {
+                        b.iter(|| {
+                            i = (i + 1) % count;
+                            black_box(
+                                cpu::sign_matmul_t_interleaved_with(best, black_box(&x), &ils[i])
+                                    .unwrap(),
+                            )
+                        })
+                    },
+                );
+            }
             group.finish();
         }
     }
