@@ -14,6 +14,10 @@
 //! - [`SimdLevel::Portable`] (`portable.rs`): scalar; `x · Sᵀ` looks up the same 4-column tables
 //!   one row at a time, `g · S` flips sign bits with an XOR.
 //!
+//! [`InterleavedSigns`] is a copy of the bits with rows in groups of 16 and word `w` of a group's
+//! rows contiguous, made once at load time: [`sign_matmul_t_interleaved`] then reads each vector
+//! of 16 rows with one plain load (no gather, no transpose), 1.4–1.8× faster at decode.
+//!
 //! None of them expands `S` to floats in memory (the tables are built from `x`: `16 · K` floats
 //! per row of `x`, at most 16 rows at a time). Each reads a word once per call for up to
 //! 16 rows of `x` (the AVX-512 and portable kernels; AVX2 tiles 4), and rayon splits the output
