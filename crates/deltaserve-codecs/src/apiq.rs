@@ -487,10 +487,15 @@ const STAGES: [&[deltaserve_model::Proj]; 4] = {
 ///    model and the model with every projection decomposed so far (as a dense tenant delta
 ///    Q + L1L2 − W) over the windows; H = Σ x_qᵀx_q and C = Σ x_fpᵀx_q at the stage's input;
 ///    decompose [`corrected_target`] in the metric of H at the picked configuration.
+///
+/// `allocation_fisher`, if given, replaces step 2's errors by LQ-LoRA's Fisher-weighted weight
+/// errors (§3.3) for the ILP only — the bits go where the loss feels them — while Q and L1/L2
+/// are still initialised by step 3 (`init: apiq-fisher-alloc`).
 pub fn decompose_checkpoint(
     ckpt: &deltaserve_model::Checkpoint,
     model: &deltaserve_model::Model,
     tokens: &[u32],
+    allocation_fisher: Option<&std::collections::BTreeMap<String, Vec<f32>>>,
     opts: &ApiqCheckpointOptions,
 ) -> Result<crate::lqlora::DecomposeReport, CodecError> {
     use crate::calib_stats::{collect_calibration, CalibStatsOptions};
@@ -501,7 +506,7 @@ pub fn decompose_checkpoint(
     use std::time::Instant;
 
     let dopts = &opts.decompose;
-    let mats = crate::lqlora::projections(ckpt, None, dopts)?;
+    let mats = crate::lqlora::projections(ckpt, allocation_fisher, dopts)?;
     if tokens.is_empty() {
         return Err(bad(
             "--data",
@@ -574,8 +579,16 @@ pub fn decompose_checkpoint(
         .par_iter()
         .map(|&(i, c)| {
             let m = &mats[i];
-            let e =
-                decompose(&m.w, m.rows, dopts.configs[c], &metric_of(m), &apiq).map(|d| d.error);
+            let cfg = dopts.configs[c];
+            let e = match allocation_fisher.map(|f| f[&m.name].as_slice()) {
+                Some(f) if dopts.lq.rank == 0 => {
+                    let q = NfTensor::quantize(&m.w, cfg).dequantize();
+                    Ok(crate::nf::weighted_sq_error(&m.w, &q, f))
+                }
+                Some(f) => crate::lqlora::decompose(&m.w, m.rows, m.cols, cfg, &dopts.lq, Some(f))
+                    .map(|d| d.error),
+                None => decompose(&m.w, m.rows, cfg, &metric_of(m), &apiq).map(|d| d.error),
+            };
             bar.inc(1);
             e
         })
@@ -749,5 +762,10 @@ pub fn decompose_checkpoint(
             .collect::<Result<_, _>>()?
     };
     let measure_seconds = start.elapsed().as_secs_f64();
-    crate::lqlora::write_outputs(ckpt, &mats, &finals, &alloc, measure_seconds, dopts, "apiq")
+    let init = if allocation_fisher.is_some() {
+        "apiq-fisher-alloc"
+    } else {
+        "apiq"
+    };
+    crate::lqlora::write_outputs(ckpt, &mats, &finals, &alloc, measure_seconds, dopts, init)
 }

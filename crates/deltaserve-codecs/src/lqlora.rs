@@ -354,7 +354,8 @@ pub struct DecomposeReport {
     /// Whether errors were Fisher-weighted.
     pub fisher: bool,
     /// How Q and L1/L2 were initialised: `lqlora` (weight error), `lqlora-fisher` (Fisher-
-    /// weighted weight error) or `apiq` (layer-output error on calibration data, [`crate::apiq`]).
+    /// weighted weight error), `apiq` (layer-output error on calibration data, [`crate::apiq`])
+    /// or `apiq-fisher-alloc` (ApiQ with the Fisher-weighted bit allocation).
     pub init: String,
     /// The bits/param asked for.
     pub budget_bits: f64,
@@ -712,8 +713,8 @@ pub(crate) fn write_outputs(
         let (info, extra) = crate::files::finetune_files(&q_ckpt, &q_ckpt)?;
         let mut header = DeltaHeader::new(
             match init {
-                "apiq" => format!(
-                    "lqlora:rank={},budget_bits={},init=apiq",
+                i if i.starts_with("apiq") => format!(
+                    "lqlora:rank={},budget_bits={},init={i}",
                     opts.lq.rank, opts.budget_bits
                 ),
                 _ => format!(

@@ -53,6 +53,7 @@ pub struct Args {
     #[arg(long, default_value = "lqlora", value_parser = ["lqlora", "apiq"])]
     init: String,
     /// Weight errors and the SVD by a diagonal Fisher estimate from --data (LQ-LoRA §3.3).
+    /// With --init apiq: only the bit allocation uses the Fisher-weighted errors.
     #[arg(long, requires = "data")]
     fisher: bool,
     /// Calibration text for --fisher and --init apiq: a .txt or .jsonl file or a directory of
@@ -157,9 +158,6 @@ pub fn run(a: Args) -> Result<()> {
              initialisation preserves (e.g. --data assets/demo/data/calib.txt)"
         );
     }
-    if apiq && a.fisher {
-        bail!("--init apiq and --fisher are two different initialisations; give one of them");
-    }
     let configs = parse_configs(&a.configs)?;
     let factor_dtype = FloatDtype::parse(&a.factor_dtype).with_context(|| {
         format!(
@@ -249,8 +247,14 @@ pub fn run(a: Args) -> Result<()> {
             sequential: !a.apiq_parallel,
             seq_len: a.seq_len,
         };
-        deltaserve_codecs::apiq::decompose_checkpoint(&ckpt, &model, &tokens, &apiq_opts)
-            .with_context(|| format!("decomposing {} (ApiQ init)", dir.display()))?
+        deltaserve_codecs::apiq::decompose_checkpoint(
+            &ckpt,
+            &model,
+            &tokens,
+            fisher.as_ref(),
+            &apiq_opts,
+        )
+        .with_context(|| format!("decomposing {} (ApiQ init)", dir.display()))?
     } else {
         decompose_checkpoint(&ckpt, fisher.as_ref(), &opts)
             .with_context(|| format!("decomposing {}", dir.display()))?
