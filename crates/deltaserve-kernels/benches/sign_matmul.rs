@@ -197,7 +197,7 @@ fn bench_tenants(c: &mut Criterion) {
         } else {
             format!("m{rows}_{tenants}tenants")
         };
-        group.bench_function(id, |b| {
+        group.bench_function(&id, |b| {
             b.iter(|| {
                 i = (i + 1) % count;
                 let deltas: Vec<ScaledSigns> = mats[i * tenants..(i + 1) * tenants]
@@ -208,6 +208,25 @@ fn bench_tenants(c: &mut Criterion) {
                     })
                     .collect();
                 black_box(cpu::tenant_delta_matmul(black_box(&x), &row_slot, &deltas).unwrap())
+            })
+        });
+        // The same mix on the row-interleaved copies.
+        let ils: Vec<cpu::InterleavedSigns> = mats
+            .iter()
+            .map(|w| cpu::InterleavedSigns::new(SignsView::new(w, n, k).unwrap()))
+            .collect();
+        let mut i = 0;
+        group.bench_function(format!("{id}_interleaved"), |b| {
+            b.iter(|| {
+                i = (i + 1) % count;
+                let deltas: Vec<cpu::ScaledInterleaved> = ils[i * tenants..(i + 1) * tenants]
+                    .iter()
+                    .map(|signs| cpu::ScaledInterleaved { signs, scale: 0.01 })
+                    .collect();
+                black_box(
+                    cpu::tenant_delta_matmul_interleaved(black_box(&x), &row_slot, &deltas)
+                        .unwrap(),
+                )
             })
         });
     }

@@ -270,6 +270,20 @@ fn tenant_delta_matmul_matches_reference_mixed_slots() {
                     let reference = tenant_delta_matmul_ref(&x, &row_slot, &deltas, n, k).unwrap();
                     let what = format!("{level:?} tenants M={m} N={n} K={k} slots {row_slot:?}");
                     assert_close(&what, &out, &reference);
+                    // The same deltas in the interleaved layout give the same products.
+                    let il: Vec<cpu::InterleavedSigns> = views
+                        .iter()
+                        .map(|v| cpu::InterleavedSigns::new(v.signs))
+                        .collect();
+                    let il_views: Vec<cpu::ScaledInterleaved> = il
+                        .iter()
+                        .zip(scales)
+                        .map(|(signs, scale)| cpu::ScaledInterleaved { signs, scale })
+                        .collect();
+                    let out_il =
+                        cpu::tenant_delta_matmul_interleaved_with(level, &x, &row_slot, &il_views)
+                            .unwrap();
+                    assert_close(&format!("{what} interleaved"), &out_il, &reference);
                     for (i, slot) in row_slot.iter().enumerate() {
                         if slot.is_none() {
                             assert!(

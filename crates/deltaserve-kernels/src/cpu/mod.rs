@@ -326,14 +326,61 @@ pub fn tenant_delta_matmul_with(
     deltas: &[ScaledSigns<'_>],
 ) -> Result<Vec<f32>, KernelError> {
     level.check()?;
-    let first = deltas.first().ok_or(KernelError::NoDeltas)?.signs;
+    let deltas: Vec<(Words<'_>, f32)> = deltas
+        .iter()
+        .map(|d| (Words::RowMajor(d.signs), d.scale))
+        .collect();
+    tenant_matmul(level, x, row_slot, &deltas)
+}
+
+/// One tenant's [`InterleavedSigns`] and scale, for [`tenant_delta_matmul_interleaved`].
+#[derive(Debug, Clone, Copy)]
+pub struct ScaledInterleaved<'a> {
+    /// The `[n, k]` sign matrix, interleaved.
+    pub signs: &'a InterleavedSigns,
+    /// The BitDelta scale `s`.
+    pub scale: f32,
+}
+
+/// [`tenant_delta_matmul`] on deltas kept in the interleaved layout, at the best [`SimdLevel`].
+pub fn tenant_delta_matmul_interleaved(
+    x: &[f32],
+    row_slot: &[Option<u32>],
+    deltas: &[ScaledInterleaved<'_>],
+) -> Result<Vec<f32>, KernelError> {
+    tenant_delta_matmul_interleaved_with(SimdLevel::detect(), x, row_slot, deltas)
+}
+
+/// [`tenant_delta_matmul_interleaved`] at a chosen level (fails if the CPU lacks it).
+pub fn tenant_delta_matmul_interleaved_with(
+    level: SimdLevel,
+    x: &[f32],
+    row_slot: &[Option<u32>],
+    deltas: &[ScaledInterleaved<'_>],
+) -> Result<Vec<f32>, KernelError> {
+    level.check()?;
+    let deltas: Vec<(Words<'_>, f32)> = deltas
+        .iter()
+        .map(|d| (Words::Interleaved(d.signs), d.scale))
+        .collect();
+    tenant_matmul(level, x, row_slot, &deltas)
+}
+
+/// The multi-tenant product on either layout.
+fn tenant_matmul(
+    level: SimdLevel,
+    x: &[f32],
+    row_slot: &[Option<u32>],
+    deltas: &[(Words<'_>, f32)],
+) -> Result<Vec<f32>, KernelError> {
+    let first = deltas.first().ok_or(KernelError::NoDeltas)?.0;
     let (n, k) = (first.n(), first.k());
-    for (index, d) in deltas.iter().enumerate() {
-        if (d.signs.n(), d.signs.k()) != (n, k) {
+    for (index, (d, _)) in deltas.iter().enumerate() {
+        if (d.n(), d.k()) != (n, k) {
             return Err(KernelError::DeltaShapeMismatch {
                 index,
-                n: d.signs.n(),
-                k: d.signs.k(),
+                n: d.n(),
+                k: d.k(),
                 n0: n,
                 k0: k,
             });
@@ -362,7 +409,7 @@ pub fn tenant_delta_matmul_with(
     }
     let mut out = vec![0f32; m * n];
     let mut xs = Vec::new();
-    for (delta, rows) in deltas.iter().zip(&rows_of_slot) {
+    for (&(signs, scale), rows) in deltas.iter().zip(&rows_of_slot) {
         if rows.is_empty() {
             continue;
         }
@@ -370,11 +417,11 @@ pub fn tenant_delta_matmul_with(
         for &row in rows {
             xs.extend_from_slice(&x[row * k..(row + 1) * k]);
         }
-        let out_t = matmul_t_transposed(level, &xs, rows.len(), Words::RowMajor(delta.signs));
+        let out_t = matmul_t_transposed(level, &xs, rows.len(), signs);
         for (i, &row) in rows.iter().enumerate() {
             let dst = &mut out[row * n..(row + 1) * n];
             for (j, o) in dst.iter_mut().enumerate() {
-                *o = delta.scale * out_t[j * rows.len() + i];
+                *o = scale * out_t[j * rows.len() + i];
             }
         }
     }
