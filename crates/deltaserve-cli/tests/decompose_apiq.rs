@@ -3,45 +3,11 @@
 //! model they describe runs, and at the same Q bits and rank its perplexity is closer to the
 //! base than LQ-LoRA's weight-space initialisation.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama")
-}
+use std::path::Path;
 
-fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_deltaserve"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("running the deltaserve binary");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (success, stdout, stderr) = run(dir, args);
-    assert!(success, "deltaserve {args:?}\n{stdout}\n{stderr}");
-    stdout
-}
-
-fn ppl(dir: &Path, model: &str, delta: Option<&str>) -> f64 {
-    let mut args = vec!["eval", "ppl", "--model", model, "--data", "text.txt"];
-    args.extend(["--seq-len", "64", "--json"]);
-    if let Some(d) = delta {
-        args.extend(["--delta", d]);
-    }
-    let out = ok(dir, &args);
-    let v: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let p = v["ppl"].as_f64().unwrap_or_else(|| panic!("{out}"));
-    assert!(p.is_finite() && p > 1.0, "{out}");
-    p
-}
+use common::{fixture, ok_args, ppl, run};
 
 #[test]
 fn apiq_init_needs_data_and_beats_lqlora_init_on_the_fixture() {
@@ -81,10 +47,10 @@ fn apiq_init_needs_data_and_beats_lqlora_init_on_the_fixture() {
     let mut args = common.to_vec();
     args.extend(["--init", "apiq", "--data", "calib.txt", "--seq-len", "64"]);
     args.extend(["--apiq-windows", "16", "--out", "a"]);
-    ok(dir, &args);
+    ok_args(dir, &args);
     let mut args = common.to_vec();
     args.extend(["--out", "l"]);
-    ok(dir, &args);
+    ok_args(dir, &args);
     for f in [
         "model.safetensors",
         "nf_codes.safetensors",

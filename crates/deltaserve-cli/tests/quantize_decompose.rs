@@ -3,48 +3,11 @@
 //! promise (RTN-8 ≈ the base; LQ-LoRA's Q + L1·L2 closer to the base than NormalFloat alone at
 //! the same bits for Q).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama")
-}
+use std::path::Path;
 
-fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_deltaserve"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("running the deltaserve binary");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (success, stdout, stderr) = run(dir, args);
-    assert!(success, "deltaserve {args:?}\n{stdout}\n{stderr}");
-    stdout
-}
-
-/// Perplexity of `model` (optionally with a delta) on the test text, 64-token windows.
-fn ppl(dir: &Path, model: &str, delta: Option<&str>) -> f64 {
-    let mut args = vec!["eval", "ppl", "--model", model, "--data", "text.txt"];
-    args.extend(["--seq-len", "64", "--json"]);
-    if let Some(d) = delta {
-        args.extend(["--delta", d]);
-    }
-    let out = ok(dir, &args);
-    let v: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let p = v["ppl"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no perplexity in {out}"));
-    assert!(p.is_finite() && p > 1.0, "{out}");
-    p
-}
+use common::{fixture, ok_args, ppl, run};
 
 #[test]
 fn quantize_and_decompose_write_models_that_run_and_rank_as_expected() {
@@ -60,7 +23,7 @@ fn quantize_and_decompose_write_models_that_run_and_rank_as_expected() {
     let base = ppl(dir, fx, None);
 
     // RTN-8 of the whole model: a Hugging Face directory plus the packed codes.
-    ok(
+    ok_args(
         dir,
         &["quantize", "--model", fx, "--method", "rtn8", "--out", "q"],
     );
@@ -96,7 +59,7 @@ fn quantize_and_decompose_write_models_that_run_and_rank_as_expected() {
         "--out",
         "d",
     ];
-    ok(dir, &lq);
+    ok_args(dir, &lq);
     let nf = [
         "decompose",
         "--model",
@@ -108,7 +71,7 @@ fn quantize_and_decompose_write_models_that_run_and_rank_as_expected() {
         "--out",
         "d0",
     ];
-    ok(dir, &nf);
+    ok_args(dir, &nf);
     for f in [
         "model.safetensors",
         "nf_codes.safetensors",

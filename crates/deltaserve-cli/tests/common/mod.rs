@@ -21,6 +21,16 @@ pub fn deltaserve(dir: &Path, args: &[&str]) -> Output {
         .expect("running the deltaserve binary")
 }
 
+/// Runs `deltaserve` in `dir` with `args`; returns (success, stdout, stderr).
+pub fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = deltaserve(dir, args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `deltaserve` with `args`, which must succeed; returns (stdout, stderr).
 pub fn ok_args(dir: &Path, args: &[&str]) -> (String, String) {
     let out = deltaserve(dir, args);
@@ -55,4 +65,19 @@ pub fn fails(dir: &Path, line: &str) -> String {
 /// Parses a command's stdout as JSON, naming the output when it is not.
 pub fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// Perplexity of `model` (optionally with a delta) on `text.txt` in `dir`, 64-token windows.
+pub fn ppl(dir: &Path, model: &str, delta: Option<&str>) -> f64 {
+    let mut args = vec!["eval", "ppl", "--model", model, "--data", "text.txt"];
+    args.extend(["--seq-len", "64", "--json"]);
+    if let Some(d) = delta {
+        args.extend(["--delta", d]);
+    }
+    let (out, _) = ok_args(dir, &args);
+    let p = json(&out)["ppl"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no perplexity in {out}"));
+    assert!(p.is_finite() && p > 1.0, "{out}");
+    p
 }
