@@ -63,7 +63,7 @@
 //! the allocation itself.
 
 use faer::linalg::solvers::DenseSolveCore;
-use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+use faer::{Mat, MatRef, Side};
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::lqlora::{lowrank_product, LqDecomposition, LqOptions};
@@ -306,29 +306,9 @@ pub fn nf_error_feedback(
                 let q = values[code as usize] as f32 as f64 * s as f64;
                 ecol[r] = (wcol[r] - q) / d;
             }
-            // GPTQ Alg. 1: W[:, j+1:B] −= E[:, j] · U[j, j+1:B].
-            for (k, next) in rest.chunks_mut(rows).enumerate() {
-                let uk = u[(col, col + 1 + k)];
-                if uk != 0.0 {
-                    for (x, e) in next.iter_mut().zip(ecol.iter()) {
-                        *x -= e * uk;
-                    }
-                }
-            }
+            crate::gptq::propagate_in_block(rest, ecol, u.as_ref(), col);
         }
-        // Lazy batch update: W[:, i2:] −= E · U[i1:i2, i2:].
-        if i2 < cols {
-            let e = MatRef::from_column_major_slice(&err[..rows * count], rows, count);
-            let tail = MatMut::from_column_major_slice_mut(&mut wc[i2 * rows..], rows, cols - i2);
-            faer::linalg::matmul::matmul(
-                tail,
-                Accum::Add,
-                e,
-                u.as_ref().submatrix(i1, i2, count, cols - i2),
-                -1.0,
-                Par::rayon(0),
-            );
-        }
+        crate::gptq::lazy_batch_update(&mut wc, &err, u.as_ref(), rows, i1, i2);
         i1 = i2;
     }
     NfTensor { codes, ..plain }

@@ -181,29 +181,9 @@ pub fn quantize_gptq(
                 codes[r * cols + col] = q;
                 ecol[r] = (wcol[r] - params[r].value(q)) / d;
             }
-            // Algorithm 1: W[:, j+1:B] −= E[:, j] · U[j, j+1:B] inside the block.
-            for (k, next) in rest.chunks_mut(rows).enumerate() {
-                let uk = u[(col, col + 1 + k)];
-                if uk != 0.0 {
-                    for (x, e) in next.iter_mut().zip(ecol.iter()) {
-                        *x -= e * uk;
-                    }
-                }
-            }
+            propagate_in_block(rest, ecol, u.as_ref(), col);
         }
-        // Lazy batch update of every later column: W[:, i2:] −= E · U[i1:i2, i2:].
-        if i2 < cols {
-            let e = MatRef::from_column_major_slice(&err[..rows * count], rows, count);
-            let tail = MatMut::from_column_major_slice_mut(&mut wc[i2 * rows..], rows, cols - i2);
-            faer::linalg::matmul::matmul(
-                tail,
-                Accum::Add,
-                e,
-                u.as_ref().submatrix(i1, i2, count, cols - i2),
-                -1.0,
-                Par::rayon(0),
-            );
-        }
+        lazy_batch_update(&mut wc, &err, u.as_ref(), rows, i1, i2);
         i1 = i2;
     }
     Ok(QuantizedMatrix {
@@ -304,5 +284,45 @@ impl Codec for Gptq {
                 .param("act_order", self.cfg.act_order)
                 .build(),
         )
+    }
+}
+
+/// GPTQ Algorithm 1 inside a block: after quantizing column `col` with scaled error `ecol`
+/// (`(w − q) / U[col, col]`), `W[:, col+1..block end] −= ecol · U[col, col+1..]`. `rest` holds the
+/// block's later columns, column-major with `rows` entries each.
+pub(crate) fn propagate_in_block(rest: &mut [f64], ecol: &[f64], u: MatRef<'_, f64>, col: usize) {
+    for (k, next) in rest.chunks_mut(ecol.len()).enumerate() {
+        let uk = u[(col, col + 1 + k)];
+        if uk != 0.0 {
+            for (x, e) in next.iter_mut().zip(ecol) {
+                *x -= e * uk;
+            }
+        }
+    }
+}
+
+/// GPTQ's lazy batch update once the block of columns `i1..i2` is quantized: every later column
+/// `W[:, i2..] −= E · U[i1..i2, i2..]`, with `wc` column-major `rows × cols` and `err` the block's
+/// scaled errors (column-major, `rows × (i2 − i1)`).
+pub(crate) fn lazy_batch_update(
+    wc: &mut [f64],
+    err: &[f64],
+    u: MatRef<'_, f64>,
+    rows: usize,
+    i1: usize,
+    i2: usize,
+) {
+    let (cols, count) = (wc.len() / rows, i2 - i1);
+    if i2 < cols {
+        let e = MatRef::from_column_major_slice(&err[..rows * count], rows, count);
+        let tail = MatMut::from_column_major_slice_mut(&mut wc[i2 * rows..], rows, cols - i2);
+        faer::linalg::matmul::matmul(
+            tail,
+            Accum::Add,
+            e,
+            u.submatrix(i1, i2, count, cols - i2),
+            -1.0,
+            Par::rayon(0),
+        );
     }
 }
