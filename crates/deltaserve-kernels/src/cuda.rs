@@ -927,7 +927,7 @@ pub fn tenant_delta_matmul_with(
     if !x.device().is_cuda() || path == Bf16Path::TensorCore {
         return crate::tenant_delta_matmul(x, row_slot, deltas);
     }
-    check_tenant_args(x, row_slot, deltas)?;
+    crate::ops::check_tenant_args("tenant_delta_matmul", x, row_slot, deltas)?;
     x.apply_op1_no_bwd(&TenantDeltaMatmulWith {
         row_slot,
         deltas,
@@ -948,32 +948,6 @@ pub fn tenant_delta_matmul_add_with(
         return base.add(&tenant_delta_matmul_with(x, row_slot, deltas, path)?);
     }
     crate::ops::tenant_delta_matmul_add_path(base, x, row_slot, deltas, path)
-}
-
-fn check_tenant_args(
-    x: &Tensor,
-    row_slot: &[Option<u32>],
-    deltas: &[&SignDelta],
-) -> candle_core::Result<()> {
-    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
-    let (m, k) = x.dims2()?;
-    if k != first.k() {
-        return Err(KernelError::InputLength {
-            op: "tenant_delta_matmul",
-            what: "x last dim",
-            expected: first.k(),
-            got: k,
-        }
-        .into());
-    }
-    if row_slot.len() != m {
-        return Err(KernelError::RowSlotLength {
-            m,
-            got: row_slot.len(),
-        }
-        .into());
-    }
-    Ok(())
 }
 
 struct SignMatmulTWith<'a> {

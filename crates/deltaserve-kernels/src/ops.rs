@@ -54,11 +54,23 @@ pub fn tenant_delta_matmul(
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
 ) -> candle_core::Result<Tensor> {
-    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
+    check_tenant_args("tenant_delta_matmul", x, row_slot, deltas)?;
+    x.apply_op1_no_bwd(&TenantDeltaMatmul { row_slot, deltas })
+}
+
+/// Checks the arguments every multi-tenant op shares: at least one delta, `x` of shape
+/// `(M, K)` with the deltas' `K`, one row slot per row. Returns the first delta and `M`.
+pub(crate) fn check_tenant_args<'a>(
+    op: &'static str,
+    x: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&'a SignDelta],
+) -> candle_core::Result<(&'a SignDelta, usize)> {
+    let first = *deltas.first().ok_or(KernelError::NoDeltas)?;
     let (m, k) = x.dims2()?;
     if k != first.k() {
         return Err(KernelError::InputLength {
-            op: "tenant_delta_matmul",
+            op,
             what: "x last dim",
             expected: first.k(),
             got: k,
@@ -72,7 +84,7 @@ pub fn tenant_delta_matmul(
         }
         .into());
     }
-    x.apply_op1_no_bwd(&TenantDeltaMatmul { row_slot, deltas })
+    Ok((first, m))
 }
 
 /// `base + tenant_delta_matmul(x, row_slot, deltas)`: a whole delta linear layer once the
@@ -219,24 +231,7 @@ pub(crate) fn tenant_delta_matmul_add_path(
     deltas: &[&SignDelta],
     path: crate::cuda::Bf16Path,
 ) -> candle_core::Result<Tensor> {
-    let first = deltas.first().ok_or(KernelError::NoDeltas)?;
-    let (m, k) = x.dims2()?;
-    if k != first.k() {
-        return Err(KernelError::InputLength {
-            op: "tenant_delta_matmul_add",
-            what: "x last dim",
-            expected: first.k(),
-            got: k,
-        }
-        .into());
-    }
-    if row_slot.len() != m {
-        return Err(KernelError::RowSlotLength {
-            m,
-            got: row_slot.len(),
-        }
-        .into());
-    }
+    let (first, m) = check_tenant_args("tenant_delta_matmul_add", x, row_slot, deltas)?;
     if base.dims() != [m, first.n()]
         || base.dtype() != x.dtype()
         || !base.device().same_device(x.device())
