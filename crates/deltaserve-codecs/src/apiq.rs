@@ -113,6 +113,31 @@ pub struct ActivationMetric {
     inv: Mat<f64>,
 }
 
+/// Runs one calibration window through `model` (with `tenant`'s deltas, or the base alone) for
+/// its observer only: the full-precision pass and each stage's partly decomposed pass.
+fn observe_window(
+    model: &deltaserve_model::Model,
+    tokens: &[u32],
+    tenant: Option<&deltaserve_model::TenantWeights>,
+    observer: &mut dyn FnMut(usize, deltaserve_model::Proj, &candle_core::Tensor),
+) -> Result<(), CodecError> {
+    let mut seqs = [deltaserve_model::SeqInput {
+        tokens,
+        cache: None,
+        tenant,
+        logits: deltaserve_model::LogitsWanted::Last,
+    }];
+    model
+        .forward_observed(&mut seqs, Default::default(), observer)
+        .map_err(|e| {
+            bad(
+                "--data",
+                format!("running the model over calibration data: {e}"),
+            )
+        })?;
+    Ok(())
+}
+
 fn bad(option: &'static str, detail: String) -> CodecError {
     CodecError::BadOption { option, detail }
 }
@@ -613,20 +638,7 @@ pub fn decompose_checkpoint(
                         got.insert(proj, x.clone());
                     }
                 };
-                let mut seqs = [deltaserve_model::SeqInput {
-                    tokens: w,
-                    cache: None,
-                    tenant: None,
-                    logits: deltaserve_model::LogitsWanted::Last,
-                }];
-                model
-                    .forward_observed(&mut seqs, Default::default(), &mut obs)
-                    .map_err(|e| {
-                        bad(
-                            "--data",
-                            format!("running the model over calibration data: {e}"),
-                        )
-                    })?;
+                observe_window(model, w, None, &mut obs)?;
                 fp.push(got);
             }
             for stage in STAGES {
@@ -673,20 +685,7 @@ pub fn decompose_checkpoint(
                             Err(e) => first_err = Some(e),
                         }
                     };
-                    let mut seqs = [deltaserve_model::SeqInput {
-                        tokens: w,
-                        cache: None,
-                        tenant: Some(&tenant),
-                        logits: deltaserve_model::LogitsWanted::Last,
-                    }];
-                    model
-                        .forward_observed(&mut seqs, Default::default(), &mut obs)
-                        .map_err(|e| {
-                            bad(
-                                "--data",
-                                format!("running the model over calibration data: {e}"),
-                            )
-                        })?;
+                    observe_window(model, w, Some(&tenant), &mut obs)?;
                     if let Some(e) = first_err {
                         return Err(model_err(e));
                     }
