@@ -75,6 +75,24 @@ pub enum Bf16Path {
     Simple,
 }
 
+/// Which one-kernel decode layer [`delta_linear_fused_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FusedKernel {
+    /// `ds_merged_bf16_t2_*`: every thread forms `Wbase + scale · S` of the weights it holds,
+    /// rounded once to bf16, and feeds one bf16 mma; 32 features per block, at most 8 groups.
+    #[default]
+    Merged,
+    /// The same with 64 features per block (half the re-reads of `x`, half the blocks).
+    MergedT4,
+    /// `ds_fused_bf16_*`: the base and delta products computed separately in one pass (the
+    /// third pass's fused kernel); any of up to 32 groups.
+    OnePass,
+}
+
+/// Groups (tenants, plus the base-only rows as one) the merged kernel takes
+/// (`DS_MERGED_MAX_GROUPS`).
+pub const MERGED_MAX_GROUPS: usize = 8;
+
 /// Routing for one launch; mirrors `struct GroupTable` in the `.cu` file field for field.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -475,6 +493,23 @@ pub fn fused_ok(
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
 ) -> bool {
+    fused_ok_with(x, w_base, row_slot, deltas, FusedKernel::OnePass)
+}
+
+/// [`fused_ok`] for a chosen kernel: the merged kernels take at most [`MERGED_MAX_GROUPS`]
+/// groups (tenants, plus the base-only rows as one).
+pub fn fused_ok_with(
+    x: &Tensor,
+    w_base: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    kind: FusedKernel,
+) -> bool {
+    let max_groups = if kind == FusedKernel::OnePass {
+        MAX_GROUPS
+    } else {
+        MERGED_MAX_GROUPS
+    };
     let aligned = |t: &Tensor, bytes: usize| {
         t.is_contiguous() && (t.layout().start_offset() * bytes).is_multiple_of(16)
     };
@@ -491,7 +526,7 @@ pub fn fused_ok(
         && row_slot.len() <= GROUP_ROWS
         && k.is_multiple_of(8)
         && words_per_row(k).is_multiple_of(4)
-        && used.len() <= MAX_GROUPS
+        && used.len() <= max_groups
         && aligned(x, 2)
         && aligned(w_base, 2)
         && deltas.iter().all(|d| aligned(d.signs().words(), 4))
@@ -506,6 +541,18 @@ pub fn delta_linear_fused(
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
 ) -> candle_core::Result<Tensor> {
+    delta_linear_fused_with(x, w_base, row_slot, deltas, FusedKernel::OnePass)
+}
+
+/// [`delta_linear_fused`] on a chosen one-kernel layer (tests and `bench kernels` time them side
+/// by side); an error where [`fused_ok_with`] is false.
+pub fn delta_linear_fused_with(
+    x: &Tensor,
+    w_base: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+    kind: FusedKernel,
+) -> candle_core::Result<Tensor> {
     let first = deltas.first().ok_or(KernelError::NoDeltas)?;
     let (m, k) = x.dims2()?;
     if w_base.dims() != [first.n(), k] || k != first.k() || row_slot.len() != m {
@@ -518,10 +565,10 @@ pub fn delta_linear_fused(
             first.k()
         )
     }
-    if !fused_ok(x, w_base, row_slot, deltas) {
-        candle_core::bail!("delta_linear_fused: this batch does not fit the fused kernel (bf16, M <= 32, K % 8 == 0, ceil(K/32) % 4 == 0, <= 32 groups); use delta_linear")
+    if !fused_ok_with(x, w_base, row_slot, deltas, kind) {
+        candle_core::bail!("delta_linear_fused: this batch does not fit the {kind:?} kernel (bf16, M <= 32, K % 8 == 0, ceil(K/32) % 4 == 0, <= 32 groups, <= {MERGED_MAX_GROUPS} for the merged kernels); use delta_linear")
     }
-    crate::ops::delta_linear_fused_op(x, w_base, row_slot, deltas)
+    crate::ops::delta_linear_fused_op(x, w_base, row_slot, deltas, kind)
 }
 
 /// `cuda_fwd` of [`crate::delta_linear`] on the fused kernel (the caller checked [`fused_ok`] and
@@ -533,6 +580,7 @@ pub(crate) fn delta_linear_fwd(
     w_layout: &Layout,
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
+    kind: FusedKernel,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = x.device();
     let first = deltas.first().ok_or(KernelError::NoDeltas)?;
@@ -600,7 +648,11 @@ pub(crate) fn delta_linear_fwd(
     let wv = ws.slice(wstart..wstart + n * k);
     // SAFETY: every block writes its 16 features of all m rows.
     let mut y = unsafe { dev.alloc::<bf16>(m * n) }?;
-    if m > 0 && n > 0 {
+    if m > 0 && n > 0 && kind != FusedKernel::OnePass {
+        let table = tables.first().copied().unwrap_or(GroupTable::empty(false));
+        let tiles = if kind == FusedKernel::MergedT4 { 4 } else { 2 };
+        merged(dev, &table, &xv, &wv, &mut y, m, n, k, tiles)?;
+    } else if m > 0 && n > 0 {
         let (xp, corr, kp) = prep(dev, &xv, m, k)?;
         let rt = m.div_ceil(8).max(1);
         let f = dev.get_or_load_custom_func(&format!("ds_fused_bf16_r{rt}"), MODULE, PTX)?;
@@ -636,6 +688,76 @@ pub(crate) fn delta_linear_fwd(
         CudaStorage::wrap_cuda_slice(y, dev.clone()),
         Shape::from((m, n)),
     ))
+}
+
+/// Launches `ds_merged_bf16_t{tiles}_r*` for one table (at most [`MERGED_MAX_GROUPS`] groups, M <= 32
+/// rows): each block owns `16 · tiles` features; the per-warp cp.async rings live in dynamic
+/// shared memory, sized so that the whole grid is resident at once (blocks of one SM then share
+/// the memory system evenly, with no tail wave), with as many warps (up to 8) as that leaves room
+/// for.
+#[allow(clippy::too_many_arguments)]
+fn merged(
+    dev: &CudaDevice,
+    table: &GroupTable,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    y: &mut CudaSlice<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    tiles: usize,
+) -> candle_core::Result<()> {
+    /// Ring slots per warp (`S` in `ds_merged_bf16_body`).
+    const STAGES: usize = 3;
+    /// Shared memory per SM on sm_90 (228 KiB), less 1 KiB the runtime reserves per block.
+    const SMEM_PER_SM: usize = 228 * 1024;
+    const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
+    let groups = table.n_groups as usize;
+    if groups > MERGED_MAX_GROUPS || m > GROUP_ROWS {
+        candle_core::bail!("delta_linear (merged): {m} rows in {groups} groups. This is a bug.")
+    }
+    let rt = m.div_ceil(8).max(1);
+    let blocks = n.div_ceil(16 * tiles);
+    let per_sm = blocks.div_ceil(multiprocessors(dev)).max(1);
+    let budget = (SMEM_PER_SM / per_sm)
+        .saturating_sub(1024)
+        .min(SMEM_PER_BLOCK_MAX);
+    // uint4 per ring slot: W (tiles x 256), x (rt x 128), bits (groups x tiles x 16).
+    let slot_bytes = 16 * (tiles * 256 + rt * 128 + groups * tiles * 16);
+    let warps = (budget / (STAGES * slot_bytes)).min(8);
+    if warps == 0 {
+        candle_core::bail!(
+            "delta_linear (merged): {groups} groups need {} bytes of shared memory per warp, more than the {budget} a block may have. This is a bug (fused_ok_with admits at most {MERGED_MAX_GROUPS}).",
+            STAGES * slot_bytes
+        )
+    }
+    let smem = warps * STAGES * slot_bytes;
+    let f = dev.get_or_load_custom_func(&format!("ds_merged_bf16_t{tiles}_r{rt}"), MODULE, PTX)?;
+    f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        to_i32(smem, "shared memory")?,
+    )
+    .w()?;
+    let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
+    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
+    let mut b = f.builder();
+    b.arg(table)
+        .arg(x)
+        .arg(w)
+        .arg(&mut *y)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&w_i);
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(blocks)?, 1, 1),
+        block_dim: (to_u32(32 * warps)?, 1, 1),
+        shared_mem_bytes: to_u32(smem)?,
+    };
+    // SAFETY: arguments match `ds_merged_bf16_t*_r*`; x is (m, k), w (n, k), the table's words
+    // (n, ceil(k/32)) with the alignment `fused_ok_with` checked; smem as the kernel computes it.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
 }
 
 fn multiprocessors(dev: &CudaDevice) -> usize {

@@ -155,7 +155,13 @@ pub fn delta_linear(
             && tenants.len() <= 1
             && crate::cuda::fused_ok(x, w_base, row_slot, deltas)
         {
-            return delta_linear_fused_op(x, w_base, row_slot, deltas);
+            return delta_linear_fused_op(
+                x,
+                w_base,
+                row_slot,
+                deltas,
+                crate::cuda::FusedKernel::OnePass,
+            );
         }
     }
     let base = x.matmul(&w_base.t()?)?;
@@ -173,8 +179,16 @@ pub(crate) fn delta_linear_fused_op(
     w_base: &Tensor,
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
+    kind: crate::cuda::FusedKernel,
 ) -> candle_core::Result<Tensor> {
-    x.apply_op2_no_bwd(w_base, &DeltaLinear { row_slot, deltas })
+    x.apply_op2_no_bwd(
+        w_base,
+        &DeltaLinear {
+            row_slot,
+            deltas,
+            kind,
+        },
+    )
 }
 
 /// The fused decode layer; see [`delta_linear`].
@@ -182,6 +196,7 @@ pub(crate) fn delta_linear_fused_op(
 struct DeltaLinear<'a> {
     row_slot: &'a [Option<u32>],
     deltas: &'a [&'a SignDelta],
+    kind: crate::cuda::FusedKernel,
 }
 
 #[cfg(feature = "cuda")]
@@ -207,7 +222,15 @@ impl candle_core::CustomOp2 for DeltaLinear<'_> {
         w: &candle_core::CudaStorage,
         w_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::delta_linear_fwd(x, x_layout, w, w_layout, self.row_slot, self.deltas)
+        crate::cuda::delta_linear_fwd(
+            x,
+            x_layout,
+            w,
+            w_layout,
+            self.row_slot,
+            self.deltas,
+            self.kind,
+        )
     }
 }
 

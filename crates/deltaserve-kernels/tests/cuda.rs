@@ -18,8 +18,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use deltaserve_kernels::cuda::{
-    delta_linear_fused, fused_ok, sign_matmul_t_with, tenant_delta_matmul_add_with,
-    tenant_delta_matmul_with, Bf16Path,
+    delta_linear_fused, delta_linear_fused_with, fused_ok, fused_ok_with, sign_matmul_t_with,
+    tenant_delta_matmul_add_with, tenant_delta_matmul_with, Bf16Path, FusedKernel,
 };
 use deltaserve_kernels::reference::{
     sign_matmul_n_ref, sign_matmul_t_ref, tenant_delta_matmul_ref,
@@ -502,19 +502,34 @@ fn tenant_delta_matmul_add_fuses_the_base_on_every_tensor_core_kernel() {
 fn delta_linear_fused_matches_base_plus_reference_delta() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(9);
-    // Fused: M <= 32, K % 8 == 0 and ceil(K/32) % 4 == 0 (K = 1000, 4088, 128); 32 one-row
-    // tenants; N not a multiple of 16. Not fused (the fallback must agree): K = 257, M = 40.
+    // Fused: M <= 32, K % 8 == 0 and ceil(K/32) % 4 == 0 (K = 1000, 4088, 128, 4096 + 128,
+    // 11008: stages of 128 columns, the last one partial for 1000 and 4088); 32 one-row tenants;
+    // N not a multiple of 16, 32 or 64. Merged kernels: at most 8 groups (7 tenants and
+    // base-only rows, 8 tenants of 4 interleaved rows, 32 rows of one tenant; every row count
+    // 1..32 of one n-tile or more). Not fused (the fallback must agree): K = 257, M = 40.
     for (m, n, k, num_deltas) in [
         (1, 65, 1000, 1),
         (8, 300, 4088, 3),
         (32, 33, 128, 32),
         (32, 17, 1000, 5),
+        (32, 300, 4096 + 128, 1),
+        (32, 1100, 1000, 7),
+        (32, 97, 11008, 8),
+        (9, 130, 4088, 4),
+        (19, 70, 1000, 1),
         (5, 65, 257, 2),
         (40, 65, 1000, 3),
     ] {
         let (deltas, cpu_deltas, mut row_slot) = tenant_case(&mut rng, &dev, m, n, k, num_deltas);
         if num_deltas == 32 {
             row_slot = (0..m as u32).map(Some).collect();
+        }
+        if num_deltas == 8 {
+            // 8 tenants of 4 rows, interleaved as the bench's 32x8 mix (no base-only group).
+            row_slot = (0..m as u32).map(|i| Some(i % 8)).collect();
+        }
+        if num_deltas == 1 && m == 32 {
+            row_slot = vec![Some(0); m];
         }
         let refs: Vec<&SignDelta> = deltas.iter().collect();
         let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
@@ -548,6 +563,23 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
                 "fused",
                 delta_linear_fused(&xd, &wd, &row_slot, &refs).unwrap(),
             ));
+        }
+        let mut groups: Vec<Option<u32>> = row_slot.clone();
+        groups.sort_unstable();
+        groups.dedup();
+        for (what, kind) in [
+            ("merged", FusedKernel::Merged),
+            ("merged t4", FusedKernel::MergedT4),
+        ] {
+            let ok = fused_ok_with(&xd, &wd, &row_slot, &refs, kind);
+            assert_eq!(ok, fusable && groups.len() <= 8, "{what} M={m} K={k}");
+            if ok {
+                poison(&dev, m * n, DType::BF16);
+                runs.push((
+                    what,
+                    delta_linear_fused_with(&xd, &wd, &row_slot, &refs, kind).unwrap(),
+                ));
+            }
         }
         for (what, y) in runs {
             assert_eq!(y.dims(), [m, n]);

@@ -922,6 +922,233 @@ DS_FUSED_KERNEL(3)
 DS_FUSED_KERNEL(4)
 
 // ---------------------------------------------------------------------------------------------
+// Merged delta linear layer for decode: y[r] = x[r] . (Wbase + scale_g S_g)^T, one kernel, for
+// at most 32 rows in at most 8 groups (tenants, plus the base-only rows as one group).
+//
+// Why. At decode the base weight's bytes dominate (16 bf16 bits per weight against 1 sign bit per
+// tenant), so the layer is a skinny GEMM that should stream Wbase at copy bandwidth, as cuBLAS's
+// GEMV does (4096x4096: 14.2 us for 33.5 MB at 32 rows). The one-pass kernel above (ds_fused)
+// computes the base and the delta products separately and re-reads x for each 16 features, which
+// took 52-137 us at 32 rows. Here each thread forms the merged weight Wbase + scale S of the
+// elements it holds in registers, rounded once to bf16 (fma.rn.bf16x2: the exact w + s * (+-1),
+// rounded, with s rounded to bf16 first), and feeds it to one bf16 mma: the sign costs 1.5
+// instructions per weight and no mma of its own, and the product is the one a merged bf16
+// checkpoint computes. With several groups, the W registers are merged once per group and
+// multiplied by that group's rows only (the other rows' x fragments are zeroed).
+//
+// Layout. A block owns 16 T output features; its NW warps split K in stages of 128 columns
+// (warp w takes stages w, w + NW, ...). Every stage goes through a per-warp cp.async ring of S
+// slots in dynamic shared memory: the block's W rows (T x 16 rows x 256 bytes), x (RT x 8 rows x
+// 256 bytes, rows gathered through the table, zero-filled past M) and each group's bits (T x 16
+// rows x 16 bytes). All lanes of the warp copy and all read (a __syncwarp after the wait makes
+// the other lanes' copies visible). Copies are 16 bytes, two W rows of 256 contiguous bytes per
+// warp instruction; the ring stores them in the order the mma fragments read them.
+// Fragments (as in ds_fused): in k-step ks (32 columns, P = 32 ks + 8 t) thread (g, t) holds
+// columns P .. P+7 of W rows g and g + 8 (registers .x .y .z .w = column pairs 0..3) and of x
+// row g; .x .y feed the first m16n8k16, .z .w the second. The bits of those 8 columns are byte t
+// of word ks of the row: u = b | b << 15 puts bit 2j at position 2j and bit 2j + 1 at 16 + 2j,
+// so (u << (15 - 2j)) & 0x80008000 moves the two bits of pair j to the two bf16 sign positions,
+// and XOR 0xBF80BF80 gives +1 (bit set) or -1 per half: 2 instructions per pair, then the fma.
+// Needs K % 8 == 0, ceil(K/32) % 4 == 0, 16-byte aligned W, x and words rows (as ds_fused).
+// The warps' partial sums meet in shared memory (reusing the ring) at the end.
+
+__device__ __forceinline__ uint32_t ds_fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// A pair of signs from u (see above) as two bf16 +-1 values; P2 = 15 - 2 j.
+template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0x6A;"  // (a & b) ^ c
+        : "=r"(d)
+        : "r"(u << P2), "n"(0x80008000u), "r"(0xBF80BF80u));
+    return d;
+}
+
+#define DS_MERGED_MAX_GROUPS 8
+
+template <int T, int RT, int S>
+__device__ __forceinline__ void ds_merged_bf16_body(const GroupTable& tab,
+                                                    const __nv_bfloat16* __restrict__ x,
+                                                    const __nv_bfloat16* __restrict__ wbase,
+                                                    __nv_bfloat16* __restrict__ y, int M, int N,
+                                                    int K, int W) {
+    extern __shared__ uint4 ds_dyn_smem[];
+    const int NW = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * 16 * T;
+    const int ng = (int)tab.n_groups;
+    // Per-slot uint4 counts: W (T m-tiles x 4 k-steps x 2 halves x 32 lanes), x (RT n-tiles x 4
+    // k-steps x 32 lanes), bits (ng groups x T m-tiles x 16 rows).
+    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = RT * 4 * 32;
+    const int slot_u4 = W_U4 + X_U4 + ng * T * 16;
+    uint4* ring = ds_dyn_smem + (size_t)warp * S * slot_u4;
+    const int NST = (K + 127) / 128;  // stages (= W / 4)
+
+    // The group of this lane's x row in each n-tile (-1 past M); rows of the gathered order.
+    int my_grp[RT];
+#pragma unroll
+    for (int nt = 0; nt < RT; ++nt) {
+        const int j = 8 * nt + g;
+        my_grp[nt] = -1;
+        for (int gi = 0; gi < ng; ++gi)
+            if (j < M && (int)tab.row_begin[gi] <= j && j < (int)tab.row_begin[gi + 1]) my_grp[nt] = gi;
+    }
+
+    auto issue = [&](int st, int slot) {
+        uint4* dst = ring + slot * slot_u4;
+        if (st < NST) {
+            const int c0 = 128 * st;
+            // W: m-tile i, instruction q: row r = 2 q + (lane >> 4), 16-byte segment c = lane & 15
+            // -> dst[((i * 4 + c / 4) * 2 + r / 8) * 32 + (r % 8) * 4 + c % 4].
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    const int r = 2 * q + (lane >> 4), c = lane & 15;
+                    const int n = min(n0 + 16 * i + r, N - 1), col = c0 + 8 * c;
+                    const int bytes = col < K ? 16 : 0;
+                    ds_cp_async16(&dst[((i * 4 + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
+                                  wbase + (size_t)n * K + (bytes ? col : 0), bytes);
+                }
+            // x: n-tile nt, instruction q: slot j = 8 nt + 2 q + (lane >> 4), segment c.
+#pragma unroll
+            for (int nt = 0; nt < RT; ++nt)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int jj = 2 * q + (lane >> 4), j = 8 * nt + jj, c = lane & 15;
+                    const int col = c0 + 8 * c;
+                    const int bytes = (j < M && col < K) ? 16 : 0;
+                    const int row = j < M ? group_row(tab, 0, j) : 0;
+                    ds_cp_async16(&dst[W_U4 + (nt * 4 + (c >> 2)) * 32 + jj * 4 + (c & 3)],
+                                  x + (size_t)row * K + (bytes ? col : 0), bytes);
+                }
+            // bits: group gi, m-tile i, row r: words 4 st .. 4 st + 3.
+            for (int e = lane; e < ng * T * 16; e += 32) {
+                const int gi = e / (T * 16), rr = e % (T * 16);
+                const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[gi]);
+                if (words != nullptr) {
+                    const int n = min(n0 + rr, N - 1);  // rr = 16 i + r
+                    ds_cp_async16(&dst[W_U4 + X_U4 + e], words + (size_t)n * W + 4 * st, 16);
+                }
+            }
+        }
+        ds_cp_async_commit();
+    };
+
+    float acc[T][RT][4];
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int nt = 0; nt < RT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][nt][q] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) issue(warp + NW * s, s);
+    int step = 0;
+    for (int st = warp; st < NST; st += NW, ++step) {
+        ds_cp_async_wait<S - 2>();
+        __syncwarp();
+        // The slot refilled here was read in the previous iteration, which every lane has left.
+        issue(st + NW * (S - 1), (step + S - 1) % S);
+        const uint4* cur = ring + (step % S) * slot_u4;
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+            uint4 wv[T][2], xv[RT];
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * 4 + ks) * 2 + h) * 32 + lane];
+#pragma unroll
+            for (int nt = 0; nt < RT; ++nt) xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
+            for (int gi = 0; gi < ng; ++gi) {
+                const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
+                const bool delta = tab.words[gi] != 0ull;
+                // scale as two bf16 (rounded once: 2^-9 relative, on the delta term only)
+                const __nv_bfloat16 sb = __float2bfloat16(tab.scale[gi]);
+                const uint32_t s2 = (uint32_t)__bfloat16_as_ushort(sb) * 0x10001u;
+                uint32_t a[T][2][4];
+#pragma unroll
+                for (int i = 0; i < T; ++i) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const uint32_t w4[4] = {wv[i][h].x, wv[i][h].y, wv[i][h].z, wv[i][h].w};
+                        if (delta) {
+                            const uint32_t word = reinterpret_cast<const uint32_t*>(
+                                &cur[W_U4 + X_U4 + (gi * T + i) * 16 + g + 8 * h])[ks];
+                            const uint32_t b = __byte_perm(word, 0u, 0x4440u | (uint32_t)t);
+                            const uint32_t u = b * 0x8001u;
+                            a[i][h][0] = ds_fma_bf16x2(ds_sign_pair<15>(u), s2, w4[0]);
+                            a[i][h][1] = ds_fma_bf16x2(ds_sign_pair<13>(u), s2, w4[1]);
+                            a[i][h][2] = ds_fma_bf16x2(ds_sign_pair<11>(u), s2, w4[2]);
+                            a[i][h][3] = ds_fma_bf16x2(ds_sign_pair<9>(u), s2, w4[3]);
+                        } else {
+#pragma unroll
+                            for (int p = 0; p < 4; ++p) a[i][h][p] = w4[p];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < RT; ++nt) {
+                    if (rb >= 8 * nt + 8 || re <= 8 * nt) continue;  // no row of gi in this tile
+                    uint4 b = xv[nt];
+                    if (my_grp[nt] != gi) b = make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int i = 0; i < T; ++i) {
+                        ds_mma_bf16(acc[i][nt], a[i][0][0], a[i][1][0], a[i][0][1], a[i][1][1], b.x, b.y);
+                        ds_mma_bf16(acc[i][nt], a[i][0][2], a[i][1][2], a[i][0][3], a[i][1][3], b.z, b.w);
+                    }
+                }
+            }
+        }
+    }
+    ds_cp_async_wait<0>();
+    __syncthreads();  // every warp is done with its ring: reuse it for the reduction
+    float* red = reinterpret_cast<float*>(ds_dyn_smem);
+    constexpr int E = T * RT * 4;
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int nt = 0; nt < RT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                red[((size_t)warp * E + (i * RT + nt) * 4 + q) * 32 + lane] = acc[i][nt][q];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
+        const int e = idx >> 5, ln = idx & 31;
+        const int q = e & 3, nt = (e >> 2) % RT, i = (e >> 2) / RT;
+        const int n = n0 + 16 * i + (ln >> 2) + ((q >> 1) << 3);
+        const int j = 8 * nt + 2 * (ln & 3) + (q & 1);
+        if (n < N && j < M) {
+            float v = 0.f;
+            for (int w = 0; w < NW; ++w) v += red[((size_t)w * E + e) * 32 + ln];
+            y[(size_t)group_row(tab, 0, j) * N + n] = __float2bfloat16(v);
+        }
+    }
+}
+
+#define DS_MERGED_KERNEL(T, RT)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) ds_merged_bf16_t##T##_r##RT(              \
+        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
+        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
+        int K, int W) {                                                                         \
+        ds_merged_bf16_body<T, RT, 3>(tab, x, wbase, y, M, N, K, W);                            \
+    }
+
+DS_MERGED_KERNEL(2, 1)
+DS_MERGED_KERNEL(2, 2)
+DS_MERGED_KERNEL(2, 3)
+DS_MERGED_KERNEL(2, 4)
+DS_MERGED_KERNEL(4, 1)
+DS_MERGED_KERNEL(4, 2)
+DS_MERGED_KERNEL(4, 3)
+DS_MERGED_KERNEL(4, 4)
+
+// ---------------------------------------------------------------------------------------------
 // CUDA-core paths: exact in the accumulator type, any input dtype.
 
 template <typename T> __device__ __forceinline__ float ds_to_f32(T v);
