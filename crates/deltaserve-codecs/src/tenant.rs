@@ -113,7 +113,9 @@ pub fn load_tenant(
             (TensorEntry::Sign { shape, .. }, Slot::ProjWeight(l, proj)) => {
                 let [rows, cols] = *shape;
                 let words = delta.sign_words(entry)?;
-                let bits = SignBits::from_words(words, rows, cols, device)?;
+                // In the layout the serving kernels read fastest on this device (interleaved on
+                // an AVX-512 CPU): this loader feeds serving and evaluation, not training.
+                let bits = SignBits::for_serving(words, rows, cols, device)?;
                 let scale = Tensor::new(&[delta.scale(entry)?], device)?;
                 tenant.layers[l].linears[proj.index()] = Some(LinearDelta::Sign { bits, scale });
             }

@@ -64,4 +64,4 @@ pub use error::KernelError;
 pub use ops::{
     delta_linear, sign_matmul_n, sign_matmul_t, tenant_delta_matmul, tenant_delta_matmul_add,
 };
-pub use signs::{words_per_row, SignBits, SignDelta, SignsView};
+pub use signs::{words_per_row, SignBits, SignDelta, SignLayout, SignsView};

@@ -21,9 +21,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::cpu::{self, ScaledSigns};
+use crate::cpu;
 use crate::error::KernelError;
-use crate::signs::{SignBits, SignDelta};
+use crate::signs::{HostWords, SignBits, SignDelta, SignsView};
 
 /// `x · Sᵀ`: `x (.., K)` → `(.., N)`, differentiable with respect to `x`.
 ///
@@ -359,14 +359,14 @@ impl CustomOp1 for SignMatmulT {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let words = self.signs.host_words(self.name())?;
         if let CpuStorage::F64(x) = storage {
-            let words = self.signs.host_words(self.name())?;
-            let y = sign_matmul_f64(&take_contiguous(x, layout), words.view()?, false);
+            let rows = words.row_major()?;
+            let y = sign_matmul_f64(&take_contiguous(x, layout), view(&rows, &words)?, false);
             return Ok((CpuStorage::F64(y), with_last_dim(layout, self.signs.n())));
         }
         let x = host_f32(storage, layout, self.name())?;
-        let words = self.signs.host_words(self.name())?;
-        let y = cpu::sign_matmul_t(&x, words.view()?)?;
+        let y = cpu::sign_matmul_t_words(cpu::SimdLevel::detect(), &x, words.words()?)?;
         Ok((
             from_f32(y, storage.dtype()),
             with_last_dim(layout, self.signs.n()),
@@ -408,14 +408,14 @@ impl CustomOp1 for SignMatmulN {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let words = self.signs.host_words(self.name())?;
+        let rows = words.row_major()?;
         if let CpuStorage::F64(g) = storage {
-            let words = self.signs.host_words(self.name())?;
-            let y = sign_matmul_f64(&take_contiguous(g, layout), words.view()?, true);
+            let y = sign_matmul_f64(&take_contiguous(g, layout), view(&rows, &words)?, true);
             return Ok((CpuStorage::F64(y), with_last_dim(layout, self.signs.k())));
         }
         let g = host_f32(storage, layout, self.name())?;
-        let words = self.signs.host_words(self.name())?;
-        let y = cpu::sign_matmul_n(&g, words.view()?)?;
+        let y = cpu::sign_matmul_n(&g, view(&rows, &words)?)?;
         Ok((
             from_f32(y, storage.dtype()),
             with_last_dim(layout, self.signs.k()),
@@ -439,6 +439,12 @@ impl CustomOp1 for SignMatmulN {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(sign_matmul_t(grad_y, &self.signs)?))
     }
+}
+
+/// `rows` (the row-major words of `words`) as the checked view the row-major kernels take.
+fn view<'a>(rows: &'a [u32], words: &HostWords<'_>) -> candle_core::Result<SignsView<'a>> {
+    let (n, k) = words.shape();
+    Ok(SignsView::new(rows, n, k)?)
 }
 
 /// The multi-tenant forward; see [`tenant_delta_matmul`].
@@ -466,13 +472,10 @@ impl CustomOp1 for TenantDeltaMatmul<'_> {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut views = Vec::with_capacity(words.len());
         for (w, d) in words.iter().zip(self.deltas) {
-            views.push(ScaledSigns {
-                signs: w.view()?,
-                scale: d.scale(),
-            });
+            views.push((w.words()?, d.scale()));
         }
-        let y = cpu::tenant_delta_matmul(&x, self.row_slot, &views)?;
-        let n = views.first().map_or(0, |v| v.signs.n());
+        let y = cpu::tenant_matmul(cpu::SimdLevel::detect(), &x, self.row_slot, &views)?;
+        let n = self.deltas.first().map_or(0, |d| d.n());
         Ok((from_f32(y, storage.dtype()), with_last_dim(layout, n)))
     }
 

@@ -377,3 +377,56 @@ fn sign_matmul_ops_take_f64_and_match_a_dense_product() {
         .unwrap();
     assert!(diff < 1e-12, "sign_matmul_n f64: max abs diff {diff:e}");
 }
+
+/// `SignBits::for_serving` (the interleaved layout on an AVX-512 CPU) is the same matrix: every op
+/// gives the reference's products on it, `g · S` and the `f64` path give exactly what the row-major
+/// bits give, and the words come back row-major. Shapes cover a short last group of 16 rows,
+/// exactly one group, and K past a word boundary.
+#[test]
+fn serving_layout_gives_the_same_products() {
+    use deltaserve_kernels::cpu::SimdLevel;
+    use deltaserve_kernels::SignLayout;
+    let mut rng = StdRng::seed_from_u64(19);
+    for (n, k) in [(65, 100), (16, 32), (300, 1000), (5, 33)] {
+        let (words, rm) = random_signs(&mut rng, n, k);
+        let sv = SignBits::for_serving(words.clone(), n, k, &Device::Cpu).unwrap();
+        let want_layout = if SimdLevel::detect() == SimdLevel::Avx512 {
+            SignLayout::Interleaved
+        } else {
+            SignLayout::RowMajor
+        };
+        assert_eq!(sv.layout(), want_layout);
+        assert_eq!(sv.to_host_words().unwrap(), words, "{n}x{k}");
+
+        let x = random_tensor(&mut rng, &[3, k]);
+        let y = sign_matmul_t(&x, &sv).unwrap();
+        let reference = sign_matmul_t_ref(&flat(&x), &words, n, k);
+        assert!(rel_err(&flat(&y), &reference) < F32_TOL, "{n}x{k} x·Sᵀ");
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let (a, b) = (
+            sign_matmul_t(&x64, &sv).unwrap(),
+            sign_matmul_t(&x64, &rm).unwrap(),
+        );
+        assert_eq!(flat(&a), flat(&b), "{n}x{k} f64 x·Sᵀ");
+
+        let g = random_tensor(&mut rng, &[2, n]);
+        let (a, b) = (
+            sign_matmul_n(&g, &sv).unwrap(),
+            sign_matmul_n(&g, &rm).unwrap(),
+        );
+        assert_eq!(flat(&a), flat(&b), "{n}x{k} g·S");
+
+        // A batch mixing both layouts: base-only rows, two rows of the interleaved delta.
+        let deltas = [
+            SignDelta::new(sv.clone(), 0.5),
+            SignDelta::new(rm.clone(), -2.0),
+        ];
+        let refs: Vec<&SignDelta> = deltas.iter().collect();
+        let row_slot = [Some(0), None, Some(1), Some(0)];
+        let x = random_tensor(&mut rng, &[row_slot.len(), k]);
+        let y = tenant_delta_matmul(&x, &row_slot, &refs).unwrap();
+        let reference = tenant_delta_matmul_ref(&flat(&x), &row_slot, &deltas, n, k).unwrap();
+        let err = rel_err(&flat(&y), &reference);
+        assert!(err < F32_TOL, "{n}x{k} tenants: relative error {err:.2e}");
+    }
+}

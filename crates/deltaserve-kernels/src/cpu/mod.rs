@@ -135,9 +135,7 @@ pub fn sign_matmul_t_with(
     signs: SignsView<'_>,
 ) -> Result<Vec<f32>, KernelError> {
     level.check()?;
-    let m = rows_of(x.len(), signs.k(), "sign_matmul_t", "x")?;
-    let out_t = matmul_t_transposed(level, x, m, Words::RowMajor(signs));
-    Ok(transpose(&out_t, signs.n(), m))
+    sign_matmul_t_words(level, x, Words::RowMajor(signs))
 }
 
 /// A sign matrix copied into the row-interleaved layout that the AVX-512 `x · Sᵀ` reads with
@@ -160,21 +158,82 @@ pub struct InterleavedSigns {
     k: usize,
 }
 
-impl InterleavedSigns {
-    /// Rows per group.
-    const GROUP: usize = 16;
+/// Rows per group of the interleaved layout.
+pub const INTERLEAVE_ROWS: usize = 16;
 
+impl InterleavedSigns {
     /// Copies `signs` into the interleaved layout.
     pub fn new(signs: SignsView<'_>) -> Self {
-        let (n, k, wpr) = (signs.n(), signs.k(), signs.words_per_row());
-        let mut words = vec![0u32; n.div_ceil(Self::GROUP) * Self::GROUP * wpr];
-        for (r, row) in signs.words().chunks_exact(wpr).enumerate() {
-            let (g, lane) = (r / Self::GROUP, r % Self::GROUP);
-            for (w, &word) in row.iter().enumerate() {
-                words[Self::GROUP * (wpr * g + w) + lane] = word;
-            }
+        Self {
+            words: interleave(signs),
+            n: signs.n(),
+            k: signs.k(),
         }
-        Self { words, n, k }
+    }
+
+    /// The borrowed view the kernels take.
+    pub fn view(&self) -> InterleavedView<'_> {
+        InterleavedView {
+            words: &self.words,
+            n: self.n,
+            k: self.k,
+        }
+    }
+
+    /// Rows (output features, `N`).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Columns (input features, `K`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// Words an `[n, k]` matrix takes in the interleaved layout: `ceil(n / 16) · 16 · ceil(k / 32)`.
+pub fn interleaved_len(n: usize, k: usize) -> usize {
+    n.div_ceil(INTERLEAVE_ROWS) * INTERLEAVE_ROWS * words_per_row(k)
+}
+
+/// The words of `signs` in the interleaved layout (see [`InterleavedSigns`]).
+pub fn interleave(signs: SignsView<'_>) -> Vec<u32> {
+    let (n, k, wpr) = (signs.n(), signs.k(), signs.words_per_row());
+    let mut words = vec![0u32; interleaved_len(n, k)];
+    for (r, row) in signs.words().chunks_exact(wpr).enumerate() {
+        let (g, lane) = (r / INTERLEAVE_ROWS, r % INTERLEAVE_ROWS);
+        for (w, &word) in row.iter().enumerate() {
+            words[INTERLEAVE_ROWS * (wpr * g + w) + lane] = word;
+        }
+    }
+    words
+}
+
+/// A borrowed sign matrix in the interleaved layout of [`InterleavedSigns`], checked to hold
+/// [`interleaved_len`] words.
+#[derive(Debug, Clone, Copy)]
+pub struct InterleavedView<'a> {
+    words: &'a [u32],
+    n: usize,
+    k: usize,
+}
+
+impl<'a> InterleavedView<'a> {
+    /// Wraps `words` (interleaved, see [`InterleavedSigns`]) as an `[n, k]` matrix.
+    pub fn new(words: &'a [u32], n: usize, k: usize) -> Result<Self, KernelError> {
+        if k == 0 {
+            return Err(KernelError::EmptyInner { n });
+        }
+        if words.len() != interleaved_len(n, k) {
+            return Err(KernelError::WordCount {
+                n: n.div_ceil(INTERLEAVE_ROWS) * INTERLEAVE_ROWS,
+                k,
+                words_per_row: words_per_row(k),
+                expected: interleaved_len(n, k),
+                got: words.len(),
+            });
+        }
+        Ok(Self { words, n, k })
     }
 
     /// Rows (output features, `N`).
@@ -188,9 +247,10 @@ impl InterleavedSigns {
     }
 
     /// The words of the groups holding rows `n0..n0 + rows` (`n0` a multiple of 16).
-    fn group_words(&self, n0: usize, rows: usize) -> &[u32] {
-        let per_group = Self::GROUP * words_per_row(self.k);
-        &self.words[n0 / Self::GROUP * per_group..(n0 + rows).div_ceil(Self::GROUP) * per_group]
+    fn group_words(&self, n0: usize, rows: usize) -> &'a [u32] {
+        let per_group = INTERLEAVE_ROWS * words_per_row(self.k);
+        &self.words
+            [n0 / INTERLEAVE_ROWS * per_group..(n0 + rows).div_ceil(INTERLEAVE_ROWS) * per_group]
     }
 
     /// Rows `n0..n0 + rows` back in the row-major layout, for the levels without an interleaved
@@ -199,12 +259,17 @@ impl InterleavedSigns {
         let wpr = words_per_row(self.k);
         let mut out = vec![0u32; rows * wpr];
         for (r, row) in out.chunks_exact_mut(wpr).enumerate() {
-            let (g, lane) = ((n0 + r) / Self::GROUP, (n0 + r) % Self::GROUP);
+            let (g, lane) = ((n0 + r) / INTERLEAVE_ROWS, (n0 + r) % INTERLEAVE_ROWS);
             for (w, word) in row.iter_mut().enumerate() {
-                *word = self.words[Self::GROUP * (wpr * g + w) + lane];
+                *word = self.words[INTERLEAVE_ROWS * (wpr * g + w) + lane];
             }
         }
         out
+    }
+
+    /// All rows in the row-major layout (the format's), `n · ceil(k / 32)` words.
+    pub fn to_row_major(&self) -> Vec<u32> {
+        self.row_major(0, self.n)
     }
 }
 
@@ -224,29 +289,38 @@ pub fn sign_matmul_t_interleaved_with(
     signs: &InterleavedSigns,
 ) -> Result<Vec<f32>, KernelError> {
     level.check()?;
-    let m = rows_of(x.len(), signs.k, "sign_matmul_t_interleaved", "x")?;
-    let out_t = matmul_t_transposed(level, x, m, Words::Interleaved(signs));
-    Ok(transpose(&out_t, signs.n, m))
+    sign_matmul_t_words(level, x, Words::Interleaved(signs.view()))
+}
+
+/// `x · Sᵀ` on either layout, at a checked level.
+pub(crate) fn sign_matmul_t_words(
+    level: SimdLevel,
+    x: &[f32],
+    signs: Words<'_>,
+) -> Result<Vec<f32>, KernelError> {
+    let m = rows_of(x.len(), signs.k(), "sign_matmul_t", "x")?;
+    let out_t = matmul_t_transposed(level, x, m, signs);
+    Ok(transpose(&out_t, signs.n(), m))
 }
 
 /// The sign words a product reads: the format's row-major layout or the interleaved copy.
 #[derive(Clone, Copy)]
-enum Words<'a> {
+pub(crate) enum Words<'a> {
     RowMajor(SignsView<'a>),
-    Interleaved(&'a InterleavedSigns),
+    Interleaved(InterleavedView<'a>),
 }
 
 impl Words<'_> {
     fn n(&self) -> usize {
         match self {
             Words::RowMajor(s) => s.n(),
-            Words::Interleaved(s) => s.n,
+            Words::Interleaved(s) => s.n(),
         }
     }
     fn k(&self) -> usize {
         match self {
             Words::RowMajor(s) => s.k(),
-            Words::Interleaved(s) => s.k,
+            Words::Interleaved(s) => s.k(),
         }
     }
 }
@@ -361,13 +435,13 @@ pub fn tenant_delta_matmul_interleaved_with(
     level.check()?;
     let deltas: Vec<(Words<'_>, f32)> = deltas
         .iter()
-        .map(|d| (Words::Interleaved(d.signs), d.scale))
+        .map(|d| (Words::Interleaved(d.signs.view()), d.scale))
         .collect();
     tenant_matmul(level, x, row_slot, &deltas)
 }
 
-/// The multi-tenant product on either layout.
-fn tenant_matmul(
+/// The multi-tenant product on either layout, at a checked level.
+pub(crate) fn tenant_matmul(
     level: SimdLevel,
     x: &[f32],
     row_slot: &[Option<u32>],
