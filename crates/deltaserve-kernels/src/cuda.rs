@@ -733,11 +733,22 @@ fn merged(
     }
     let smem = warps * STAGES * slot_bytes;
     let f = dev.get_or_load_custom_func(&format!("ds_merged_bf16_t{tiles}_r{rt}"), MODULE, PTX)?;
-    f.set_attribute(
-        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        to_i32(smem, "shared memory")?,
-    )
-    .w()?;
+    // The opt-in to more than 48 KiB, once per kernel and device (to the maximum, so that no
+    // later call changes it: an attribute call in the middle of a CUDA graph capture is avoided).
+    {
+        static OPTED_IN: std::sync::Mutex<Vec<(String, String)>> =
+            std::sync::Mutex::new(Vec::new());
+        let key = (format!("{:?}", dev.location()), format!("t{tiles}_r{rt}"));
+        let mut done = OPTED_IN.lock().unwrap_or_else(|e| e.into_inner());
+        if !done.contains(&key) {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                to_i32(SMEM_PER_BLOCK_MAX, "shared memory")?,
+            )
+            .w()?;
+            done.push(key);
+        }
+    }
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     let mut b = f.builder();
