@@ -31,16 +31,18 @@ use crate::signs::{HostWords, SignBits, SignDelta, SignsView};
 /// `x.matmul(&w_base.t()?)? + sign_matmul_t(&x, &signs)?.broadcast_mul(&scale)?`.
 pub fn sign_matmul_t(x: &Tensor, signs: &SignBits) -> candle_core::Result<Tensor> {
     check_last_dim(x, signs.k(), "sign_matmul_t")?;
-    x.apply_op1(SignMatmulT {
+    x.apply_op1(SignMatmul {
         signs: signs.clone(),
+        transposed: false,
     })
 }
 
 /// `g · S`: `g (.., N)` → `(.., K)`; the gradient of [`sign_matmul_t`] with respect to its input.
 pub fn sign_matmul_n(g: &Tensor, signs: &SignBits) -> candle_core::Result<Tensor> {
     check_last_dim(g, signs.n(), "sign_matmul_n")?;
-    g.apply_op1(SignMatmulN {
+    g.apply_op1(SignMatmul {
         signs: signs.clone(),
+        transposed: true,
     })
 }
 
@@ -344,14 +346,20 @@ fn check_last_dim(t: &Tensor, expected: usize, op: &'static str) -> candle_core:
     Ok(())
 }
 
-/// `x · Sᵀ` as a candle op; see [`sign_matmul_t`].
-struct SignMatmulT {
+/// `x · Sᵀ` ([`sign_matmul_t`], `transposed` false) or `g · S` ([`sign_matmul_n`], true) as a
+/// candle op. Each is the other's backward.
+struct SignMatmul {
     signs: SignBits,
+    transposed: bool,
 }
 
-impl CustomOp1 for SignMatmulT {
+impl CustomOp1 for SignMatmul {
     fn name(&self) -> &'static str {
-        "sign_matmul_t"
+        if self.transposed {
+            "sign_matmul_n"
+        } else {
+            "sign_matmul_t"
+        }
     }
 
     fn cpu_fwd(
@@ -359,18 +367,27 @@ impl CustomOp1 for SignMatmulT {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = (self.signs.n(), self.signs.k());
+        let out_dim = if self.transposed { k } else { n };
         let words = self.signs.host_words(self.name())?;
         if let CpuStorage::F64(x) = storage {
             let rows = words.row_major()?;
-            let y = sign_matmul_f64(&take_contiguous(x, layout), view(&rows, &words)?, false);
-            return Ok((CpuStorage::F64(y), with_last_dim(layout, self.signs.n())));
+            let y = sign_matmul_f64(
+                &take_contiguous(x, layout),
+                view(&rows, &words)?,
+                self.transposed,
+            );
+            return Ok((CpuStorage::F64(y), with_last_dim(layout, out_dim)));
         }
         let x = host_f32(storage, layout, self.name())?;
-        let y = cpu::sign_matmul_t_words(cpu::SimdLevel::detect(), &x, words.words()?)?;
-        Ok((
-            from_f32(y, storage.dtype()),
-            with_last_dim(layout, self.signs.n()),
-        ))
+        let y = if self.transposed {
+            // `g · S` reads the row-major layout only (interleaved words are reordered first).
+            let rows = words.row_major()?;
+            cpu::sign_matmul_n(&x, view(&rows, &words)?)?
+        } else {
+            cpu::sign_matmul_t_words(cpu::SimdLevel::detect(), &x, words.words()?)?
+        };
+        Ok((from_f32(y, storage.dtype()), with_last_dim(layout, out_dim)))
     }
 
     #[cfg(feature = "cuda")]
@@ -379,7 +396,11 @@ impl CustomOp1 for SignMatmulT {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::sign_matmul_t_fwd(storage, layout, &self.signs, Default::default())
+        if self.transposed {
+            crate::cuda::sign_matmul_n_fwd(storage, layout, &self.signs)
+        } else {
+            crate::cuda::sign_matmul_t_fwd(storage, layout, &self.signs, Default::default())
+        }
     }
 
     fn bwd(
@@ -388,56 +409,12 @@ impl CustomOp1 for SignMatmulT {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        // d(x·Sᵀ)/dx contracted with grad_y is grad_y · S.
-        Ok(Some(sign_matmul_n(grad_y, &self.signs)?))
-    }
-}
-
-/// `g · S` as a candle op; see [`sign_matmul_n`].
-struct SignMatmulN {
-    signs: SignBits,
-}
-
-impl CustomOp1 for SignMatmulN {
-    fn name(&self) -> &'static str {
-        "sign_matmul_n"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let words = self.signs.host_words(self.name())?;
-        let rows = words.row_major()?;
-        if let CpuStorage::F64(g) = storage {
-            let y = sign_matmul_f64(&take_contiguous(g, layout), view(&rows, &words)?, true);
-            return Ok((CpuStorage::F64(y), with_last_dim(layout, self.signs.k())));
-        }
-        let g = host_f32(storage, layout, self.name())?;
-        let y = cpu::sign_matmul_n(&g, view(&rows, &words)?)?;
-        Ok((
-            from_f32(y, storage.dtype()),
-            with_last_dim(layout, self.signs.k()),
-        ))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::sign_matmul_n_fwd(storage, layout, &self.signs)
-    }
-
-    fn bwd(
-        &self,
-        _g: &Tensor,
-        _y: &Tensor,
-        grad_y: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(sign_matmul_t(grad_y, &self.signs)?))
+        // d(x·Sᵀ)/dx contracted with grad_y is grad_y · S, and the other way round.
+        Ok(Some(if self.transposed {
+            sign_matmul_t(grad_y, &self.signs)?
+        } else {
+            sign_matmul_n(grad_y, &self.signs)?
+        }))
     }
 }
 
