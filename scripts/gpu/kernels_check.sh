@@ -11,7 +11,8 @@
 #   tar cJf .bin/<name>.tar.xz -C .bin/x deltaserve kernels-cuda-tests
 # then call `bash scripts/gpu/kernels_check.sh .bin/<name>.tar.xz` (carry: [".bin/<name>.tar.xz"]).
 # Logs and JSON land in $OUT (or ./gpu-out when OUT is unset). Timeouts keep the whole call
-# under ~5 minutes. BENCH_ARGS adds flags to the bench (e.g. `--mixes 32x32`); SKIP_TRITON=1
+# under ~5 minutes. BENCH_ARGS adds flags to the bench (e.g. `--mixes 32x32`), BENCH_TIMEOUT
+# its time limit in seconds (100); SKIP_TRITON=1
 # leaves out the Triton script.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -38,7 +39,7 @@ timeout 50 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-
 echo "sanitizer (int8/bf16 sweep) exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
 
 echo "== bench kernels"
-timeout 100 $B/deltaserve bench kernels --device cuda:0 --iters 30 --prefill "" ${BENCH_ARGS:-} --json "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log"
+timeout ${BENCH_TIMEOUT:-100} $B/deltaserve bench kernels --device cuda:0 --iters 30 --prefill "" ${BENCH_ARGS:-} --json "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log"
 echo "bench done at $((SECONDS - t0)) s"
 
 [ -n "${SKIP_TRITON:-}" ] && { echo "all done at $((SECONDS - t0)) s (Triton skipped)"; exit 0; }
