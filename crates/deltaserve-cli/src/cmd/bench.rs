@@ -28,7 +28,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args as ClapArgs, Subcommand};
-use deltaserve_kernels::{tenant_delta_matmul, tenant_delta_matmul_add, words_per_row, SignDelta};
+use deltaserve_kernels::{
+    tenant_delta_matmul, tenant_delta_matmul_add, words_per_row, SignBits, SignDelta,
+};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -218,7 +220,9 @@ fn kernels(args: KernelArgs) -> Result<()> {
         for i in 0..pool_len {
             let words: Vec<u32> = (0..n * wpr).map(|_| rng.next() as u32).collect();
             let scale = 0.001 + 0.0001 * i as f32;
-            pool.push(SignDelta::from_words(words, n, k, scale, &device)?);
+            // The layout `serve` keeps on this device (row-interleaved on an AVX-512 CPU).
+            let bits = SignBits::for_serving(words, n, k, &device)?;
+            pool.push(SignDelta::new(bits, scale));
         }
         let dense_len = if on_cuda {
             ROTATE_BYTES.div_ceil(dense_bytes).max(max_tenants)
