@@ -78,12 +78,14 @@ pub enum Bf16Path {
 /// Which one-kernel decode layer [`delta_linear_fused_with`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FusedKernel {
-    /// `ds_merged_bf16_t2_*`: every thread forms `Wbase + scale · S` of the weights it holds,
-    /// rounded once to bf16, and feeds one bf16 mma; 32 features per block, at most 8 groups.
+    /// `ds_mergedks_bf16_*`: every thread forms `Wbase + scale · S` of the weights it holds,
+    /// rounded once to bf16, and feeds one bf16 mma; K split over a cluster of 8 blocks that
+    /// each keep their slice of `x` in shared memory; at most 8 groups.
     #[default]
     Merged,
-    /// The same with 64 features per block (half the re-reads of `x`, half the blocks).
-    MergedT4,
+    /// `ds_merged_bf16_t2_*`: the same merge, one block per 32 features over all of K (every
+    /// block reads all of `x`).
+    MergedFullK,
     /// `ds_fused_bf16_*`: the base and delta products computed separately in one pass (the
     /// third pass's fused kernel); any of up to 32 groups.
     OnePass,
@@ -510,6 +512,16 @@ pub fn fused_ok_with(
     } else {
         MERGED_MAX_GROUPS
     };
+    // The K-split kernel keeps its slice of x in shared memory (with one warp's 2-stage ring):
+    // up to K = 24k or so at 32 rows.
+    let fits = |groups: usize| {
+        let (x_bytes, slot) = ksplit_smem(
+            row_slot.len(),
+            x.dims().last().copied().unwrap_or(0),
+            groups,
+        );
+        kind != FusedKernel::Merged || x_bytes + 2 * slot <= 227 * 1024
+    };
     let aligned = |t: &Tensor, bytes: usize| {
         t.is_contiguous() && (t.layout().start_offset() * bytes).is_multiple_of(16)
     };
@@ -527,6 +539,7 @@ pub fn fused_ok_with(
         && k.is_multiple_of(8)
         && words_per_row(k).is_multiple_of(4)
         && used.len() <= max_groups
+        && fits(used.len())
         && aligned(x, 2)
         && aligned(w_base, 2)
         && deltas.iter().all(|d| aligned(d.signs().words(), 4))
@@ -650,8 +663,11 @@ pub(crate) fn delta_linear_fwd(
     let mut y = unsafe { dev.alloc::<bf16>(m * n) }?;
     if m > 0 && n > 0 && kind != FusedKernel::OnePass {
         let table = tables.first().copied().unwrap_or(GroupTable::empty(false));
-        let tiles = if kind == FusedKernel::MergedT4 { 4 } else { 2 };
-        merged(dev, &table, &xv, &wv, &mut y, m, n, k, tiles)?;
+        if kind == FusedKernel::MergedFullK {
+            merged(dev, &table, &xv, &wv, &mut y, m, n, k, 2)?;
+        } else {
+            merged_ksplit(dev, &table, &xv, &wv, &mut y, m, n, k)?;
+        }
     } else if m > 0 && n > 0 {
         let (xp, corr, kp) = prep(dev, &xv, m, k)?;
         let rt = m.div_ceil(8).max(1);
@@ -733,22 +749,7 @@ fn merged(
     }
     let smem = warps * STAGES * slot_bytes;
     let f = dev.get_or_load_custom_func(&format!("ds_merged_bf16_t{tiles}_r{rt}"), MODULE, PTX)?;
-    // The opt-in to more than 48 KiB, once per kernel and device (to the maximum, so that no
-    // later call changes it: an attribute call in the middle of a CUDA graph capture is avoided).
-    {
-        static OPTED_IN: std::sync::Mutex<Vec<(String, String)>> =
-            std::sync::Mutex::new(Vec::new());
-        let key = (format!("{:?}", dev.location()), format!("t{tiles}_r{rt}"));
-        let mut done = OPTED_IN.lock().unwrap_or_else(|e| e.into_inner());
-        if !done.contains(&key) {
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                to_i32(SMEM_PER_BLOCK_MAX, "shared memory")?,
-            )
-            .w()?;
-            done.push(key);
-        }
-    }
+    opt_in_smem(dev, &f, &format!("t{tiles}_r{rt}"), SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     let mut b = f.builder();
@@ -768,6 +769,117 @@ fn merged(
     // SAFETY: arguments match `ds_merged_bf16_t*_r*`; x is (m, k), w (n, k), the table's words
     // (n, ceil(k/32)) with the alignment `fused_ok_with` checked; smem as the kernel computes it.
     unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Blocks of a `ds_mergedks_bf16_*` cluster (`DS_KSPLIT`): the K-slices.
+const KSPLIT: usize = 8;
+
+/// Shared memory of `ds_mergedks_bf16_*`: the block's slice of `x` (ceil(ceil(K/128) / 8)
+/// stages of `ceil(m/8)` 8-row tiles) and one ring slot (W and every group's bits of one stage).
+fn ksplit_smem(m: usize, k: usize, groups: usize) -> (usize, usize) {
+    let x_bytes = k.div_ceil(128).div_ceil(KSPLIT) * m.div_ceil(8).max(1) * 128 * 16;
+    (x_bytes, 16 * (512 + groups * 32))
+}
+
+/// Launches `ds_mergedks_bf16_r*_s*` for one table (at most [`MERGED_MAX_GROUPS`] groups, M <= 32
+/// rows). Each block holds its K-slice of `x` and one ring of `S` stages per warp in dynamic
+/// shared memory, and its warps take 32 features each; of the ring depths 3 and 2 and 1-8 warps
+/// that fit, the one whose clusters fill their last wave best (then fewer waves, then more bytes
+/// in flight per SM) is taken.
+#[allow(clippy::too_many_arguments)]
+fn merged_ksplit(
+    dev: &CudaDevice,
+    table: &GroupTable,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    y: &mut CudaSlice<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> candle_core::Result<()> {
+    const SMEM_PER_SM: usize = 228 * 1024;
+    const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
+    let groups = table.n_groups as usize;
+    if groups > MERGED_MAX_GROUPS || m > GROUP_ROWS {
+        candle_core::bail!("delta_linear (merged): {m} rows in {groups} groups. This is a bug.")
+    }
+    let rt = m.div_ceil(8).max(1);
+    let (x_bytes, slot_bytes) = ksplit_smem(m, k, groups);
+    // Clusters of 8 blocks per wave: 8 SMs of a GPC each (132 SMs: 16 clusters of one block).
+    let sms = multiprocessors(dev);
+    let mut best: Option<((i64, i64, usize), usize, usize, usize)> = None;
+    for stages in [3usize, 2] {
+        for warps in 1..=8usize {
+            let smem = x_bytes + warps * stages * slot_bytes;
+            if smem > SMEM_PER_BLOCK_MAX {
+                continue;
+            }
+            let per_sm = SMEM_PER_SM / (smem + 1024);
+            let slots = (sms / KSPLIT * per_sm).max(1);
+            let clusters = n.div_ceil(32 * warps);
+            let waves = clusters.div_ceil(slots);
+            // fill of the last wave in per mille, then fewer waves, then bytes in flight per SM
+            let fill = (1000 * clusters / (waves * slots)) as i64;
+            let in_flight =
+                per_sm.min(clusters.div_ceil(sms / KSPLIT)) * warps * (stages - 1) * slot_bytes;
+            let score = (fill, -(waves as i64), in_flight);
+            if best.as_ref().is_none_or(|b| score > b.0) {
+                best = Some((score, stages, warps, smem));
+            }
+        }
+    }
+    let Some((_, stages, warps, smem)) = best else {
+        candle_core::bail!(
+            "delta_linear (merged): K = {k} with {groups} groups needs more than {SMEM_PER_BLOCK_MAX} bytes of shared memory per block. This is a bug (fused_ok_with should have refused it)."
+        )
+    };
+    let f =
+        dev.get_or_load_custom_func(&format!("ds_mergedks_bf16_r{rt}_s{stages}"), MODULE, PTX)?;
+    opt_in_smem(dev, &f, &format!("ks_r{rt}_s{stages}"), SMEM_PER_BLOCK_MAX)?;
+    let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
+    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
+    let mut b = f.builder();
+    b.arg(table)
+        .arg(x)
+        .arg(w)
+        .arg(&mut *y)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&w_i);
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(n.div_ceil(32 * warps))?, to_u32(KSPLIT)?, 1),
+        block_dim: (to_u32(32 * warps)?, 1, 1),
+        shared_mem_bytes: to_u32(smem)?,
+    };
+    // SAFETY: arguments match `ds_mergedks_bf16_r*_s*` (cluster dims (1, 8, 1) compiled in, grid.y
+    // = 8); x is (m, k), w (n, k), the table's words (n, ceil(k/32)) with the alignment
+    // `fused_ok_with` checked; smem as the kernel computes it.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The opt-in to more than 48 KiB of dynamic shared memory, once per kernel and device, to the
+/// maximum (so that no later call changes it, and no attribute call lands inside a CUDA graph
+/// capture).
+fn opt_in_smem(
+    dev: &CudaDevice,
+    f: &candle_core::cuda_backend::CudaFunc,
+    key: &str,
+    bytes: usize,
+) -> candle_core::Result<()> {
+    static OPTED_IN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let key = (format!("{:?}", dev.location()), key.to_string());
+    let mut done = OPTED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    if !done.contains(&key) {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            to_i32(bytes, "shared memory")?,
+        )
+        .w()?;
+        done.push(key);
+    }
     Ok(())
 }
 

@@ -569,7 +569,7 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
         groups.dedup();
         for (what, kind) in [
             ("merged", FusedKernel::Merged),
-            ("merged t4", FusedKernel::MergedT4),
+            ("merged full K", FusedKernel::MergedFullK),
         ] {
             let ok = fused_ok_with(&xd, &wd, &row_slot, &refs, kind);
             assert_eq!(ok, fusable && groups.len() <= 8, "{what} M={m} K={k}");
