@@ -865,7 +865,7 @@ fn merged_ksplit(
 /// capture).
 fn opt_in_smem(
     dev: &CudaDevice,
-    f: &candle_core::cuda_backend::CudaFunc,
+    f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
     key: &str,
     bytes: usize,
 ) -> candle_core::Result<()> {
