@@ -113,29 +113,12 @@ pub struct ActivationMetric {
     inv: Mat<f64>,
 }
 
-/// Runs one calibration window through `model` (with `tenant`'s deltas, or the base alone) for
-/// its observer only: the full-precision pass and each stage's partly decomposed pass.
-fn observe_window(
-    model: &deltaserve_model::Model,
-    tokens: &[u32],
-    tenant: Option<&deltaserve_model::TenantWeights>,
-    observer: &mut dyn FnMut(usize, deltaserve_model::Proj, &candle_core::Tensor),
-) -> Result<(), CodecError> {
-    let mut seqs = [deltaserve_model::SeqInput {
-        tokens,
-        cache: None,
-        tenant,
-        logits: deltaserve_model::LogitsWanted::Last,
-    }];
-    model
-        .forward_observed(&mut seqs, Default::default(), observer)
-        .map_err(|e| {
-            bad(
-                "--data",
-                format!("running the model over calibration data: {e}"),
-            )
-        })?;
-    Ok(())
+/// A failed model run over the calibration data, as the `--data` option's error.
+fn model_err(e: impl std::fmt::Display) -> CodecError {
+    bad(
+        "--data",
+        format!("running the model over calibration data: {e}"),
+    )
 }
 
 fn bad(option: &'static str, detail: String) -> CodecError {
@@ -622,23 +605,34 @@ pub fn decompose_checkpoint(
             mats.len() as u64,
             "decomposing (sequential)",
         );
-        let model_err = |e: candle_core::Error| {
-            bad(
-                "--data",
-                format!("running the model over calibration data: {e}"),
-            )
-        };
+        // Each window's input to the current layer, through the full-precision layers (`h_fp`)
+        // and through the layers already decomposed (`h_q`): every stage then runs one layer,
+        // not the whole model again.
+        let passes: Vec<deltaserve_model::LayerwiseForward<'_, '_>> = windows
+            .iter()
+            .map(|w| model.layerwise(&[*w]))
+            .collect::<Result<_, _>>()
+            .map_err(model_err)?;
+        let mut h_fp: Vec<candle_core::Tensor> = passes
+            .iter()
+            .map(|p| p.embed(None))
+            .collect::<Result<_, _>>()
+            .map_err(model_err)?;
+        let mut h_q = h_fp.clone();
         for l in 0..layers {
             // The full-precision inputs of this layer's four stages, per window.
             let mut fp: Vec<HashMap<Proj, candle_core::Tensor>> = Vec::with_capacity(windows.len());
-            for w in &windows {
+            for (pass, h) in passes.iter().zip(h_fp.iter_mut()) {
                 let mut got = HashMap::new();
                 let mut obs = |layer: usize, proj: Proj, x: &candle_core::Tensor| {
                     if layer == l && STAGES.iter().any(|s| s[0] == proj) {
                         got.insert(proj, x.clone());
                     }
                 };
-                observe_window(model, w, None, &mut obs)?;
+                let next = pass
+                    .layer_observed(l, h, None, &mut obs)
+                    .map_err(model_err)?;
+                *h = next;
                 fp.push(got);
             }
             for stage in STAGES {
@@ -657,7 +651,7 @@ pub fn decompose_checkpoint(
                 let cols = mats[members[0]].cols;
                 let mut h = vec![0f64; cols * cols];
                 let mut cross = vec![0f64; cols * cols];
-                for (w, fpw) in windows.iter().zip(&fp) {
+                for ((pass, input), fpw) in passes.iter().zip(&h_q).zip(&fp) {
                     let x_fp = fpw.get(&src).ok_or_else(|| {
                         bad("--data", format!("layer {l} {} saw no input", src.module()))
                     })?;
@@ -685,7 +679,8 @@ pub fn decompose_checkpoint(
                             Err(e) => first_err = Some(e),
                         }
                     };
-                    observe_window(model, w, Some(&tenant), &mut obs)?;
+                    pass.layer_observed(l, input, Some(&tenant), &mut obs)
+                        .map_err(model_err)?;
                     if let Some(e) = first_err {
                         return Err(model_err(e));
                     }
@@ -724,6 +719,13 @@ pub fn decompose_checkpoint(
                         Some(deltaserve_model::LinearDelta::Dense { diff: t });
                     finals[i] = Some(d);
                 }
+            }
+            // Layer l is decomposed: move each window's input on through it.
+            for (pass, h) in passes.iter().zip(h_q.iter_mut()) {
+                let next = pass
+                    .layer_observed(l, h, Some(&tenant), &mut |_, _, _| {})
+                    .map_err(model_err)?;
+                *h = next;
             }
         }
         bar.finish_and_clear();

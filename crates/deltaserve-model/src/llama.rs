@@ -802,6 +802,36 @@ impl LayerwiseForward<'_, '_> {
     /// Decoder layer `l` on the packed rows `x` with `tenant`'s deltas, with only
     /// differentiable ops. `tenant` needs entries only for layer `l`.
     pub fn layer(&self, l: usize, x: &Tensor, tenant: Option<&TenantWeights>) -> Result<Tensor> {
+        let opts = ForwardOptions {
+            differentiable: true,
+        };
+        self.run_layer(l, x, tenant, opts, None)
+    }
+
+    /// Decoder layer `l` as [`Model::forward_observed`] runs it (the serving ops, no graph),
+    /// calling `observer(l, proj, x)` with each projection's input. Chained from [`Self::embed`]
+    /// it makes the same observations and hidden states as a whole forward, so a caller that
+    /// calibrates layer by layer (ApiQ, GPTQ-style sequential passes) keeps each layer's input
+    /// instead of running the layers before it again.
+    pub fn layer_observed(
+        &self,
+        l: usize,
+        x: &Tensor,
+        tenant: Option<&TenantWeights>,
+        observer: &mut dyn FnMut(usize, Proj, &Tensor),
+    ) -> Result<Tensor> {
+        let cell = RefCell::new(observer);
+        self.run_layer(l, x, tenant, ForwardOptions::default(), Some(&cell))
+    }
+
+    fn run_layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        tenant: Option<&TenantWeights>,
+        opts: ForwardOptions,
+        obs: Observer<'_, '_>,
+    ) -> Result<Tensor> {
         let routing = self.routing(tenant)?;
         let mut inputs: Vec<SeqInput<'_>> = self
             .seqs
@@ -814,11 +844,8 @@ impl LayerwiseForward<'_, '_> {
             })
             .collect();
         let starts = vec![0; self.seqs.len()];
-        let opts = ForwardOptions {
-            differentiable: true,
-        };
         self.model
-            .decoder_layer(l, x, &routing, &mut inputs, &starts, opts, None)
+            .decoder_layer(l, x, &routing, &mut inputs, &starts, opts, obs)
     }
 
     /// Logits of some rows `x` of the last layer's output: final norm, LM head, in f32 (f64 for

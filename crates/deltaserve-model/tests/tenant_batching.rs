@@ -152,3 +152,41 @@ fn mixed_tenant_batch_equals_each_sequence_alone() {
 fn m_dev(m: &Model) -> Device {
     m.device().clone()
 }
+
+/// `LayerwiseForward::layer_observed`, chained from `embed`, sees every projection input that a
+/// whole `forward_observed` sees, bit for bit: a layer-by-layer calibration can keep each layer's
+/// input instead of running the layers before it again.
+#[test]
+fn layer_observed_chain_matches_forward_observed() {
+    let model = model();
+    let tenant = random_tenant(&model, 7);
+    let tokens: Vec<u32> = (0..11).map(|i| (i * 37 + 5) % 200).collect();
+    let mut whole: Vec<(usize, Proj, Vec<f32>)> = Vec::new();
+    let mut seqs = [SeqInput {
+        tokens: &tokens,
+        cache: None,
+        tenant: Some(&tenant),
+        logits: LogitsWanted::Last,
+    }];
+    model
+        .forward_observed(&mut seqs, Default::default(), &mut |l, p, x| {
+            whole.push((l, p, common::host(x)))
+        })
+        .unwrap();
+    let lw = model.layerwise(&[&tokens]).unwrap();
+    let mut chained: Vec<(usize, Proj, Vec<f32>)> = Vec::new();
+    let mut x = lw.embed(Some(&tenant)).unwrap();
+    for l in 0..model.layers.len() {
+        x = lw
+            .layer_observed(l, &x, Some(&tenant), &mut |l, p, x| {
+                chained.push((l, p, common::host(x)))
+            })
+            .unwrap();
+    }
+    assert_eq!(whole.len(), Proj::ALL.len() * model.layers.len());
+    assert_eq!(chained.len(), whole.len());
+    for (a, b) in whole.iter().zip(&chained) {
+        assert_eq!((a.0, a.1), (b.0, b.1));
+        assert_eq!(a.2, b.2, "layer {} {:?}: inputs differ", a.0, a.1);
+    }
+}
