@@ -78,14 +78,14 @@ pub enum Bf16Path {
 /// Which one-kernel decode layer [`delta_linear_fused_with`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FusedKernel {
-    /// `ds_mergedks_bf16_*`: every thread forms `Wbase + scale · S` of the weights it holds,
-    /// rounded once to bf16, and feeds one bf16 mma; K split over a cluster of 8 blocks that
-    /// each keep their slice of `x` in shared memory; at most 8 groups.
+    /// `ds_merged_bf16_t2_*`: every thread forms `Wbase + scale · S` of the weights it holds,
+    /// rounded once to bf16, and feeds one bf16 mma; 32 features per block, stages moved by
+    /// 16-byte `cp.async`; at most 8 groups.
     #[default]
     Merged,
-    /// `ds_merged_bf16_t2_*`: the same merge, one block per 32 features over all of K (every
-    /// block reads all of `x`).
-    MergedFullK,
+    /// `ds_mergedb_bf16_*`: the same with the stages moved by the bulk copy engine
+    /// (`cp.async.bulk`, one row segment per lane); needs `K % 128 == 0`.
+    MergedBulk,
     /// `ds_fused_bf16_*`: the base and delta products computed separately in one pass (the
     /// third pass's fused kernel); any of up to 32 groups.
     OnePass,
@@ -512,16 +512,8 @@ pub fn fused_ok_with(
     } else {
         MERGED_MAX_GROUPS
     };
-    // The K-split kernel keeps its slice of x in shared memory (with one warp's 2-stage ring):
-    // up to K = 24k or so at 32 rows.
-    let fits = |groups: usize| {
-        let (x_bytes, slot) = ksplit_smem(
-            row_slot.len(),
-            x.dims().last().copied().unwrap_or(0),
-            groups,
-        );
-        kind != FusedKernel::Merged || x_bytes + 2 * slot <= 227 * 1024
-    };
+    let bulk_ok =
+        kind != FusedKernel::MergedBulk || x.dims().last().is_some_and(|k| k.is_multiple_of(128));
     let aligned = |t: &Tensor, bytes: usize| {
         t.is_contiguous() && (t.layout().start_offset() * bytes).is_multiple_of(16)
     };
@@ -539,7 +531,7 @@ pub fn fused_ok_with(
         && k.is_multiple_of(8)
         && words_per_row(k).is_multiple_of(4)
         && used.len() <= max_groups
-        && fits(used.len())
+        && bulk_ok
         && aligned(x, 2)
         && aligned(w_base, 2)
         && deltas.iter().all(|d| aligned(d.signs().words(), 4))
@@ -663,10 +655,10 @@ pub(crate) fn delta_linear_fwd(
     let mut y = unsafe { dev.alloc::<bf16>(m * n) }?;
     if m > 0 && n > 0 && kind != FusedKernel::OnePass {
         let table = tables.first().copied().unwrap_or(GroupTable::empty(false));
-        if kind == FusedKernel::MergedFullK {
-            merged(dev, &table, &xv, &wv, &mut y, m, n, k, 2)?;
+        if kind == FusedKernel::MergedBulk {
+            merged_bulk(dev, &table, &xv, &wv, &mut y, m, n, k)?;
         } else {
-            merged_ksplit(dev, &table, &xv, &wv, &mut y, m, n, k)?;
+            merged(dev, &table, &xv, &wv, &mut y, m, n, k, 2)?;
         }
     } else if m > 0 && n > 0 {
         let (xp, corr, kp) = prep(dev, &xv, m, k)?;
@@ -772,23 +764,11 @@ fn merged(
     Ok(())
 }
 
-/// Blocks of a `ds_mergedks_bf16_*` cluster (`DS_KSPLIT`): the K-slices.
-const KSPLIT: usize = 8;
-
-/// Shared memory of `ds_mergedks_bf16_*`: the block's slice of `x` (ceil(ceil(K/128) / 8)
-/// stages of `ceil(m/8)` 8-row tiles) and one ring slot (W and every group's bits of one stage).
-fn ksplit_smem(m: usize, k: usize, groups: usize) -> (usize, usize) {
-    let x_bytes = k.div_ceil(128).div_ceil(KSPLIT) * m.div_ceil(8).max(1) * 128 * 16;
-    (x_bytes, 16 * (512 + groups * 32))
-}
-
-/// Launches `ds_mergedks_bf16_r*_s*` for one table (at most [`MERGED_MAX_GROUPS`] groups, M <= 32
-/// rows). Each block holds its K-slice of `x` and one ring of `S` stages per warp in dynamic
-/// shared memory, and its warps take 32 features each; of the ring depths 3 and 2 and 1-8 warps
-/// that fit, the one whose clusters fill their last wave best (then fewer waves, then more bytes
-/// in flight per SM) is taken.
+/// Launches `ds_mergedb_bf16_r*` for one table (at most [`MERGED_MAX_GROUPS`] groups, M <= 32 rows,
+/// `K % 128 == 0`): 32 features per block, a 3-slot ring per warp in dynamic shared memory sized
+/// so that the whole grid is resident at once, with as many warps (up to 8) as fit.
 #[allow(clippy::too_many_arguments)]
-fn merged_ksplit(
+fn merged_bulk(
     dev: &CudaDevice,
     table: &GroupTable,
     x: &CudaView<'_, bf16>,
@@ -798,45 +778,35 @@ fn merged_ksplit(
     n: usize,
     k: usize,
 ) -> candle_core::Result<()> {
+    const STAGES: usize = 3;
+    /// Bytes per row segment in shared memory (`DS_ROWB`).
+    const ROWB: usize = 320;
     const SMEM_PER_SM: usize = 228 * 1024;
-    const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
+    /// 227 KiB per block, less the kernel's static mbarriers (and some slack).
+    const SMEM_PER_BLOCK_MAX: usize = 226 * 1024;
     let groups = table.n_groups as usize;
-    if groups > MERGED_MAX_GROUPS || m > GROUP_ROWS {
-        candle_core::bail!("delta_linear (merged): {m} rows in {groups} groups. This is a bug.")
+    if groups > MERGED_MAX_GROUPS || m > GROUP_ROWS || !k.is_multiple_of(128) {
+        candle_core::bail!(
+            "delta_linear (merged, bulk): {m} rows in {groups} groups, K = {k}. This is a bug."
+        )
     }
     let rt = m.div_ceil(8).max(1);
-    let (x_bytes, slot_bytes) = ksplit_smem(m, k, groups);
-    // Clusters of 8 blocks per wave: 8 SMs of a GPC each (132 SMs: 16 clusters of one block).
-    let sms = multiprocessors(dev);
-    let mut best: Option<((i64, i64, usize), usize, usize, usize)> = None;
-    for stages in [3usize, 2] {
-        for warps in 1..=8usize {
-            let smem = x_bytes + warps * stages * slot_bytes;
-            if smem > SMEM_PER_BLOCK_MAX {
-                continue;
-            }
-            let per_sm = SMEM_PER_SM / (smem + 1024);
-            let slots = (sms / KSPLIT * per_sm).max(1);
-            let clusters = n.div_ceil(32 * warps);
-            let waves = clusters.div_ceil(slots);
-            // fill of the last wave in per mille, then fewer waves, then bytes in flight per SM
-            let fill = (1000 * clusters / (waves * slots)) as i64;
-            let in_flight =
-                per_sm.min(clusters.div_ceil(sms / KSPLIT)) * warps * (stages - 1) * slot_bytes;
-            let score = (fill, -(waves as i64), in_flight);
-            if best.as_ref().is_none_or(|b| score > b.0) {
-                best = Some((score, stages, warps, smem));
-            }
-        }
-    }
-    let Some((_, stages, warps, smem)) = best else {
+    let blocks = n.div_ceil(32);
+    let per_sm = blocks.div_ceil(multiprocessors(dev)).max(1);
+    let budget = (SMEM_PER_SM / per_sm)
+        .saturating_sub(2048)
+        .min(SMEM_PER_BLOCK_MAX);
+    let slot_bytes = 32 * ROWB + rt * 8 * ROWB + groups * 512;
+    let warps = (budget / (STAGES * slot_bytes)).min(8);
+    if warps == 0 {
         candle_core::bail!(
-            "delta_linear (merged): K = {k} with {groups} groups needs more than {SMEM_PER_BLOCK_MAX} bytes of shared memory per block. This is a bug (fused_ok_with should have refused it)."
+            "delta_linear (merged, bulk): {groups} groups need {} bytes of shared memory per warp, more than the {budget} a block may have. This is a bug.",
+            STAGES * slot_bytes
         )
-    };
-    let f =
-        dev.get_or_load_custom_func(&format!("ds_mergedks_bf16_r{rt}_s{stages}"), MODULE, PTX)?;
-    opt_in_smem(dev, &f, &format!("ks_r{rt}_s{stages}"), SMEM_PER_BLOCK_MAX)?;
+    }
+    let smem = warps * STAGES * slot_bytes;
+    let f = dev.get_or_load_custom_func(&format!("ds_mergedb_bf16_r{rt}"), MODULE, PTX)?;
+    opt_in_smem(dev, &f, &format!("b_r{rt}"), SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     let mut b = f.builder();
@@ -849,13 +819,13 @@ fn merged_ksplit(
         .arg(&k_i)
         .arg(&w_i);
     let cfg = LaunchConfig {
-        grid_dim: (to_u32(n.div_ceil(32 * warps))?, to_u32(KSPLIT)?, 1),
+        grid_dim: (to_u32(blocks)?, 1, 1),
         block_dim: (to_u32(32 * warps)?, 1, 1),
         shared_mem_bytes: to_u32(smem)?,
     };
-    // SAFETY: arguments match `ds_mergedks_bf16_r*_s*` (cluster dims (1, 8, 1) compiled in, grid.y
-    // = 8); x is (m, k), w (n, k), the table's words (n, ceil(k/32)) with the alignment
-    // `fused_ok_with` checked; smem as the kernel computes it.
+    // SAFETY: arguments match `ds_mergedb_bf16_r*`; x is (m, k), w (n, k) with k % 128 == 0, the
+    // table's words (n, k/32), 16-byte aligned as `fused_ok_with` checked; smem as the kernel
+    // computes it.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }

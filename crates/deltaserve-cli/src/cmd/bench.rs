@@ -112,10 +112,10 @@ struct Row {
     /// (`cuda::delta_linear_fused`).
     step_add_us: Option<f64>,
     step_fused_us: Option<f64>,
-    /// The merged one-kernel step (`FusedKernel::Merged`, K split over a cluster) and its
-    /// 64-feature form (`FusedKernel::MergedFullK`); at most 8 groups.
+    /// The merged one-kernel step (`FusedKernel::Merged`, 16-byte cp.async) and its
+    /// bulk-copy form (`FusedKernel::MergedBulk`, K % 128 == 0); at most 8 groups.
     step_merged_us: Option<f64>,
-    step_merged_fullk_us: Option<f64>,
+    step_merged_bulk_us: Option<f64>,
     step_floor_us: Option<f64>,
 }
 
@@ -127,7 +127,7 @@ impl Row {
             self.step_add_us,
             self.step_fused_us,
             self.step_merged_us,
-            self.step_merged_fullk_us,
+            self.step_merged_bulk_us,
         ]
         .into_iter()
         .flatten()
@@ -241,7 +241,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
         println!(
             "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
             "rows", "tenants", "bytes MB", "ours us", "GB/s", "%copy", "bf16 us", "%copy", "bf16/ours", "cudacore",
-            "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "merged", "mrg fullK", "floor us", "x best"
+            "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "merged", "mrg bulk", "floor us", "x best"
         );
         for &(rows, tenants) in &mixes {
             let x = Tensor::randn(0f32, 1f32, (rows, k), &device)?.to_dtype(DType::BF16)?;
@@ -268,7 +268,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
             let (mut dense_us, mut dense_gbps) = (None, None);
             let (mut base_us, mut step_us, mut step_floor_us) = (None, None, None);
             let (mut step_add_us, mut step_fused_us) = (None, None);
-            let (mut step_merged_us, mut step_merged_fullk_us) = (None, None);
+            let (mut step_merged_us, mut step_merged_bulk_us) = (None, None);
             if dense_ok {
                 let xs: Vec<Tensor> = (0..tenants)
                     .map(|t| {
@@ -329,7 +329,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
                     &wb,
                     Fused::Merged,
                 )?;
-                step_merged_fullk_us = fused_time(
+                step_merged_bulk_us = fused_time(
                     &mut clock,
                     iters,
                     rounds,
@@ -337,7 +337,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
                     &slots,
                     &set,
                     &wb,
-                    Fused::MergedFullK,
+                    Fused::MergedBulk,
                 )?;
             }
             let row = Row {
@@ -358,7 +358,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 step_add_us,
                 step_fused_us,
                 step_merged_us,
-                step_merged_fullk_us,
+                step_merged_bulk_us,
                 step_floor_us,
             };
             println!(
@@ -381,7 +381,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 opt(row.step_add_us, 1),
                 opt(row.step_fused_us, 1),
                 opt(row.step_merged_us, 1),
-                opt(row.step_merged_fullk_us, 1),
+                opt(row.step_merged_bulk_us, 1),
                 opt(row.step_floor_us, 1),
                 opt(row.best_step_us().zip(row.step_floor_us).map(|(s, f)| s / f), 2),
             );
@@ -440,7 +440,7 @@ impl Report {
                     "dense_us": r.dense_us, "dense_gbps": r.dense_gbps, "base_us": r.base_us,
                     "step_us": r.step_us,
                     "step_add_us": r.step_add_us, "step_fused_us": r.step_fused_us,
-                    "step_merged_us": r.step_merged_us, "step_merged_fullk_us": r.step_merged_fullk_us,
+                    "step_merged_us": r.step_merged_us, "step_merged_bulk_us": r.step_merged_bulk_us,
                     "step_floor_us": r.step_floor_us,
                 })
             })
@@ -539,7 +539,7 @@ fn path_time<'a>(
 enum Fused {
     OnePass,
     Merged,
-    MergedFullK,
+    MergedBulk,
 }
 
 /// The one-kernel decode step (`delta_linear_fused_with`: base weight and bits in one pass);
@@ -560,7 +560,7 @@ fn fused_time<'a>(
     let kind = match kind {
         Fused::OnePass => FusedKernel::OnePass,
         Fused::Merged => FusedKernel::Merged,
-        Fused::MergedFullK => FusedKernel::MergedFullK,
+        Fused::MergedBulk => FusedKernel::MergedBulk,
     };
     if !x.device().is_cuda() || !fused_ok_with(x, w(0), slots, &set(0), kind) {
         return Ok(None);

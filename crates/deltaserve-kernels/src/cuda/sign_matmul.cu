@@ -54,9 +54,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
-#include <cooperative_groups.h>
-
-namespace cg = cooperative_groups;
 
 #define DS_MAX_GROUPS 32
 #define DS_MAX_ROWS 512
@@ -1148,42 +1145,66 @@ DS_MERGED_KERNEL(2, 3)
 DS_MERGED_KERNEL(2, 4)
 
 // ---------------------------------------------------------------------------------------------
-// The merged layer split over K across a cluster (ds_mergedks_bf16_*): x read once per K-slice.
+// The merged layer with bulk copies (ds_mergedb_bf16_*): K % 128 == 0.
 //
-// Why. In ds_merged_bf16 every block reads all of x from L2: at 32 rows that is as many bytes as
-// W itself (one 32 x K bf16 x per 32 features), and the 32-row steps measured 27-78 us against
-// 19-45 at one row. Here a cluster of DS_KSPLIT blocks shares 32 NW output features: block r of the
-// cluster (blockIdx.y) takes the r-th slice of ceil(ceil(K/128) / DS_KSPLIT) stages of 128
-// columns, copies that slice of x (all rows, fragment order) into shared memory once, and each of
-// its NW warps streams its own 32 features x the slice through a per-warp ring (W and bits only,
-// as in ds_merged_bf16). x then crosses L2 once per 32 NW features instead of once per 32.
-// The DS_KSPLIT partial sums of an output meet through distributed shared memory: every block
-// writes its warps' accumulators to its own shared memory, the cluster synchronises, and block r
-// sums the r-th part of the outputs over the cluster's blocks and stores them in bf16.
-#define DS_KSPLIT 8
+// Why. ds_merged_bf16 moves its stages with 16-byte cp.async, one request per lane, and measured
+// 18.8 us at one row but 27.2 us at 32 rows on 4096x4096 (H100), where x takes half of each
+// ring slot: the copies a warp keeps in flight, not the arithmetic, set its speed. Here each
+// lane moves whole rows with the bulk copy engine (cp.async.bulk: one 256-byte W row segment,
+// one x row segment, one 16-byte bits segment per lane and stage), whose completion is counted in
+// bytes on one mbarrier per ring slot; the fragment math is ds_merged_bf16's.
+// Shared layout of a slot: W rows (32 x 320 bytes: 256 of data, padded so that rows g and g + 1
+// fall in opposite halves of the 32 banks and a 16-byte fragment load of 8 lanes is conflict-free),
+// x rows (8 RT x 320 bytes) and each group's bits (32 rows x 16 bytes).
+#define DS_ROWB 320
 
-template <int RT, int S>
-__device__ __forceinline__ void ds_mergedks_bf16_body(const GroupTable& tab,
-                                                      const __nv_bfloat16* __restrict__ x,
-                                                      const __nv_bfloat16* __restrict__ wbase,
-                                                      __nv_bfloat16* __restrict__ y, int M, int N,
-                                                      int K, int W) {
-    constexpr int T = 2;
+__device__ __forceinline__ uint32_t ds_smem_addr(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void ds_bulk_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+            ds_smem_addr(dst)),
+        "l"(src), "r"(bytes), "r"(ds_smem_addr(bar))
+        : "memory");
+}
+__device__ __forceinline__ void ds_bar_expect(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(ds_smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void ds_bar_wait(uint64_t* bar, uint32_t phase) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(ds_smem_addr(bar)), "r"(phase)
+            : "memory");
+    } while (!done);
+}
+
+template <int RT>
+__device__ __forceinline__ void ds_mergedb_bf16_body(const GroupTable& tab,
+                                                     const __nv_bfloat16* __restrict__ x,
+                                                     const __nv_bfloat16* __restrict__ wbase,
+                                                     __nv_bfloat16* __restrict__ y, int M, int N,
+                                                     int K, int W) {
+    constexpr int T = 2, S = 3;
     extern __shared__ uint4 ds_dyn_smem[];
-    cg::cluster_group cluster = cg::this_cluster();
+    __shared__ uint64_t bars[8][S];
     const int NW = blockDim.x >> 5;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int NST = (K + 127) / 128, SPB = (NST + DS_KSPLIT - 1) / DS_KSPLIT;
-    const int rank = (int)cluster.block_rank();  // = blockIdx.y: cluster dims (1, DS_KSPLIT, 1)
-    const int st0 = rank * SPB, nloc = max(min(st0 + SPB, NST) - st0, 0);
+    const int n0 = blockIdx.x * 16 * T;
     const int ng = (int)tab.n_groups;
-    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = RT * 4 * 32;
-    const int slot_u4 = W_U4 + ng * T * 16;
-    uint4* xs = ds_dyn_smem;  // SPB stages of X_U4
-    uint4* ring = ds_dyn_smem + (size_t)SPB * X_U4 + (size_t)warp * S * slot_u4;
-    const int n0 = (blockIdx.x * NW + warp) * 16 * T;
-    const int nwork = n0 < N ? nloc : 0;  // warps past N only join the barriers
+    constexpr int W_B = 32 * DS_ROWB, X_B = RT * 8 * DS_ROWB;
+    const int slot_b = W_B + X_B + ng * 32 * 16;
+    char* ring = reinterpret_cast<char*>(ds_dyn_smem) + (size_t)warp * S * slot_b;
+    const int NST = K / 128;
+    int ndelta = 0;
+    for (int gi = 0; gi < ng; ++gi) ndelta += tab.words[gi] != 0ull;
+    const uint32_t stage_bytes = 32 * 256 + (uint32_t)M * 256 + (uint32_t)ndelta * 32 * 16;
 
     int my_grp[RT];
 #pragma unroll
@@ -1193,44 +1214,30 @@ __device__ __forceinline__ void ds_mergedks_bf16_body(const GroupTable& tab,
         for (int gi = 0; gi < ng; ++gi)
             if (j < M && (int)tab.row_begin[gi] <= j && j < (int)tab.row_begin[gi + 1]) my_grp[nt] = gi;
     }
-
-    // The x slice, by the whole block: element e = ((sl * RT + nt) * 4 + q) * 32 + lane, slot
-    // j = 8 nt + 2 q + (lane >> 4), 16-byte segment c = lane & 15 of stage st0 + sl.
-    for (int e = threadIdx.x; e < nloc * RT * 128; e += blockDim.x) {
-        const int ln = e & 31, q = (e >> 5) & 3, nt = (e >> 7) % RT, sl = (e >> 7) / RT;
-        const int jj = 2 * q + (ln >> 4), j = 8 * nt + jj, c = ln & 15;
-        const int col = 128 * (st0 + sl) + 8 * c;
-        const int bytes = (j < M && col < K) ? 16 : 0;
-        const int row = j < M ? group_row(tab, 0, j) : 0;
-        ds_cp_async16(&xs[((sl * RT + nt) * 4 + (c >> 2)) * 32 + jj * 4 + (c & 3)],
-                      x + (size_t)row * K + (bytes ? col : 0), bytes);
+    if (lane == 0) {
+        for (int s = 0; s < S; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(ds_smem_addr(&bars[warp][s])));
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    ds_cp_async_commit();
+    __syncwarp();
+    const int wrow = min(n0 + lane, N - 1);  // the W row (and bits row) this lane copies
+    const int xrow = lane < M ? group_row(tab, 0, lane) : 0;
 
-    auto issue = [&](int sl, int slot) {
-        uint4* dst = ring + slot * slot_u4;
-        if (sl < nwork) {
-            const int st = st0 + sl, c0 = 128 * st;
-#pragma unroll
-            for (int i = 0; i < T; ++i)
-#pragma unroll
-                for (int q = 0; q < 8; ++q) {
-                    const int r = 2 * q + (lane >> 4), c = lane & 15;
-                    const int n = min(n0 + 16 * i + r, N - 1), col = c0 + 8 * c;
-                    const int bytes = col < K ? 16 : 0;
-                    ds_cp_async16(&dst[((i * 4 + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
-                                  wbase + (size_t)n * K + (bytes ? col : 0), bytes);
-                }
-            for (int e = lane; e < ng * T * 16; e += 32) {
-                const int gi = e / (T * 16), rr = e % (T * 16);
-                const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[gi]);
-                if (words != nullptr) {
-                    const int n = min(n0 + rr, N - 1);
-                    ds_cp_async16(&dst[W_U4 + e], words + (size_t)n * W + 4 * st, 16);
-                }
-            }
+    auto issue = [&](int st, int slot) {
+        if (st >= NST) return;
+        char* dst = ring + slot * slot_b;
+        uint64_t* bar = &bars[warp][slot];
+        if (lane == 0) ds_bar_expect(bar, stage_bytes);
+        __syncwarp();
+        const int c0 = 128 * st;
+        ds_bulk_g2s(dst + lane * DS_ROWB, wbase + (size_t)wrow * K + c0, 256, bar);
+        if (lane < M) ds_bulk_g2s(dst + W_B + lane * DS_ROWB, x + (size_t)xrow * K + c0, 256, bar);
+        for (int gi = 0; gi < ng; ++gi) {
+            const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[gi]);
+            if (words != nullptr)
+                ds_bulk_g2s(dst + W_B + X_B + (gi * 32 + lane) * 16, words + (size_t)wrow * W + 4 * st,
+                            16, bar);
         }
-        ds_cp_async_commit();
     };
 
     float acc[T][RT][4];
@@ -1242,24 +1249,30 @@ __device__ __forceinline__ void ds_mergedks_bf16_body(const GroupTable& tab,
             for (int q = 0; q < 4; ++q) acc[i][nt][q] = 0.f;
 
 #pragma unroll
-    for (int s = 0; s < S - 1; ++s) issue(s, s);
-    ds_cp_async_wait<S - 1>();  // this thread's x copies (the oldest group)
-    __syncthreads();            // everyone's
-    for (int sl = 0; sl < nwork; ++sl) {
-        ds_cp_async_wait<S - 2>();
+    for (int s = 0; s < S - 1; ++s) issue(warp + NW * s, s);
+    int step = 0;
+    for (int st = warp; st < NST; st += NW, ++step) {
+        const int slot = step % S;
+        ds_bar_wait(&bars[warp][slot], (uint32_t)(step / S) & 1u);
+        // The slot refilled here was read in the previous iteration, which every lane has left
+        // (generic-proxy reads, ordered before the bulk copies' async-proxy writes).
         __syncwarp();
-        issue(sl + S - 1, (sl + S - 1) % S);
-        const uint4* cur = ring + (sl % S) * slot_u4;
-        const uint4* xcur = xs + (size_t)sl * X_U4;
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        issue(st + NW * (S - 1), (step + S - 1) % S);
+        const char* cur = ring + slot * slot_b;
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
             uint4 wv[T][2], xv[RT];
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * 4 + ks) * 2 + h) * 32 + lane];
+                for (int h = 0; h < 2; ++h)
+                    wv[i][h] = *reinterpret_cast<const uint4*>(cur + (16 * i + g + 8 * h) * DS_ROWB +
+                                                               64 * ks + 16 * t);
 #pragma unroll
-            for (int nt = 0; nt < RT; ++nt) xv[nt] = xcur[(nt * 4 + ks) * 32 + lane];
+            for (int nt = 0; nt < RT; ++nt)
+                xv[nt] = *reinterpret_cast<const uint4*>(cur + W_B + (8 * nt + g) * DS_ROWB + 64 * ks +
+                                                         16 * t);
             for (int gi = 0; gi < ng; ++gi) {
                 const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
                 const bool delta = tab.words[gi] != 0ull;
@@ -1272,8 +1285,8 @@ __device__ __forceinline__ void ds_mergedks_bf16_body(const GroupTable& tab,
                     for (int h = 0; h < 2; ++h) {
                         const uint32_t w4[4] = {wv[i][h].x, wv[i][h].y, wv[i][h].z, wv[i][h].w};
                         if (delta) {
-                            const uint32_t word = reinterpret_cast<const uint32_t*>(
-                                &cur[W_U4 + (gi * T + i) * 16 + g + 8 * h])[ks];
+                            const uint32_t word = *reinterpret_cast<const uint32_t*>(
+                                cur + W_B + X_B + (gi * 32 + 16 * i + g + 8 * h) * 16 + 4 * ks);
                             const uint32_t b = __byte_perm(word, 0u, 0x4440u | (uint32_t)t);
                             const uint32_t u = b * 0x8001u;
                             a[i][h][0] = ds_fma_bf16x2(ds_sign_pair<15>(u), s2, w4[0]);
@@ -1300,10 +1313,9 @@ __device__ __forceinline__ void ds_mergedks_bf16_body(const GroupTable& tab,
             }
         }
     }
-    ds_cp_async_wait<0>();
-    __syncthreads();  // the rings are free: the partial sums go where they were
+    __syncthreads();  // every warp's copies have landed (waited) and been read: reuse the rings
+    float* red = reinterpret_cast<float*>(ds_dyn_smem);
     constexpr int E = T * RT * 4;
-    float* red = reinterpret_cast<float*>(ds_dyn_smem + (size_t)SPB * X_U4);
 #pragma unroll
     for (int i = 0; i < T; ++i)
 #pragma unroll
@@ -1311,43 +1323,32 @@ __device__ __forceinline__ void ds_mergedks_bf16_body(const GroupTable& tab,
 #pragma unroll
             for (int q = 0; q < 4; ++q)
                 red[((size_t)warp * E + (i * RT + nt) * 4 + q) * 32 + lane] = acc[i][nt][q];
-    cluster.sync();  // every block's partial sums are written
-    const float* part[DS_KSPLIT];
-#pragma unroll
-    for (int r = 0; r < DS_KSPLIT; ++r) part[r] = cluster.map_shared_rank(red, r);
-    const int total = NW * E * 32, share = (total + DS_KSPLIT - 1) / DS_KSPLIT;
-    const int lo = rank * share, hi = min(lo + share, total);
-    for (int idx = lo + (int)threadIdx.x; idx < hi; idx += blockDim.x) {
-        const int ln = idx & 31, e = (idx >> 5) % E, w = (idx >> 5) / E;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
+        const int e = idx >> 5, ln = idx & 31;
         const int q = e & 3, nt = (e >> 2) % RT, i = (e >> 2) / RT;
-        const int n = (blockIdx.x * NW + w) * 16 * T + 16 * i + (ln >> 2) + ((q >> 1) << 3);
+        const int n = n0 + 16 * i + (ln >> 2) + ((q >> 1) << 3);
         const int j = 8 * nt + 2 * (ln & 3) + (q & 1);
         if (n < N && j < M) {
             float v = 0.f;
-#pragma unroll
-            for (int r = 0; r < DS_KSPLIT; ++r) v += part[r][idx];
+            for (int w = 0; w < NW; ++w) v += red[((size_t)w * E + e) * 32 + ln];
             y[(size_t)group_row(tab, 0, j) * N + n] = __float2bfloat16(v);
         }
     }
-    cluster.sync();  // no block leaves while another still reads its shared memory
 }
 
-#define DS_MERGEDKS_KERNEL(RT, S)                                                               \
-    extern "C" __global__ void __cluster_dims__(1, DS_KSPLIT, 1) __launch_bounds__(256)         \
-        ds_mergedks_bf16_r##RT##_s##S(const GroupTable tab, const __nv_bfloat16* __restrict__ x, \
-                                      const __nv_bfloat16* __restrict__ wbase,                  \
-                                      __nv_bfloat16* __restrict__ y, int M, int N, int K, int W) { \
-        ds_mergedks_bf16_body<RT, S>(tab, x, wbase, y, M, N, K, W);                             \
+#define DS_MERGEDB_KERNEL(RT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) ds_mergedb_bf16_r##RT(                    \
+        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
+        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
+        int K, int W) {                                                                         \
+        ds_mergedb_bf16_body<RT>(tab, x, wbase, y, M, N, K, W);                                 \
     }
 
-DS_MERGEDKS_KERNEL(1, 2)
-DS_MERGEDKS_KERNEL(2, 2)
-DS_MERGEDKS_KERNEL(3, 2)
-DS_MERGEDKS_KERNEL(4, 2)
-DS_MERGEDKS_KERNEL(1, 3)
-DS_MERGEDKS_KERNEL(2, 3)
-DS_MERGEDKS_KERNEL(3, 3)
-DS_MERGEDKS_KERNEL(4, 3)
+DS_MERGEDB_KERNEL(1)
+DS_MERGEDB_KERNEL(2)
+DS_MERGEDB_KERNEL(3)
+DS_MERGEDB_KERNEL(4)
 
 // ---------------------------------------------------------------------------------------------
 // CUDA-core paths: exact in the accumulator type, any input dtype.
