@@ -778,7 +778,11 @@ fn merged_bulk(
     n: usize,
     k: usize,
 ) -> candle_core::Result<()> {
-    const STAGES: usize = 3;
+    // EXPERIMENT (removed before the pass ends): ring depth 3 or 5 from the environment.
+    let stages: usize = match std::env::var("DELTASERVE_MERGEDB_STAGES").as_deref() {
+        Ok("5") => 5,
+        _ => 3,
+    };
     /// Bytes per row segment in shared memory (`DS_ROWB`).
     const ROWB: usize = 320;
     const SMEM_PER_SM: usize = 228 * 1024;
@@ -797,16 +801,25 @@ fn merged_bulk(
         .saturating_sub(2048)
         .min(SMEM_PER_BLOCK_MAX);
     let slot_bytes = 32 * ROWB + rt * 8 * ROWB + groups * 512;
-    let warps = (budget / (STAGES * slot_bytes)).min(8);
+    // Where the resident grid leaves no room for one warp, fewer blocks per SM.
+    let mut warps = (budget / (stages * slot_bytes)).min(8);
+    if warps == 0 {
+        warps = (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(8);
+    }
+    let stages = if warps == 0 { 3 } else { stages };
+    if warps == 0 {
+        warps = (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(8);
+    }
     if warps == 0 {
         candle_core::bail!(
             "delta_linear (merged, bulk): {groups} groups need {} bytes of shared memory per warp, more than the {budget} a block may have. This is a bug.",
-            STAGES * slot_bytes
+            stages * slot_bytes
         )
     }
-    let smem = warps * STAGES * slot_bytes;
-    let f = dev.get_or_load_custom_func(&format!("ds_mergedb_bf16_r{rt}"), MODULE, PTX)?;
-    opt_in_smem(dev, &f, &format!("b_r{rt}"), SMEM_PER_BLOCK_MAX)?;
+    let smem = warps * stages * slot_bytes;
+    let f =
+        dev.get_or_load_custom_func(&format!("ds_mergedb_bf16_r{rt}_s{stages}"), MODULE, PTX)?;
+    opt_in_smem(dev, &f, &format!("b_r{rt}_s{stages}"), SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     let mut b = f.builder();

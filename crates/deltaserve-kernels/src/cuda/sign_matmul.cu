@@ -1184,13 +1184,13 @@ __device__ __forceinline__ void ds_bar_wait(uint64_t* bar, uint32_t phase) {
     } while (!done);
 }
 
-template <int RT>
+template <int RT, int S>
 __device__ __forceinline__ void ds_mergedb_bf16_body(const GroupTable& tab,
                                                      const __nv_bfloat16* __restrict__ x,
                                                      const __nv_bfloat16* __restrict__ wbase,
                                                      __nv_bfloat16* __restrict__ y, int M, int N,
                                                      int K, int W) {
-    constexpr int T = 2, S = 3;
+    constexpr int T = 2;
     extern __shared__ uint4 ds_dyn_smem[];
     __shared__ uint64_t bars[8][S];
     const int NW = blockDim.x >> 5;
@@ -1337,18 +1337,22 @@ __device__ __forceinline__ void ds_mergedb_bf16_body(const GroupTable& tab,
     }
 }
 
-#define DS_MERGEDB_KERNEL(RT)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) ds_mergedb_bf16_r##RT(                    \
+#define DS_MERGEDB_KERNEL(RT, S)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) ds_mergedb_bf16_r##RT##_s##S(             \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_mergedb_bf16_body<RT>(tab, x, wbase, y, M, N, K, W);                                 \
+        ds_mergedb_bf16_body<RT, S>(tab, x, wbase, y, M, N, K, W);                              \
     }
 
-DS_MERGEDB_KERNEL(1)
-DS_MERGEDB_KERNEL(2)
-DS_MERGEDB_KERNEL(3)
-DS_MERGEDB_KERNEL(4)
+DS_MERGEDB_KERNEL(1, 3)
+DS_MERGEDB_KERNEL(2, 3)
+DS_MERGEDB_KERNEL(3, 3)
+DS_MERGEDB_KERNEL(4, 3)
+DS_MERGEDB_KERNEL(1, 5)
+DS_MERGEDB_KERNEL(2, 5)
+DS_MERGEDB_KERNEL(3, 5)
+DS_MERGEDB_KERNEL(4, 5)
 
 // ---------------------------------------------------------------------------------------------
 // CUDA-core paths: exact in the accumulator type, any input dtype.
