@@ -11,10 +11,11 @@
 //!   for `f64`). The tensor-core trick would round `x` to bf16.
 //! - **backward** (`g · S`): CUDA cores, any of those dtypes.
 //!
-//! - **a whole decode layer** ([`crate::delta_linear`], [`delta_linear_fused`]): one kernel reads
-//!   the base bf16 weight and the tenant's bits in one pass, the base product on tensor cores
-//!   with `x` loaded as it is (no prep for that half); [`crate::tenant_delta_matmul_add`] instead
-//!   adds a precomputed base product in the delta kernel's store.
+//! - **a whole decode layer** ([`crate::delta_linear`], [`delta_linear_fused`]): one kernel streams
+//!   the base bf16 weight and the tenant's bits, forms `W_base + scale · S` in registers (rounded
+//!   once to bf16, as a merged checkpoint is) and multiplies it by `x` on tensor cores;
+//!   [`crate::tenant_delta_matmul_add`] instead adds a precomputed base product in the delta
+//!   kernel's store.
 //! - **bf16 decode with at most 2 rows per delta** (many tenants, one row each): int8 tensor
 //!   cores. x is written as 3 signed base-256 digits of a per-row fixed-point form, one LOP3
 //!   makes four 0/2^p sign values, `mma.sync` m16n8k32 u8 x s8 sums exactly in s32; half the
@@ -75,25 +76,8 @@ pub enum Bf16Path {
     Simple,
 }
 
-/// Which one-kernel decode layer [`delta_linear_fused_with`] runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FusedKernel {
-    /// `ds_merged_bf16_t2_*`: every thread forms `Wbase + scale · S` of the weights it holds,
-    /// rounded once to bf16, and feeds one bf16 mma; 32 features per block, stages moved by
-    /// 16-byte `cp.async`; at most 8 groups.
-    #[default]
-    Merged,
-    /// `ds_mergedb_bf16_*`: the same with the stages moved by the bulk copy engine
-    /// (`cp.async.bulk`, one row segment per lane); needs `K % 128 == 0`.
-    MergedBulk,
-    /// `ds_fused_bf16_*`: the base and delta products computed separately in one pass (the
-    /// third pass's fused kernel); any of up to 32 groups.
-    OnePass,
-}
-
-/// Groups (tenants, plus the base-only rows as one) the merged kernel takes
-/// (`DS_MERGED_MAX_GROUPS`).
-pub const MERGED_MAX_GROUPS: usize = 8;
+/// Groups (tenants, plus the base-only rows as one) the fused layer takes.
+pub const FUSED_MAX_GROUPS: usize = 8;
 
 /// Routing for one launch; mirrors `struct GroupTable` in the `.cu` file field for field.
 #[repr(C)]
@@ -487,33 +471,14 @@ fn prep(
 }
 
 /// Whether the fused kernel ([`delta_linear_fused`]) applies: bf16 `x` (M ≤ 32 rows) and base
-/// weight on CUDA, `K % 8 == 0`, `ceil(K/32) % 4 == 0`, 16-byte aligned starts, and every group
-/// in one launch (at most 32 distinct tenants, counting the base-only rows as one).
+/// weight on CUDA, `K % 8 == 0`, `ceil(K/32) % 4 == 0`, 16-byte aligned starts, and at most
+/// [`FUSED_MAX_GROUPS`] groups (distinct tenants, counting the base-only rows as one).
 pub fn fused_ok(
     x: &Tensor,
     w_base: &Tensor,
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
 ) -> bool {
-    fused_ok_with(x, w_base, row_slot, deltas, FusedKernel::OnePass)
-}
-
-/// [`fused_ok`] for a chosen kernel: the merged kernels take at most [`MERGED_MAX_GROUPS`]
-/// groups (tenants, plus the base-only rows as one).
-pub fn fused_ok_with(
-    x: &Tensor,
-    w_base: &Tensor,
-    row_slot: &[Option<u32>],
-    deltas: &[&SignDelta],
-    kind: FusedKernel,
-) -> bool {
-    let max_groups = if kind == FusedKernel::OnePass {
-        MAX_GROUPS
-    } else {
-        MERGED_MAX_GROUPS
-    };
-    let bulk_ok =
-        kind != FusedKernel::MergedBulk || x.dims().last().is_some_and(|k| k.is_multiple_of(128));
     let aligned = |t: &Tensor, bytes: usize| {
         t.is_contiguous() && (t.layout().start_offset() * bytes).is_multiple_of(16)
     };
@@ -530,33 +495,20 @@ pub fn fused_ok_with(
         && row_slot.len() <= GROUP_ROWS
         && k.is_multiple_of(8)
         && words_per_row(k).is_multiple_of(4)
-        && used.len() <= max_groups
-        && bulk_ok
+        && used.len() <= FUSED_MAX_GROUPS
         && aligned(x, 2)
         && aligned(w_base, 2)
         && deltas.iter().all(|d| aligned(d.signs().words(), 4))
 }
 
-/// [`crate::delta_linear`] on the one-kernel path whatever the batch (`ds_fused_bf16_*`: the base
-/// weight and every tenant's bits read in one pass), for tests and benchmarks; an error where
-/// [`fused_ok`] is false.
+/// [`crate::delta_linear`] on the one-kernel path whatever the batch (`ds_fused_bf16_*`: each
+/// group's rows times `W_base + scale · S`, merged in registers and rounded once to bf16), for
+/// tests and benchmarks; an error where [`fused_ok`] is false.
 pub fn delta_linear_fused(
     x: &Tensor,
     w_base: &Tensor,
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
-) -> candle_core::Result<Tensor> {
-    delta_linear_fused_with(x, w_base, row_slot, deltas, FusedKernel::OnePass)
-}
-
-/// [`delta_linear_fused`] on a chosen one-kernel layer (tests and `bench kernels` time them side
-/// by side); an error where [`fused_ok_with`] is false.
-pub fn delta_linear_fused_with(
-    x: &Tensor,
-    w_base: &Tensor,
-    row_slot: &[Option<u32>],
-    deltas: &[&SignDelta],
-    kind: FusedKernel,
 ) -> candle_core::Result<Tensor> {
     let first = deltas.first().ok_or(KernelError::NoDeltas)?;
     let (m, k) = x.dims2()?;
@@ -570,10 +522,10 @@ pub fn delta_linear_fused_with(
             first.k()
         )
     }
-    if !fused_ok_with(x, w_base, row_slot, deltas, kind) {
-        candle_core::bail!("delta_linear_fused: this batch does not fit the {kind:?} kernel (bf16, M <= 32, K % 8 == 0, ceil(K/32) % 4 == 0, <= 32 groups, <= {MERGED_MAX_GROUPS} for the merged kernels); use delta_linear")
+    if !fused_ok(x, w_base, row_slot, deltas) {
+        candle_core::bail!("delta_linear_fused: this batch does not fit the fused kernel (bf16, M <= 32, K % 8 == 0, ceil(K/32) % 4 == 0, <= {FUSED_MAX_GROUPS} groups); use delta_linear")
     }
-    crate::ops::delta_linear_fused_op(x, w_base, row_slot, deltas, kind)
+    crate::ops::delta_linear_fused_op(x, w_base, row_slot, deltas)
 }
 
 /// `cuda_fwd` of [`crate::delta_linear`] on the fused kernel (the caller checked [`fused_ok`] and
@@ -585,7 +537,6 @@ pub(crate) fn delta_linear_fwd(
     w_layout: &Layout,
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
-    kind: FusedKernel,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = x.device();
     let first = deltas.first().ok_or(KernelError::NoDeltas)?;
@@ -651,45 +602,11 @@ pub(crate) fn delta_linear_fwd(
     let (ws, wstart) = (w.as_cuda_slice::<bf16>()?, w_layout.start_offset());
     let xv = xs.slice(xstart..xstart + m * k);
     let wv = ws.slice(wstart..wstart + n * k);
-    // SAFETY: every block writes its 16 features of all m rows.
+    // SAFETY: every block writes its 32 features of all m rows.
     let mut y = unsafe { dev.alloc::<bf16>(m * n) }?;
-    if m > 0 && n > 0 && kind != FusedKernel::OnePass {
+    if m > 0 && n > 0 {
         let table = tables.first().copied().unwrap_or(GroupTable::empty(false));
-        if kind == FusedKernel::MergedBulk {
-            merged_bulk(dev, &table, &xv, &wv, &mut y, m, n, k)?;
-        } else {
-            merged(dev, &table, &xv, &wv, &mut y, m, n, k, 2)?;
-        }
-    } else if m > 0 && n > 0 {
-        let (xp, corr, kp) = prep(dev, &xv, m, k)?;
-        let rt = m.div_ceil(8).max(1);
-        let f = dev.get_or_load_custom_func(&format!("ds_fused_bf16_r{rt}"), MODULE, PTX)?;
-        let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
-        let (w_i, kp_i) = (
-            to_i32(words_per_row(k), "ceil(K/32)")?,
-            to_i32(kp, "padded K")?,
-        );
-        let table = tables.first().copied().unwrap_or(GroupTable::empty(false));
-        let mut b = f.builder();
-        b.arg(&table)
-            .arg(&xv)
-            .arg(&wv)
-            .arg(&xp)
-            .arg(&corr)
-            .arg(&mut y)
-            .arg(&m_i)
-            .arg(&n_i)
-            .arg(&k_i)
-            .arg(&w_i)
-            .arg(&kp_i);
-        let cfg = LaunchConfig {
-            grid_dim: (to_u32(n.div_ceil(16))?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: arguments match `ds_fused_bf16_r*`; x is (m, k), w (n, k), words (n, w) with
-        // the alignment `fused_ok` checked.
-        unsafe { b.launch(cfg) }.w()?;
+        fused(dev, &table, &xv, &wv, &mut y, m, n, k)?;
     }
     drop(locks);
     Ok((
@@ -698,13 +615,12 @@ pub(crate) fn delta_linear_fwd(
     ))
 }
 
-/// Launches `ds_merged_bf16_t{tiles}_r*` for one table (at most [`MERGED_MAX_GROUPS`] groups, M <= 32
-/// rows): each block owns `16 · tiles` features; the per-warp cp.async rings live in dynamic
-/// shared memory, sized so that the whole grid is resident at once (blocks of one SM then share
-/// the memory system evenly, with no tail wave), with as many warps (up to 8) as that leaves room
-/// for.
+/// Launches `ds_fused_bf16_r*` for one table (at most [`FUSED_MAX_GROUPS`] groups, M <= 32 rows):
+/// each block owns 32 features; the per-warp cp.async rings live in dynamic shared memory, sized
+/// so that the whole grid is resident at once (blocks of one SM then share the memory system
+/// evenly, with no tail wave), with as many warps (up to 8) as that leaves room for.
 #[allow(clippy::too_many_arguments)]
-fn merged(
+fn fused(
     dev: &CudaDevice,
     table: &GroupTable,
     x: &CudaView<'_, bf16>,
@@ -713,113 +629,38 @@ fn merged(
     m: usize,
     n: usize,
     k: usize,
-    tiles: usize,
 ) -> candle_core::Result<()> {
-    /// Ring slots per warp (`S` in `ds_merged_bf16_body`).
+    /// Ring slots per warp (`S` in `ds_fused_bf16_body`).
     const STAGES: usize = 3;
     /// Shared memory per SM on sm_90 (228 KiB), less 1 KiB the runtime reserves per block.
     const SMEM_PER_SM: usize = 228 * 1024;
     const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
     let groups = table.n_groups as usize;
-    if groups > MERGED_MAX_GROUPS || m > GROUP_ROWS {
-        candle_core::bail!("delta_linear (merged): {m} rows in {groups} groups. This is a bug.")
-    }
-    let rt = m.div_ceil(8).max(1);
-    let blocks = n.div_ceil(16 * tiles);
-    let per_sm = blocks.div_ceil(multiprocessors(dev)).max(1);
-    let budget = (SMEM_PER_SM / per_sm)
-        .saturating_sub(1024)
-        .min(SMEM_PER_BLOCK_MAX);
-    // uint4 per ring slot: W (tiles x 256), x (rt x 128), bits (groups x tiles x 16).
-    let slot_bytes = 16 * (tiles * 256 + rt * 128 + groups * tiles * 16);
-    let warps = (budget / (STAGES * slot_bytes)).min(8);
-    if warps == 0 {
-        candle_core::bail!(
-            "delta_linear (merged): {groups} groups need {} bytes of shared memory per warp, more than the {budget} a block may have. This is a bug (fused_ok_with admits at most {MERGED_MAX_GROUPS}).",
-            STAGES * slot_bytes
-        )
-    }
-    let smem = warps * STAGES * slot_bytes;
-    let f = dev.get_or_load_custom_func(&format!("ds_merged_bf16_t{tiles}_r{rt}"), MODULE, PTX)?;
-    opt_in_smem(dev, &f, &format!("t{tiles}_r{rt}"), SMEM_PER_BLOCK_MAX)?;
-    let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
-    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
-    let mut b = f.builder();
-    b.arg(table)
-        .arg(x)
-        .arg(w)
-        .arg(&mut *y)
-        .arg(&m_i)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&w_i);
-    let cfg = LaunchConfig {
-        grid_dim: (to_u32(blocks)?, 1, 1),
-        block_dim: (to_u32(32 * warps)?, 1, 1),
-        shared_mem_bytes: to_u32(smem)?,
-    };
-    // SAFETY: arguments match `ds_merged_bf16_t*_r*`; x is (m, k), w (n, k), the table's words
-    // (n, ceil(k/32)) with the alignment `fused_ok_with` checked; smem as the kernel computes it.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
-}
-
-/// Launches `ds_mergedb_bf16_r*` for one table (at most [`MERGED_MAX_GROUPS`] groups, M <= 32 rows,
-/// `K % 128 == 0`): 32 features per block, a 3-slot ring per warp in dynamic shared memory sized
-/// so that the whole grid is resident at once, with as many warps (up to 8) as fit.
-#[allow(clippy::too_many_arguments)]
-fn merged_bulk(
-    dev: &CudaDevice,
-    table: &GroupTable,
-    x: &CudaView<'_, bf16>,
-    w: &CudaView<'_, bf16>,
-    y: &mut CudaSlice<bf16>,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> candle_core::Result<()> {
-    // EXPERIMENT (removed before the pass ends): ring depth 3 or 5 from the environment.
-    let stages: usize = match std::env::var("DELTASERVE_MERGEDB_STAGES").as_deref() {
-        Ok("5") => 5,
-        _ => 3,
-    };
-    /// Bytes per row segment in shared memory (`DS_ROWB`).
-    const ROWB: usize = 320;
-    const SMEM_PER_SM: usize = 228 * 1024;
-    /// 227 KiB per block, less the kernel's static mbarriers (and some slack).
-    const SMEM_PER_BLOCK_MAX: usize = 226 * 1024;
-    let groups = table.n_groups as usize;
-    if groups > MERGED_MAX_GROUPS || m > GROUP_ROWS || !k.is_multiple_of(128) {
-        candle_core::bail!(
-            "delta_linear (merged, bulk): {m} rows in {groups} groups, K = {k}. This is a bug."
-        )
+    if groups > FUSED_MAX_GROUPS || m > GROUP_ROWS {
+        candle_core::bail!("delta_linear (fused): {m} rows in {groups} groups. This is a bug.")
     }
     let rt = m.div_ceil(8).max(1);
     let blocks = n.div_ceil(32);
     let per_sm = blocks.div_ceil(multiprocessors(dev)).max(1);
     let budget = (SMEM_PER_SM / per_sm)
-        .saturating_sub(2048)
+        .saturating_sub(1024)
         .min(SMEM_PER_BLOCK_MAX);
-    let slot_bytes = 32 * ROWB + rt * 8 * ROWB + groups * 512;
-    // Where the resident grid leaves no room for one warp, fewer blocks per SM.
-    let mut warps = (budget / (stages * slot_bytes)).min(8);
-    if warps == 0 {
-        warps = (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(8);
-    }
-    let stages = if warps == 0 { 3 } else { stages };
-    if warps == 0 {
-        warps = (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(8);
-    }
+    // Bytes per ring slot: W (2 x 16 rows x 256), x (rt x 8 rows x 256), bits (groups x 32 x 16).
+    let slot_bytes = 16 * (2 * 256 + rt * 128 + groups * 2 * 16);
+    // Where the resident grid leaves no room for one warp (many blocks per SM), fewer blocks.
+    let warps = match (budget / (STAGES * slot_bytes)).min(8) {
+        0 => (SMEM_PER_BLOCK_MAX / (STAGES * slot_bytes)).min(8),
+        w => w,
+    };
     if warps == 0 {
         candle_core::bail!(
-            "delta_linear (merged, bulk): {groups} groups need {} bytes of shared memory per warp, more than the {budget} a block may have. This is a bug.",
-            stages * slot_bytes
+            "delta_linear (fused): {groups} groups need {} bytes of shared memory per warp, more than a block may have. This is a bug (fused_ok admits at most {FUSED_MAX_GROUPS}).",
+            STAGES * slot_bytes
         )
     }
-    let smem = warps * stages * slot_bytes;
-    let f =
-        dev.get_or_load_custom_func(&format!("ds_mergedb_bf16_r{rt}_s{stages}"), MODULE, PTX)?;
-    opt_in_smem(dev, &f, &format!("b_r{rt}_s{stages}"), SMEM_PER_BLOCK_MAX)?;
+    let smem = warps * STAGES * slot_bytes;
+    let f = dev.get_or_load_custom_func(&format!("ds_fused_bf16_r{rt}"), MODULE, PTX)?;
+    opt_in_smem(dev, &f, &format!("ds_fused_bf16_r{rt}"), SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     let mut b = f.builder();
@@ -836,9 +677,8 @@ fn merged_bulk(
         block_dim: (to_u32(32 * warps)?, 1, 1),
         shared_mem_bytes: to_u32(smem)?,
     };
-    // SAFETY: arguments match `ds_mergedb_bf16_r*`; x is (m, k), w (n, k) with k % 128 == 0, the
-    // table's words (n, k/32), 16-byte aligned as `fused_ok_with` checked; smem as the kernel
-    // computes it.
+    // SAFETY: arguments match `ds_fused_bf16_r*`; x is (m, k), w (n, k), the table's words
+    // (n, ceil(k/32)) with the alignment `fused_ok` checked; smem as the kernel computes it.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }

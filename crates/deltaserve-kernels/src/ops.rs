@@ -113,11 +113,12 @@ pub fn tenant_delta_matmul_add(
 /// A whole delta linear layer: `x · W_baseᵀ + tenant_delta_matmul(x, row_slot, deltas)`, with
 /// `x (M, K)` and `w_base (N, K)`.
 ///
-/// On CUDA, for a decode batch of one row, or of at most [`FUSED_MAX_ROWS`] rows when
-/// `N <= 8192`, that all use one tenant (or the base), bf16, `K % 8 == 0` and `ceil(K/32) % 4 == 0`, one kernel reads the base weight and
-/// the tenant's bits in one pass (the base product on tensor cores too):
-/// [`crate::cuda::delta_linear_fused`]. That kernel takes up to 32 rows and 32 tenants, but on
-/// the H100 it beat the unfused step only for one tenant and few rows (BENCHMARKS.md), so other
+/// On CUDA, for a decode batch of at most [`FUSED_MAX_ROWS`] rows, or of at most 32 rows when
+/// `N <= 8192`, that all use one tenant (or the base), bf16, `K % 8 == 0` and
+/// `ceil(K/32) % 4 == 0`, one kernel streams the base weight and the tenant's bits and multiplies
+/// `x` by `W_base + scale · S`, formed in registers and rounded once to bf16 as a merged
+/// checkpoint is: [`crate::cuda::delta_linear_fused`]. That kernel takes up to 8 tenants, but on
+/// the H100 it beat the unfused step only for one tenant (BENCHMARKS.md, fourth pass), so other
 /// batches take candle's matmul and then [`tenant_delta_matmul_add`]. Forward only.
 pub fn delta_linear(
     x: &Tensor,
@@ -151,27 +152,23 @@ pub fn delta_linear(
         let mut tenants: Vec<u32> = row_slot.iter().flatten().copied().collect();
         tenants.sort_unstable();
         tenants.dedup();
-        // Measured on the H100: the fused kernel wins at M = 1 on every 7B shape, and at M = 8
-        // except for N = 11008 (688 blocks of 16 features, 1.3 waves).
-        if (m == 1 || (m <= FUSED_MAX_ROWS && first.n() <= 8192))
+        // Measured on the H100 (fourth pass), one tenant: the fused kernel wins at 1 and 8 rows
+        // on every 7B shape, and at 32 rows for N = 4096 (27.1 against 27.9 us unfused), but
+        // not for N = 11008 at 32 rows (78.3 against 61.0;
+        // there 344 blocks of one warp each, 3 per SM: not profiled further).
+        if (m <= FUSED_MAX_ROWS || (m <= 32 && first.n() <= 8192))
             && tenants.len() <= 1
             && crate::cuda::fused_ok(x, w_base, row_slot, deltas)
         {
-            return delta_linear_fused_op(
-                x,
-                w_base,
-                row_slot,
-                deltas,
-                crate::cuda::FusedKernel::OnePass,
-            );
+            return delta_linear_fused_op(x, w_base, row_slot, deltas);
         }
     }
     let base = x.matmul(&w_base.t()?)?;
     tenant_delta_matmul_add(&base, x, row_slot, deltas)
 }
 
-/// [`delta_linear`] takes the one-kernel CUDA path for batches of at most this many rows (and one
-/// tenant).
+/// [`delta_linear`] takes the one-kernel CUDA path for one-tenant batches of at most this many rows
+/// on any shape (and of up to 32 rows when `N <= 8192`).
 pub const FUSED_MAX_ROWS: usize = 8;
 
 /// Applies the fused op (the caller checked `cuda::fused_ok` and the shapes).
@@ -181,16 +178,8 @@ pub(crate) fn delta_linear_fused_op(
     w_base: &Tensor,
     row_slot: &[Option<u32>],
     deltas: &[&SignDelta],
-    kind: crate::cuda::FusedKernel,
 ) -> candle_core::Result<Tensor> {
-    x.apply_op2_no_bwd(
-        w_base,
-        &DeltaLinear {
-            row_slot,
-            deltas,
-            kind,
-        },
-    )
+    x.apply_op2_no_bwd(w_base, &DeltaLinear { row_slot, deltas })
 }
 
 /// The fused decode layer; see [`delta_linear`].
@@ -198,7 +187,6 @@ pub(crate) fn delta_linear_fused_op(
 struct DeltaLinear<'a> {
     row_slot: &'a [Option<u32>],
     deltas: &'a [&'a SignDelta],
-    kind: crate::cuda::FusedKernel,
 }
 
 #[cfg(feature = "cuda")]
@@ -224,15 +212,7 @@ impl candle_core::CustomOp2 for DeltaLinear<'_> {
         w: &candle_core::CudaStorage,
         w_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::delta_linear_fwd(
-            x,
-            x_layout,
-            w,
-            w_layout,
-            self.row_slot,
-            self.deltas,
-            self.kind,
-        )
+        crate::cuda::delta_linear_fwd(x, x_layout, w, w_layout, self.row_slot, self.deltas)
     }
 }
 

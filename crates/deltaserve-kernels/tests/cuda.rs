@@ -18,8 +18,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use deltaserve_kernels::cuda::{
-    delta_linear_fused, delta_linear_fused_with, fused_ok, fused_ok_with, sign_matmul_t_with,
-    tenant_delta_matmul_add_with, tenant_delta_matmul_with, Bf16Path, FusedKernel,
+    delta_linear_fused, fused_ok, sign_matmul_t_with, tenant_delta_matmul_add_with,
+    tenant_delta_matmul_with, Bf16Path,
 };
 use deltaserve_kernels::reference::{
     sign_matmul_n_ref, sign_matmul_t_ref, tenant_delta_matmul_ref,
@@ -502,11 +502,14 @@ fn tenant_delta_matmul_add_fuses_the_base_on_every_tensor_core_kernel() {
 fn delta_linear_fused_matches_base_plus_reference_delta() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(9);
+    let mut worst = 0f64;
     // Fused: M <= 32, K % 8 == 0 and ceil(K/32) % 4 == 0 (K = 1000, 4088, 128, 4096 + 128,
-    // 11008: stages of 128 columns, the last one partial for 1000 and 4088); 32 one-row tenants;
-    // N not a multiple of 16, 32 or 64. Merged kernels: at most 8 groups (7 tenants and
-    // base-only rows, 8 tenants of 4 interleaved rows, 32 rows of one tenant; every row count
-    // 1..32 of one n-tile or more). Not fused (the fallback must agree): K = 257, M = 40.
+    // 11008: stages of 128 columns, the last one partial for 1000 and 4088), at most 8 groups
+    // (7 tenants and base-only rows, 8 tenants of 4 interleaved rows, 32 rows of one tenant, 1 to
+    // 4 n-tiles of 8 rows); N not a multiple of 32. Not fused (the fallback must agree): 32
+    // one-row tenants, K = 257, M = 40.
+    // The fused kernel rounds W + scale S to bf16 before the product (relative 2^-9 per weight,
+    // ~1e-3 on the output, as a merged bf16 checkpoint): within the bf16 bound.
     for (m, n, k, num_deltas) in [
         (1, 65, 1000, 1),
         (8, 300, 4088, 3),
@@ -551,7 +554,14 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
         }
         let (xd, wd) = (x.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
         let fusable = fused_ok(&xd, &wd, &row_slot, &refs);
-        assert_eq!(fusable, k != 257 && m <= 32, "M={m} K={k}");
+        let mut groups: Vec<Option<u32>> = row_slot.clone();
+        groups.sort_unstable();
+        groups.dedup();
+        assert_eq!(
+            fusable,
+            k != 257 && m <= 32 && groups.len() <= 8,
+            "M={m} K={k}"
+        );
         // The routed op, then the fused kernel itself wherever it applies.
         let mut runs = vec![("delta_linear", {
             poison(&dev, m * n, DType::BF16);
@@ -564,28 +574,6 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
                 delta_linear_fused(&xd, &wd, &row_slot, &refs).unwrap(),
             ));
         }
-        let mut groups: Vec<Option<u32>> = row_slot.clone();
-        groups.sort_unstable();
-        groups.dedup();
-        for (what, kind) in [
-            ("merged", FusedKernel::Merged),
-            ("merged bulk", FusedKernel::MergedBulk),
-        ] {
-            let ok = fused_ok_with(&xd, &wd, &row_slot, &refs, kind);
-            let bulk_k = kind != FusedKernel::MergedBulk || k % 128 == 0;
-            assert_eq!(
-                ok,
-                fusable && groups.len() <= 8 && bulk_k,
-                "{what} M={m} K={k}"
-            );
-            if ok {
-                poison(&dev, m * n, DType::BF16);
-                runs.push((
-                    what,
-                    delta_linear_fused_with(&xd, &wd, &row_slot, &refs, kind).unwrap(),
-                ));
-            }
-        }
         for (what, y) in runs {
             assert_eq!(y.dims(), [m, n]);
             let err = rel_err(&flat(&y), &want);
@@ -593,8 +581,12 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
                 err < tol(DType::BF16),
                 "{what} M={m} N={n} K={k} D={num_deltas} slots {row_slot:?}: {err:.2e}"
             );
+            if what == "fused" {
+                worst = worst.max(err);
+            }
         }
     }
+    println!("worst relative error of the fused kernel: {worst:.1e}");
 }
 
 #[test]

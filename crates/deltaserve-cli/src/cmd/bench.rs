@@ -19,8 +19,8 @@
 //!   (`Bf16Path::Bf16`: the bf16 split-K kernel with 4 warps everywhere); the decode step is timed
 //!   unfused (base GEMV, delta, add: as the model runs it), with the add fused into the delta
 //!   kernel's store (base GEMV, then `tenant_delta_matmul_add`), and as one kernel
-//!   (`cuda::delta_linear_fused`: base weight and bits in one pass; `delta_linear` takes it only
-//!   where it wins).
+//!   (`cuda::delta_linear_fused`: `W_base + scale · S` formed in registers, up to 8 tenants;
+//!   `delta_linear` takes it only where it wins).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -112,26 +112,16 @@ struct Row {
     /// (`cuda::delta_linear_fused`).
     step_add_us: Option<f64>,
     step_fused_us: Option<f64>,
-    /// The merged one-kernel step (`FusedKernel::Merged`, 16-byte cp.async) and its
-    /// bulk-copy form (`FusedKernel::MergedBulk`, K % 128 == 0); at most 8 groups.
-    step_merged_us: Option<f64>,
-    step_merged_bulk_us: Option<f64>,
     step_floor_us: Option<f64>,
 }
 
 impl Row {
     /// The fastest decode step measured (fused when there is one).
     fn best_step_us(&self) -> Option<f64> {
-        [
-            self.step_us,
-            self.step_add_us,
-            self.step_fused_us,
-            self.step_merged_us,
-            self.step_merged_bulk_us,
-        ]
-        .into_iter()
-        .flatten()
-        .reduce(f64::min)
+        [self.step_us, self.step_add_us, self.step_fused_us]
+            .into_iter()
+            .flatten()
+            .reduce(f64::min)
     }
 }
 
@@ -239,9 +229,9 @@ fn kernels(args: KernelArgs) -> Result<()> {
         println!("\n## {n}x{k} (out x in): one delta = {:.2} MB of bits, dense bf16 = {:.1} MB; {} deltas and {} dense matrices rotated",
             delta_bits as f64 / 1e6, dense_bytes as f64 / 1e6, pool_len, dense.len());
         println!(
-            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
             "rows", "tenants", "bytes MB", "ours us", "GB/s", "%copy", "bf16 us", "%copy", "bf16/ours", "cudacore",
-            "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "merged", "mrg bulk", "floor us", "x best"
+            "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "floor us", "x best"
         );
         for &(rows, tenants) in &mixes {
             let x = Tensor::randn(0f32, 1f32, (rows, k), &device)?.to_dtype(DType::BF16)?;
@@ -268,7 +258,6 @@ fn kernels(args: KernelArgs) -> Result<()> {
             let (mut dense_us, mut dense_gbps) = (None, None);
             let (mut base_us, mut step_us, mut step_floor_us) = (None, None, None);
             let (mut step_add_us, mut step_fused_us) = (None, None);
-            let (mut step_merged_us, mut step_merged_bulk_us) = (None, None);
             if dense_ok {
                 let xs: Vec<Tensor> = (0..tenants)
                     .map(|t| {
@@ -308,37 +297,9 @@ fn kernels(args: KernelArgs) -> Result<()> {
                     let _y = tenant_delta_matmul_add(&base, &x, &slots, &set(i))?;
                     Ok(())
                 })?);
-                let wb = |i: usize| &dense[i % bsets];
-                step_fused_us = fused_time(
-                    &mut clock,
-                    iters,
-                    rounds,
-                    &x,
-                    &slots,
-                    &set,
-                    &wb,
-                    Fused::OnePass,
-                )?;
-                step_merged_us = fused_time(
-                    &mut clock,
-                    iters,
-                    rounds,
-                    &x,
-                    &slots,
-                    &set,
-                    &wb,
-                    Fused::Merged,
-                )?;
-                step_merged_bulk_us = fused_time(
-                    &mut clock,
-                    iters,
-                    rounds,
-                    &x,
-                    &slots,
-                    &set,
-                    &wb,
-                    Fused::MergedBulk,
-                )?;
+                step_fused_us = fused_time(&mut clock, iters, rounds, &x, &slots, &set, &|i| {
+                    &dense[i % bsets]
+                })?;
             }
             let row = Row {
                 n,
@@ -357,12 +318,10 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 step_us,
                 step_add_us,
                 step_fused_us,
-                step_merged_us,
-                step_merged_bulk_us,
                 step_floor_us,
             };
             println!(
-                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>8} {:>5}% {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>8} {:>5}% {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
                 rows,
                 tenants,
                 bytes as f64 / 1e6,
@@ -380,8 +339,6 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 opt(row.step_us, 1),
                 opt(row.step_add_us, 1),
                 opt(row.step_fused_us, 1),
-                opt(row.step_merged_us, 1),
-                opt(row.step_merged_bulk_us, 1),
                 opt(row.step_floor_us, 1),
                 opt(row.best_step_us().zip(row.step_floor_us).map(|(s, f)| s / f), 2),
             );
@@ -440,7 +397,6 @@ impl Report {
                     "dense_us": r.dense_us, "dense_gbps": r.dense_gbps, "base_us": r.base_us,
                     "step_us": r.step_us,
                     "step_add_us": r.step_add_us, "step_fused_us": r.step_fused_us,
-                    "step_merged_us": r.step_merged_us, "step_merged_bulk_us": r.step_merged_bulk_us,
                     "step_floor_us": r.step_floor_us,
                 })
             })
@@ -534,18 +490,9 @@ fn path_time<'a>(
     })?))
 }
 
-/// A one-kernel decode layer to time (the CUDA `FusedKernel`s).
-#[derive(Clone, Copy)]
-enum Fused {
-    OnePass,
-    Merged,
-    MergedBulk,
-}
-
-/// The one-kernel decode step (`delta_linear_fused_with`: base weight and bits in one pass);
-/// `None` off CUDA or where that kernel does not apply.
+/// The one-kernel decode step (`delta_linear_fused`: `W_base + scale · S` formed in registers);
+/// `None` off CUDA or where the fused kernel does not apply.
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn fused_time<'a>(
     clock: &mut Clock,
     iters: usize,
@@ -554,19 +501,13 @@ fn fused_time<'a>(
     slots: &[Option<u32>],
     set: &dyn Fn(usize) -> Vec<&'a SignDelta>,
     w: &dyn Fn(usize) -> &'a Tensor,
-    kind: Fused,
 ) -> Result<Option<f64>> {
-    use deltaserve_kernels::cuda::{delta_linear_fused_with, fused_ok_with, FusedKernel};
-    let kind = match kind {
-        Fused::OnePass => FusedKernel::OnePass,
-        Fused::Merged => FusedKernel::Merged,
-        Fused::MergedBulk => FusedKernel::MergedBulk,
-    };
-    if !x.device().is_cuda() || !fused_ok_with(x, w(0), slots, &set(0), kind) {
+    use deltaserve_kernels::cuda::{delta_linear_fused, fused_ok};
+    if !x.device().is_cuda() || !fused_ok(x, w(0), slots, &set(0)) {
         return Ok(None);
     }
     Ok(Some(clock.time(iters, rounds, |i| {
-        let _y = delta_linear_fused_with(x, w(i), slots, &set(i), kind)?;
+        let _y = delta_linear_fused(x, w(i), slots, &set(i))?;
         Ok(())
     })?))
 }
@@ -585,7 +526,6 @@ fn path_time<'a>(
 }
 
 #[cfg(not(feature = "cuda"))]
-#[allow(clippy::too_many_arguments)]
 fn fused_time<'a>(
     _: &mut Clock,
     _: usize,
@@ -594,7 +534,6 @@ fn fused_time<'a>(
     _: &[Option<u32>],
     _: &dyn Fn(usize) -> Vec<&'a SignDelta>,
     _: &dyn Fn(usize) -> &'a Tensor,
-    _: Fused,
 ) -> Result<Option<f64>> {
     Ok(None)
 }

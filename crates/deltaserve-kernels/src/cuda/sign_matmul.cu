@@ -14,8 +14,9 @@
 //   ds_prepi8_bf16,      the same for groups of at most 8 rows (decode) with int8 tensor cores
 //   ds_tci8_bf16_*       (mma.sync m16n8k32 u8 x s8, exact s32 sums): half the unpacking and
 //                        half the mma instructions; see "The int8 path" below.
-//   ds_fused_bf16_*      a whole decode delta linear layer, x . Wbase^T + the delta, in one kernel
-//                        (see "Fused delta linear layer" below).
+//   ds_fused_bf16_*      a whole decode delta linear layer, x . (Wbase + scale_g S_g)^T per row
+//                        group (up to 8; delta_linear sends one tenant), the sum formed in
+//                        registers, in one kernel (see "Fused delta linear layer" below).
 //   ds_fwd_simple_*      the same product on CUDA cores, f32 (f64) accumulation; for f32, f16 and
 //                        f64 inputs, where the bf16 tensor-core trick would round x.
 //   ds_bwd_simple_*      g . S (the gradient of x . S^T), CUDA cores.
@@ -678,279 +679,47 @@ DS_TCI8_KERNELS(1, 4)
 DS_TCI8_KERNELS(2, 4)
 
 // ---------------------------------------------------------------------------------------------
-// Fused delta linear layer for decode: y = x . Wbase^T + scale_t * (x . S_t^T), one kernel.
-//
-// Why. At decode the base GEMV reads N K bf16 values and already runs at the bandwidth floor, so a
-// separate delta launch (plus the add) costs more than the 1/16 x D extra bytes it reads. Here one
-// block owns 16 output features for all M <= 32 rows of the batch and streams, through a
-// per-warp cp.async ring in shared memory, first its 16 rows of Wbase and then, for every group
-// (tenant), the same 16 rows of that tenant's bits. The 8 warps of a block split K.
-//
-// The base product also runs on the tensor cores, with no rearranged copy of x: a thread (g, t)
-// copies 16 bytes (8 columns P .. P+7, P = 32 kstep + 8 t) of Wbase rows g and g + 8, and loads the
-// same 8 columns of row g of x. Its registers .x .y .z .w hold columns (P, P+1) (P+2, P+3)
-// (P+4, P+5) (P+6, P+7); used as a0 a2 of k-step 0 and a0 a2 of k-step 1 (and b0 b1 likewise),
-// mma index k = 2t, 2t+1, 2t+8, 2t+9 maps to the same physical column in A and in B, and the 4
-// threads t cover 32 distinct columns per kstep: the sum over k is taken in another order, which
-// does not change it. The delta steps unpack bits as ds_tc_bf16_body does (xp and corr from
-// ds_prep_bf16); each lane copies exactly the 16 bytes it later reads, so the ring needs no
-// barrier (cp.async.wait_group makes a thread's own copies visible to it).
-// Partial sums meet in shared memory (f32 atomics, one 16 x 32 tile per block); the store
-// subtracts scale * corr per row and rounds once to bf16.
-// Needs K % 8 == 0 (16-byte rows of W and x), W % 4 == 0, 16-byte aligned W, x and words, and one
-// GroupTable (at most 32 groups, M <= 32 rows).
-// Measured on the H100: one launch (plus the prep kernel) beats GEMV + delta + add for one tenant
-// and one row on every 7B shape (e.g. 4096x4096: 19.1 us against 26.6), but it is slower with
-// many tenants (each group's xp fragments are reloaded per warp) and with N = 11008 at 8 rows;
-// delta_linear (ops.rs) routes only the winning cases here.
-
-#define DS_FUSED_WARPS 8
-#define DS_FUSED_STAGES 5
-
-template <int RT>
-__device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
-                                                   const __nv_bfloat16* __restrict__ x,
-                                                   const __nv_bfloat16* __restrict__ wbase,
-                                                   const uint4* __restrict__ xp,
-                                                   const float* __restrict__ corr_part,
-                                                   __nv_bfloat16* __restrict__ y, int M, int N,
-                                                   int K, int W, int Kp) {
-    constexpr int S = DS_FUSED_STAGES, NW = DS_FUSED_WARPS;
-    __shared__ uint4 ring[NW][S][2][32];
-    __shared__ float out_s[16][33];
-    __shared__ float row_off[32];  // scale * corr of each row of x (0 for base-only rows)
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * 16;
-    const int SC = Kp / 512, KB = (K + 31) / 32;
-    const int n_groups = (int)tab.n_groups;
-
-    for (int i = threadIdx.x; i < 16 * 33; i += blockDim.x) (&out_s[0][0])[i] = 0.f;
-    // row_off: one warp per group, one lane per row of the group.
-    for (int grp = warp; grp < n_groups; grp += NW) {
-        const unsigned int rb = tab.row_begin[grp];
-        const int R = (int)(tab.row_begin[grp + 1] - rb);
-        if (lane < R) {
-            const int row = group_row(tab, rb, lane);
-            float off = 0.f;
-            if (tab.words[grp] != 0ull) {
-                const float* part = corr_part + (size_t)row * SC;
-                double c = 0.0;
-                for (int i = 0; i < SC; ++i) c += (double)part[i];
-                off = tab.scale[grp] * (float)c;
-            }
-            row_off[row] = off;
-        }
-    }
-
-    // This warp's steps: base ksteps warp, warp + NW, ... < KB; then for each group with a delta,
-    // its chunks warp, warp + NW, ... < SC. Producer cursor (p_grp = -1: base phase).
-    const int nbw = warp < KB ? (KB - 1 - warp) / NW + 1 : 0;
-    const int ncw = warp < SC ? (SC - 1 - warp) / NW + 1 : 0;
-    auto next_grp = [&](int grp) {
-        do { ++grp; } while (grp < n_groups && (tab.words[grp] == 0ull || ncw == 0));
-        return grp;
-    };
-    int p_grp = nbw > 0 ? -1 : next_grp(-1), p_i = 0;
-    auto issue = [&](int slot) {
-        if (p_grp < 0) {
-            const int P = 32 * (warp + NW * p_i) + 8 * t;
-            const int bytes = P < K ? 16 : 0;  // K % 8 == 0
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int n = min(n0 + g + 8 * h, N - 1);
-                ds_cp_async16(&ring[warp][slot][h][lane], wbase + (size_t)n * K + (bytes ? P : 0),
-                              bytes);
-            }
-            if (++p_i == nbw) {
-                p_i = 0;
-                p_grp = next_grp(-1);
-            }
-        } else if (p_grp < n_groups) {
-            const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[p_grp]);
-            const int wi = 16 * (warp + NW * p_i) + 4 * t;
-            const int bytes = wi < W ? 16 : 0;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int n = min(n0 + g + 8 * h, N - 1);
-                ds_cp_async16(&ring[warp][slot][h][lane], words + (size_t)n * W + (bytes ? wi : 0),
-                              bytes);
-            }
-            if (++p_i == ncw) {
-                p_i = 0;
-                p_grp = next_grp(p_grp);
-            }
-        }
-        ds_cp_async_commit();
-    };
-    __syncthreads();  // out_s zeroed, row_off written
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) issue(s);
-
-    const uint32_t one = 0x3F803F80u, half = 0x3F003F00u;
-    int step = 0;
-    // Base phase.
-    {
-        const __nv_bfloat16* xrow[RT];
-        bool xact[RT];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) {
-            const int j = 8 * rt + g;
-            xact[rt] = j < M;
-            xrow[rt] = x + (size_t)(xact[rt] ? j : 0) * K;
-        }
-        float acc[RT][4];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
-        // x for base step i (8 columns of row 8 rt + g), loaded one step ahead: each load is an
-        // L2 round trip that would otherwise sit between the ring wait and the mma.
-        auto load_x = [&](int i, uint4* bv) {
-            const int P = 32 * (warp + NW * i) + 8 * t;
-#pragma unroll
-            for (int rt = 0; rt < RT; ++rt) {
-                bv[rt] = make_uint4(0, 0, 0, 0);
-                if (i < nbw && xact[rt] && P < K)
-                    bv[rt] = __ldg(reinterpret_cast<const uint4*>(xrow[rt] + P));
-            }
-        };
-        uint4 bv[RT], bn[RT];
-        load_x(0, bv);
-        for (int i = 0; i < nbw; ++i, ++step) {
-            load_x(i + 1, bn);
-            ds_cp_async_wait<S - 2>();
-            const uint4 lo = ring[warp][step % S][0][lane], hi = ring[warp][step % S][1][lane];
-            issue((step + S - 1) % S);
-#pragma unroll
-            for (int rt = 0; rt < RT; ++rt) {
-                ds_mma_bf16(acc[rt], lo.x, hi.x, lo.y, hi.y, bv[rt].x, bv[rt].y);
-                ds_mma_bf16(acc[rt], lo.z, hi.z, lo.w, hi.w, bv[rt].z, bv[rt].w);
-                bv[rt] = bn[rt];
-            }
-        }
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int f = g + ((q >> 1) << 3), j = 8 * rt + 2 * t + (q & 1);
-                if (j < M) atomicAdd(&out_s[f][j], acc[rt][q]);
-            }
-    }
-    // Delta phase: each group with a delta, this warp's chunks of it.
-    const int row_u4 = Kp / 8;
-    for (int grp = ncw > 0 ? next_grp(-1) : n_groups; grp < n_groups; grp = next_grp(grp)) {
-        const unsigned int rb = tab.row_begin[grp];
-        const int R = (int)(tab.row_begin[grp + 1] - rb), rts = (R + 7) / 8;  // warp-uniform
-        const uint4* brow[RT];
-        bool bact[RT];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) {
-            const int j = 8 * rt + g;
-            bact[rt] = j < R;
-            brow[rt] = xp + (size_t)(bact[rt] ? group_row(tab, rb, j) : 0) * row_u4;
-        }
-        float acc[RT][4];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
-        for (int i = 0; i < ncw; ++i, ++step) {
-            const int sc = warp + NW * i;
-            ds_cp_async_wait<S - 2>();
-            const uint4 lo = ring[warp][step % S][0][lane], hi = ring[warp][step % S][1][lane];
-            issue((step + S - 1) % S);
-            const uint32_t wl_c[4] = {lo.x, lo.y, lo.z, lo.w}, wh_c[4] = {hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                uint32_t b[RT][8][2];
-#pragma unroll
-                for (int rt = 0; rt < RT; ++rt) {
-#pragma unroll
-                    for (int sp = 0; sp < 4; ++sp) {
-                        uint4 v = make_uint4(0, 0, 0, 0);
-                        if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + sp) * 4 + t);
-                        b[rt][2 * sp][0] = v.x;
-                        b[rt][2 * sp][1] = v.y;
-                        b[rt][2 * sp + 1][0] = v.z;
-                        b[rt][2 * sp + 1][1] = v.w;
-                    }
-                }
-                const uint32_t wl = wl_c[c], wh = wh_c[c];
-                const uint32_t wl8 = wl >> 8, wh8 = wh >> 8;
-#pragma unroll
-                for (int s = 0; s < 8; ++s) {
-                    const uint32_t a0 = ds_unpack(wl, wl8, 2 * s, one, half);
-                    const uint32_t a1 = ds_unpack(wh, wh8, 2 * s, one, half);
-                    const uint32_t a2 = ds_unpack(wl, wl8, 2 * s + 1, one, half);
-                    const uint32_t a3 = ds_unpack(wh, wh8, 2 * s + 1, one, half);
-#pragma unroll
-                    for (int rt = 0; rt < RT; ++rt)  // skip the tiles past the group's rows
-                        if (rt < rts) ds_mma_bf16(acc[rt], a0, a1, a2, a3, b[rt][s][0], b[rt][s][1]);
-                }
-            }
-        }
-        const float scale = tab.scale[grp];
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int f = g + ((q >> 1) << 3), j = 8 * rt + 2 * t + (q & 1);
-                if (j < R) atomicAdd(&out_s[f][group_row(tab, rb, j)], scale * acc[rt][q]);
-            }
-    }
-    ds_cp_async_wait<0>();
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < 16 * M; idx += blockDim.x) {
-        const int r = idx / 16, f = idx % 16, n = n0 + f;
-        if (n < N) y[(size_t)r * N + n] = __float2bfloat16(out_s[f][r] - row_off[r]);
-    }
-}
-
-#define DS_FUSED_KERNEL(RT)                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * DS_FUSED_WARPS) ds_fused_bf16_r##RT(      \
-        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
-        const __nv_bfloat16* __restrict__ wbase, const uint4* __restrict__ xp,                  \
-        const float* __restrict__ corr, __nv_bfloat16* __restrict__ y, int M, int N, int K,     \
-        int W, int Kp) {                                                                        \
-        ds_fused_bf16_body<RT>(tab, x, wbase, xp, corr, y, M, N, K, W, Kp);                     \
-    }
-
-DS_FUSED_KERNEL(1)
-DS_FUSED_KERNEL(2)
-DS_FUSED_KERNEL(3)
-DS_FUSED_KERNEL(4)
-
-// ---------------------------------------------------------------------------------------------
-// Merged delta linear layer for decode: y[r] = x[r] . (Wbase + scale_g S_g)^T, one kernel, for
+// Fused delta linear layer for decode: y[r] = x[r] . (Wbase + scale_g S_g)^T, one kernel, for
 // at most 32 rows in at most 8 groups (tenants, plus the base-only rows as one group).
 //
-// Why. At decode the base weight's bytes dominate (16 bf16 bits per weight against 1 sign bit per
-// tenant), so the layer is a skinny GEMM that should stream Wbase at copy bandwidth, as cuBLAS's
-// GEMV does (4096x4096: 14.2 us for 33.5 MB at 32 rows). The one-pass kernel above (ds_fused)
-// computes the base and the delta products separately and re-reads x for each 16 features, which
-// took 52-137 us at 32 rows. Here each thread forms the merged weight Wbase + scale S of the
-// elements it holds in registers, rounded once to bf16 (fma.rn.bf16x2: the exact w + s * (+-1),
-// rounded, with s rounded to bf16 first), and feeds it to one bf16 mma: the sign costs 1.5
-// instructions per weight and no mma of its own, and the product is the one a merged bf16
-// checkpoint computes. With several groups, the W registers are merged once per group and
-// multiplied by that group's rows only (the other rows' x fragments are zeroed).
+// Why. At decode the base weight's bytes dominate (16 bits per weight against 1 sign bit per
+// tenant), so the layer is a skinny GEMM that should stream Wbase at copy bandwidth. Each thread
+// forms the merged weight Wbase + scale S of the elements it holds in registers, rounded once to
+// bf16 (fma.rn.bf16x2: the exact w + s * (+-1), rounded, with s rounded to bf16 first: 2^-9
+// relative on the delta term), and feeds one bf16 mma: the sign costs 1.5 instructions per weight
+// and no mma of its own, and the product is the one a merged bf16 checkpoint computes. With
+// several groups, the W registers are merged once per group and multiplied by that group's rows
+// only (the other rows' x fragments are zeroed), which costs the merge and an mma per group: on
+// the H100 that lost to GEMV + the delta kernel from 8 tenants on, so delta_linear (ops.rs) sends
+// only one-tenant batches here.
+// Measured on the H100 (BENCHMARKS.md, fourth pass), one tenant: 4096x4096 18.8 us at 1 row, 19.5
+// at 8, 27.1 at 32 (the previous fused kernel, which computed the base and delta products
+// separately in one pass: 19.2, 22.3, 51.9); 11008x4096 42.2 / 43.1 at 1 / 8 rows.
+// Tried and lost on the same card: splitting K over a cluster of 8 blocks that kept their slice of
+// x in shared memory and reduced through distributed shared memory (25.3 us at 4096x4096 1x1,
+// 32.1 at 32x1: x re-reads were not what made 32 rows slow); moving the stages with the bulk copy
+// engine (cp.async.bulk, one 256-byte row segment per lane, mbarrier completion: 27.9 us at 1x1,
+// 54.3 at 32x1, worse with a deeper ring); 64 features per block (30.3 us at 1x1, 64 blocks).
 //
-// Layout. A block owns 16 T output features; its NW warps split K in stages of 128 columns
+// Layout. A block owns 16 T = 32 output features; its NW warps split K in stages of 128 columns
 // (warp w takes stages w, w + NW, ...). Every stage goes through a per-warp cp.async ring of S
 // slots in dynamic shared memory: the block's W rows (T x 16 rows x 256 bytes), x (RT x 8 rows x
-// 256 bytes, rows gathered through the table, zero-filled past M) and each group's bits (T x 16
-// rows x 16 bytes). All lanes of the warp copy and all read (a __syncwarp after the wait makes
-// the other lanes' copies visible). Copies are 16 bytes, two W rows of 256 contiguous bytes per
-// warp instruction; the ring stores them in the order the mma fragments read them.
-// Fragments (as in ds_fused): in k-step ks (32 columns, P = 32 ks + 8 t) thread (g, t) holds
-// columns P .. P+7 of W rows g and g + 8 (registers .x .y .z .w = column pairs 0..3) and of x
-// row g; .x .y feed the first m16n8k16, .z .w the second. The bits of those 8 columns are byte t
-// of word ks of the row: u = b | b << 15 puts bit 2j at position 2j and bit 2j + 1 at 16 + 2j,
-// so (u << (15 - 2j)) & 0x80008000 moves the two bits of pair j to the two bf16 sign positions,
-// and XOR 0xBF80BF80 gives +1 (bit set) or -1 per half: 2 instructions per pair, then the fma.
-// Needs K % 8 == 0, ceil(K/32) % 4 == 0, 16-byte aligned W, x and words rows (as ds_fused).
-// The warps' partial sums meet in shared memory (reusing the ring) at the end.
+// 256 bytes, rows gathered through the table, zero-filled past M and K) and each group's bits
+// (T x 16 rows x 16 bytes). All lanes of the warp copy and all read (a __syncwarp after the wait
+// makes the other lanes' copies visible). Copies are 16 bytes, two W rows of 256 contiguous bytes
+// per warp instruction; the ring stores them in the order the mma fragments read them.
+// Fragments: in k-step ks (32 columns, P = 32 ks + 8 t) thread (g, t) holds columns P .. P+7 of W
+// rows g and g + 8 (registers .x .y .z .w = column pairs 0..3) and of x row g; .x .y feed the
+// first m16n8k16 (a0 a1 a2 a3 = row g pair 0, row g+8 pair 0, row g pair 1, row g+8 pair 1; b0 b1
+// = x pairs 0, 1), .z .w the second: mma index k = 2t, 2t+1, 2t+8, 2t+9 maps to the same physical
+// column in A and in B, and the 4 threads t cover the 32 columns, so the sum over k is taken in
+// another order, which does not change it. The bits of those 8 columns are byte t of word ks of
+// the row: u = b | b << 15 puts bit 2j at position 2j and bit 2j + 1 at 16 + 2j, so
+// (u << (15 - 2j)) & 0x80008000 moves the two bits of pair j to the two bf16 sign positions, and
+// XOR 0xBF80BF80 gives +1 (bit set) or -1 per half: 2 instructions per pair, then the fma.
+// Needs K % 8 == 0, ceil(K/32) % 4 == 0, 16-byte aligned W, x and words rows.
+// The warps' partial sums meet in shared memory (reusing the ring) at the end; the grid is sized
+// (src/cuda.rs) so that all its blocks are resident at once, with as many warps as fit.
 
 __device__ __forceinline__ uint32_t ds_fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
@@ -967,10 +736,10 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
     return d;
 }
 
-#define DS_MERGED_MAX_GROUPS 8
+// At most 8 groups (src/cuda.rs sizes the shared memory for them).
 
 template <int T, int RT, int S>
-__device__ __forceinline__ void ds_merged_bf16_body(const GroupTable& tab,
+__device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                                                     const __nv_bfloat16* __restrict__ x,
                                                     const __nv_bfloat16* __restrict__ wbase,
                                                     __nv_bfloat16* __restrict__ y, int M, int N,
@@ -1131,228 +900,19 @@ __device__ __forceinline__ void ds_merged_bf16_body(const GroupTable& tab,
     }
 }
 
-#define DS_MERGED_KERNEL(T, RT)                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) ds_merged_bf16_t##T##_r##RT(              \
+#define DS_FUSED_KERNEL(RT)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT(                      \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_merged_bf16_body<T, RT, 3>(tab, x, wbase, y, M, N, K, W);                            \
+        ds_fused_bf16_body<2, RT, 3>(tab, x, wbase, y, M, N, K, W);                            \
     }
 
-DS_MERGED_KERNEL(2, 1)
-DS_MERGED_KERNEL(2, 2)
-DS_MERGED_KERNEL(2, 3)
-DS_MERGED_KERNEL(2, 4)
+DS_FUSED_KERNEL(1)
+DS_FUSED_KERNEL(2)
+DS_FUSED_KERNEL(3)
+DS_FUSED_KERNEL(4)
 
-// ---------------------------------------------------------------------------------------------
-// The merged layer with bulk copies (ds_mergedb_bf16_*): K % 128 == 0.
-//
-// Why. ds_merged_bf16 moves its stages with 16-byte cp.async, one request per lane, and measured
-// 18.8 us at one row but 27.2 us at 32 rows on 4096x4096 (H100), where x takes half of each
-// ring slot: the copies a warp keeps in flight, not the arithmetic, set its speed. Here each
-// lane moves whole rows with the bulk copy engine (cp.async.bulk: one 256-byte W row segment,
-// one x row segment, one 16-byte bits segment per lane and stage), whose completion is counted in
-// bytes on one mbarrier per ring slot; the fragment math is ds_merged_bf16's.
-// Shared layout of a slot: W rows (32 x 320 bytes: 256 of data, padded so that rows g and g + 1
-// fall in opposite halves of the 32 banks and a 16-byte fragment load of 8 lanes is conflict-free),
-// x rows (8 RT x 320 bytes) and each group's bits (32 rows x 16 bytes).
-#define DS_ROWB 320
-
-__device__ __forceinline__ uint32_t ds_smem_addr(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void ds_bulk_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-            ds_smem_addr(dst)),
-        "l"(src), "r"(bytes), "r"(ds_smem_addr(bar))
-        : "memory");
-}
-__device__ __forceinline__ void ds_bar_expect(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(ds_smem_addr(bar)),
-                 "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void ds_bar_wait(uint64_t* bar, uint32_t phase) {
-    uint32_t done;
-    do {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(ds_smem_addr(bar)), "r"(phase)
-            : "memory");
-    } while (!done);
-}
-
-template <int RT, int S>
-__device__ __forceinline__ void ds_mergedb_bf16_body(const GroupTable& tab,
-                                                     const __nv_bfloat16* __restrict__ x,
-                                                     const __nv_bfloat16* __restrict__ wbase,
-                                                     __nv_bfloat16* __restrict__ y, int M, int N,
-                                                     int K, int W) {
-    constexpr int T = 2;
-    extern __shared__ uint4 ds_dyn_smem[];
-    __shared__ uint64_t bars[8][S];
-    const int NW = blockDim.x >> 5;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * 16 * T;
-    const int ng = (int)tab.n_groups;
-    constexpr int W_B = 32 * DS_ROWB, X_B = RT * 8 * DS_ROWB;
-    const int slot_b = W_B + X_B + ng * 32 * 16;
-    char* ring = reinterpret_cast<char*>(ds_dyn_smem) + (size_t)warp * S * slot_b;
-    const int NST = K / 128;
-    int ndelta = 0;
-    for (int gi = 0; gi < ng; ++gi) ndelta += tab.words[gi] != 0ull;
-    const uint32_t stage_bytes = 32 * 256 + (uint32_t)M * 256 + (uint32_t)ndelta * 32 * 16;
-
-    int my_grp[RT];
-#pragma unroll
-    for (int nt = 0; nt < RT; ++nt) {
-        const int j = 8 * nt + g;
-        my_grp[nt] = -1;
-        for (int gi = 0; gi < ng; ++gi)
-            if (j < M && (int)tab.row_begin[gi] <= j && j < (int)tab.row_begin[gi + 1]) my_grp[nt] = gi;
-    }
-    if (lane == 0) {
-        for (int s = 0; s < S; ++s)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(ds_smem_addr(&bars[warp][s])));
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncwarp();
-    const int wrow = min(n0 + lane, N - 1);  // the W row (and bits row) this lane copies
-    const int xrow = lane < M ? group_row(tab, 0, lane) : 0;
-
-    auto issue = [&](int st, int slot) {
-        if (st >= NST) return;
-        char* dst = ring + slot * slot_b;
-        uint64_t* bar = &bars[warp][slot];
-        if (lane == 0) ds_bar_expect(bar, stage_bytes);
-        __syncwarp();
-        const int c0 = 128 * st;
-        ds_bulk_g2s(dst + lane * DS_ROWB, wbase + (size_t)wrow * K + c0, 256, bar);
-        if (lane < M) ds_bulk_g2s(dst + W_B + lane * DS_ROWB, x + (size_t)xrow * K + c0, 256, bar);
-        for (int gi = 0; gi < ng; ++gi) {
-            const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[gi]);
-            if (words != nullptr)
-                ds_bulk_g2s(dst + W_B + X_B + (gi * 32 + lane) * 16, words + (size_t)wrow * W + 4 * st,
-                            16, bar);
-        }
-    };
-
-    float acc[T][RT][4];
-#pragma unroll
-    for (int i = 0; i < T; ++i)
-#pragma unroll
-        for (int nt = 0; nt < RT; ++nt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][nt][q] = 0.f;
-
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) issue(warp + NW * s, s);
-    int step = 0;
-    for (int st = warp; st < NST; st += NW, ++step) {
-        const int slot = step % S;
-        ds_bar_wait(&bars[warp][slot], (uint32_t)(step / S) & 1u);
-        // The slot refilled here was read in the previous iteration, which every lane has left
-        // (generic-proxy reads, ordered before the bulk copies' async-proxy writes).
-        __syncwarp();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        issue(st + NW * (S - 1), (step + S - 1) % S);
-        const char* cur = ring + slot * slot_b;
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            uint4 wv[T][2], xv[RT];
-#pragma unroll
-            for (int i = 0; i < T; ++i)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    wv[i][h] = *reinterpret_cast<const uint4*>(cur + (16 * i + g + 8 * h) * DS_ROWB +
-                                                               64 * ks + 16 * t);
-#pragma unroll
-            for (int nt = 0; nt < RT; ++nt)
-                xv[nt] = *reinterpret_cast<const uint4*>(cur + W_B + (8 * nt + g) * DS_ROWB + 64 * ks +
-                                                         16 * t);
-            for (int gi = 0; gi < ng; ++gi) {
-                const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
-                const bool delta = tab.words[gi] != 0ull;
-                const __nv_bfloat16 sb = __float2bfloat16(tab.scale[gi]);
-                const uint32_t s2 = (uint32_t)__bfloat16_as_ushort(sb) * 0x10001u;
-                uint32_t a[T][2][4];
-#pragma unroll
-                for (int i = 0; i < T; ++i) {
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const uint32_t w4[4] = {wv[i][h].x, wv[i][h].y, wv[i][h].z, wv[i][h].w};
-                        if (delta) {
-                            const uint32_t word = *reinterpret_cast<const uint32_t*>(
-                                cur + W_B + X_B + (gi * 32 + 16 * i + g + 8 * h) * 16 + 4 * ks);
-                            const uint32_t b = __byte_perm(word, 0u, 0x4440u | (uint32_t)t);
-                            const uint32_t u = b * 0x8001u;
-                            a[i][h][0] = ds_fma_bf16x2(ds_sign_pair<15>(u), s2, w4[0]);
-                            a[i][h][1] = ds_fma_bf16x2(ds_sign_pair<13>(u), s2, w4[1]);
-                            a[i][h][2] = ds_fma_bf16x2(ds_sign_pair<11>(u), s2, w4[2]);
-                            a[i][h][3] = ds_fma_bf16x2(ds_sign_pair<9>(u), s2, w4[3]);
-                        } else {
-#pragma unroll
-                            for (int p = 0; p < 4; ++p) a[i][h][p] = w4[p];
-                        }
-                    }
-                }
-#pragma unroll
-                for (int nt = 0; nt < RT; ++nt) {
-                    if (rb >= 8 * nt + 8 || re <= 8 * nt) continue;
-                    uint4 b = xv[nt];
-                    if (my_grp[nt] != gi) b = make_uint4(0, 0, 0, 0);
-#pragma unroll
-                    for (int i = 0; i < T; ++i) {
-                        ds_mma_bf16(acc[i][nt], a[i][0][0], a[i][1][0], a[i][0][1], a[i][1][1], b.x, b.y);
-                        ds_mma_bf16(acc[i][nt], a[i][0][2], a[i][1][2], a[i][0][3], a[i][1][3], b.z, b.w);
-                    }
-                }
-            }
-        }
-    }
-    __syncthreads();  // every warp's copies have landed (waited) and been read: reuse the rings
-    float* red = reinterpret_cast<float*>(ds_dyn_smem);
-    constexpr int E = T * RT * 4;
-#pragma unroll
-    for (int i = 0; i < T; ++i)
-#pragma unroll
-        for (int nt = 0; nt < RT; ++nt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q)
-                red[((size_t)warp * E + (i * RT + nt) * 4 + q) * 32 + lane] = acc[i][nt][q];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
-        const int e = idx >> 5, ln = idx & 31;
-        const int q = e & 3, nt = (e >> 2) % RT, i = (e >> 2) / RT;
-        const int n = n0 + 16 * i + (ln >> 2) + ((q >> 1) << 3);
-        const int j = 8 * nt + 2 * (ln & 3) + (q & 1);
-        if (n < N && j < M) {
-            float v = 0.f;
-            for (int w = 0; w < NW; ++w) v += red[((size_t)w * E + e) * 32 + ln];
-            y[(size_t)group_row(tab, 0, j) * N + n] = __float2bfloat16(v);
-        }
-    }
-}
-
-#define DS_MERGEDB_KERNEL(RT, S)                                                                \
-    extern "C" __global__ void __launch_bounds__(256) ds_mergedb_bf16_r##RT##_s##S(             \
-        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
-        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
-        int K, int W) {                                                                         \
-        ds_mergedb_bf16_body<RT, S>(tab, x, wbase, y, M, N, K, W);                              \
-    }
-
-DS_MERGEDB_KERNEL(1, 3)
-DS_MERGEDB_KERNEL(2, 3)
-DS_MERGEDB_KERNEL(3, 3)
-DS_MERGEDB_KERNEL(4, 3)
-DS_MERGEDB_KERNEL(1, 5)
-DS_MERGEDB_KERNEL(2, 5)
-DS_MERGEDB_KERNEL(3, 5)
-DS_MERGEDB_KERNEL(4, 5)
 
 // ---------------------------------------------------------------------------------------------
 // CUDA-core paths: exact in the accumulator type, any input dtype.
