@@ -13,9 +13,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use deltaserve_format::{DeltaFile, DeltaHeader, DeltaSummary};
-use deltaserve_model::{
-    Checkpoint, ForwardOptions, LinearDelta, LogitsWanted, Model, Proj, SeqInput, TenantWeights,
-};
+use deltaserve_model::{Checkpoint, ForwardOptions, LinearDelta, Model, Proj, TenantWeights};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -310,16 +308,8 @@ fn forward_all(
     tenant: Option<&TenantWeights>,
     seqs: &[&EvalSequence],
 ) -> Result<Vec<Tensor>> {
-    let mut inputs: Vec<SeqInput<'_>> = seqs
-        .iter()
-        .map(|s| SeqInput {
-            tokens: &s.tokens,
-            cache: None,
-            tenant,
-            logits: LogitsWanted::All,
-        })
-        .collect();
-    Ok(model.forward(&mut inputs, ForwardOptions::default())?)
+    let windows: Vec<&[u32]> = seqs.iter().map(|s| s.tokens.as_slice()).collect();
+    Ok(model.window_logits(&windows, tenant, ForwardOptions::default())?)
 }
 
 /// Sums nll, KL(ft ‖ model) and top-1 agreement of one model's logits over a batch.

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::error::{EvalError, Result};
 use crate::stats::{nll, row_norm, HostRows};
-use deltaserve_model::{ForwardOptions, LogitsWanted, Model, SeqInput, TenantWeights};
+use deltaserve_model::{ForwardOptions, Model, TenantWeights};
 
 /// One window of the sliding-window loop over a token stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -250,16 +250,7 @@ pub fn perplexity_with_progress(
     let per_batch = windows_per_batch(settings.seq_len, model.config().vocab_size);
     bar.set_length(hf_windows(ids.len(), settings.seq_len, settings.stride).len() as u64);
     let r = perplexity_with(ids, settings, per_batch, |windows| {
-        let mut seqs: Vec<SeqInput<'_>> = windows
-            .iter()
-            .map(|w| SeqInput {
-                tokens: w,
-                cache: None,
-                tenant,
-                logits: LogitsWanted::All,
-            })
-            .collect();
-        let out = model.forward(&mut seqs, ForwardOptions::default())?;
+        let out = model.window_logits(windows, tenant, ForwardOptions::default())?;
         bar.inc(windows.len() as u64);
         Ok(out)
     });

@@ -400,6 +400,27 @@ impl Model {
         self.forward_impl(seqs, opts, None)
     }
 
+    /// Logits of every position of each sequence in `seqs`, all with `tenant`'s deltas and no KV
+    /// cache: the whole-window forward that evaluation and training run. One `(len, vocab)`
+    /// tensor per sequence, as [`Model::forward`] returns them.
+    pub fn window_logits(
+        &self,
+        seqs: &[&[u32]],
+        tenant: Option<&TenantWeights>,
+        opts: ForwardOptions,
+    ) -> Result<Vec<Tensor>> {
+        let mut inputs: Vec<SeqInput<'_>> = seqs
+            .iter()
+            .map(|tokens| SeqInput {
+                tokens,
+                cache: None,
+                tenant,
+                logits: LogitsWanted::All,
+            })
+            .collect();
+        self.forward(&mut inputs, opts)
+    }
+
     /// [`Model::forward`], calling `observer(layer, proj, x)` with every projection's input
     /// `x` (all sequences' new rows packed, `(tokens, in_features)`) before the product. For
     /// calibration statistics such as GPTQ's and EoRA's `Σ xᵀx`; q/k/v (and gate/up) see the

@@ -94,16 +94,8 @@ fn logits(
     windows: &[Vec<u32>],
     opts: ForwardOptions,
 ) -> Result<Tensor> {
-    let mut seqs: Vec<SeqInput<'_>> = windows
-        .iter()
-        .map(|w| SeqInput {
-            tokens: w,
-            cache: None,
-            tenant,
-            logits: LogitsWanted::All,
-        })
-        .collect();
-    let out = model.forward(&mut seqs, opts)?;
+    let windows: Vec<&[u32]> = windows.iter().map(|w| w.as_slice()).collect();
+    let out = model.window_logits(&windows, tenant, opts)?;
     Ok(Tensor::cat(&out, 0)?)
 }
 

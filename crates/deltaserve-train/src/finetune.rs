@@ -24,7 +24,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use deltaserve_eval::EvalSequence;
 use deltaserve_format::Dtype;
-use deltaserve_model::{ForwardOptions, LogitsWanted, Model, SeqInput, TenantWeights};
+use deltaserve_model::{ForwardOptions, Model, TenantWeights};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -221,16 +221,8 @@ pub fn batch_nll(
     seqs: &[&EvalSequence],
     opts: ForwardOptions,
 ) -> Result<(Tensor, usize)> {
-    let mut inputs: Vec<SeqInput<'_>> = seqs
-        .iter()
-        .map(|s| SeqInput {
-            tokens: &s.tokens,
-            cache: None,
-            tenant,
-            logits: LogitsWanted::All,
-        })
-        .collect();
-    let logits = model.forward(&mut inputs, opts)?;
+    let windows: Vec<&[u32]> = seqs.iter().map(|s| s.tokens.as_slice()).collect();
+    let logits = model.window_logits(&windows, tenant, opts)?;
     let mut total: Option<Tensor> = None;
     let mut n = 0;
     for (l, s) in logits.iter().zip(seqs) {
