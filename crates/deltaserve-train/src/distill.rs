@@ -215,14 +215,7 @@ impl<'a> ScaleDistiller<'a> {
             losses.push(r.loss);
             on_step(&r);
         }
-        if let Some((name, value)) = self.student.first_non_finite()? {
-            return Err(TrainError::NonFinite {
-                what: format!("trained tensor `{name}`"),
-                value,
-                step: self.step,
-                steps: self.cfg.steps,
-            });
-        }
+        TrainError::check_finite(self.student.first_non_finite()?, self.step, self.cfg.steps)?;
         Ok(losses)
     }
 }

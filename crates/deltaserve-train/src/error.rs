@@ -98,3 +98,23 @@ pub enum TrainError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
+
+impl TrainError {
+    /// [`TrainError::NonFinite`] for the first trained tensor found holding a non-finite value
+    /// (`found`, as the trainers' `first_non_finite` report it) after `step` of `steps`.
+    pub(crate) fn check_finite(
+        found: Option<(String, f64)>,
+        step: usize,
+        steps: usize,
+    ) -> Result<()> {
+        match found {
+            Some((name, value)) => Err(TrainError::NonFinite {
+                what: format!("trained tensor `{name}`"),
+                value,
+                step,
+                steps,
+            }),
+            None => Ok(()),
+        }
+    }
+}

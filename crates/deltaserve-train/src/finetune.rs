@@ -691,14 +691,7 @@ impl<'a> Finetuner<'a> {
                 }
             }
         }
-        if let Some((name, value)) = self.adapters.first_non_finite()? {
-            return Err(TrainError::NonFinite {
-                what: format!("trained tensor `{name}`"),
-                value,
-                step: self.step,
-                steps: self.cfg.steps,
-            });
-        }
+        TrainError::check_finite(self.adapters.first_non_finite()?, self.step, self.cfg.steps)?;
         Ok(losses)
     }
 

@@ -22,6 +22,7 @@ use serde_json::json;
 
 use crate::adapters::{proj_shape, AdapterKind, AdapterSpec, IdentityCache};
 use crate::error::{Result, TrainError};
+use crate::student::candle_dtype;
 use crate::student::{param_dtype, tensor_le_bytes};
 
 /// The codec name of the entries an adapter is written as.
@@ -52,16 +53,6 @@ pub struct AdapterSet {
     layers: usize,
     model_dtype: DType,
     identities: IdentityCache,
-}
-
-fn candle_dtype(d: Dtype) -> Option<DType> {
-    match d {
-        Dtype::F32 => Some(DType::F32),
-        Dtype::BF16 => Some(DType::BF16),
-        Dtype::F16 => Some(DType::F16),
-        Dtype::F64 => Some(DType::F64),
-        _ => None,
-    }
 }
 
 impl AdapterSet {

@@ -139,7 +139,8 @@ pub fn param_dtype(dtype: DType) -> DType {
     }
 }
 
-fn candle_dtype(d: Dtype) -> Option<DType> {
+/// The candle dtype of a stored safetensors dtype, for the float types a trained tensor can have.
+pub(crate) fn candle_dtype(d: Dtype) -> Option<DType> {
     match d {
         Dtype::F32 => Some(DType::F32),
         Dtype::BF16 => Some(DType::BF16),
