@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use deltaserve_codecs::codec::decode_dense;
 use deltaserve_codecs::load_tenant;
 use deltaserve_format::{fingerprint_safetensors, DeltaFile, TensorEntry};
-use deltaserve_model::{Checkpoint, ForwardOptions, LogitsWanted, Model, SeqInput, TenantWeights};
+use deltaserve_model::{Checkpoint, ForwardOptions, Model, TenantWeights};
 
 /// Largest |logit difference| between the merged quantized model and quantized base + adapter,
 /// f32 on the CPU. Both use the same weights up to one f32 rounding per weight (the merged
@@ -83,17 +83,9 @@ fn finetune(model: &str, groups: &str, out: &str) -> Vec<String> {
 }
 
 fn logits(model: &Model, tenant: Option<&TenantWeights>, seqs: &[Vec<u32>]) -> Vec<Tensor> {
-    let mut input: Vec<SeqInput<'_>> = seqs
-        .iter()
-        .map(|s| SeqInput {
-            tokens: s,
-            cache: None,
-            tenant,
-            logits: LogitsWanted::All,
-        })
-        .collect();
+    let windows: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
     model
-        .forward(&mut input, ForwardOptions::default())
+        .window_logits(&windows, tenant, ForwardOptions::default())
         .unwrap()
 }
 
