@@ -16,7 +16,9 @@
 //!
 //! [`InterleavedSigns`] is a copy of the bits with rows in groups of 16 and word `w` of a group's
 //! rows contiguous, made once at load time: [`sign_matmul_t_interleaved`] then reads each vector
-//! of 16 rows with one plain load (no gather, no transpose), 1.4–1.8× faster at decode.
+//! of 16 rows with one plain load (no gather, no transpose), 1.4–1.8× faster at decode. Deltas
+//! loaded for serving on an AVX-512 CPU are kept only in this layout
+//! ([`crate::SignBits::for_serving`]); the candle ops take either.
 //!
 //! None of them expands `S` to floats in memory (the tables are built from `x`: `16 · K` floats
 //! per row of `x`, at most 16 rows at a time). Each reads a word once per call for up to
