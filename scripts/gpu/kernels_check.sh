@@ -6,9 +6,15 @@
 #   deltaserve          cargo build --release --features cuda -p deltaserve-cli
 #   kernels-cuda-tests  cargo test --release --features cuda -p deltaserve-kernels --no-run
 #                       (the `cuda-*` test executable it prints)
-# Stripped and packed as one tarball (tar | xz: ~15-20 MB, under what a device call carries):
+#   reference_logits,   cargo test --release --features cuda -p deltaserve-model --test reference_logits
+#   tenant_batching     --test tenant_batching --no-run (optional: the model's CUDA tests, run first
+#                       when present; their fixtures are found through a /tmp/wtk -> $PWD link, the
+#                       build worktree's path)
+# Stripped and packed as one tarball (tar | xz: ~15 MB for the first two, ~11 MB for all four with
+# a large dictionary; the carried tree, tracked files included, must stay under 64 MiB):
 #   strip -o .bin/x/deltaserve ...; strip -o .bin/x/kernels-cuda-tests ...
-#   tar cJf .bin/<name>.tar.xz -C .bin/x deltaserve kernels-cuda-tests
+#   tar cf - -C .bin/x deltaserve kernels-cuda-tests [reference_logits tenant_batching] \
+#     | xz --lzma2=preset=9e,dict=256MiB > .bin/<name>.tar.xz
 # then call `bash scripts/gpu/kernels_check.sh .bin/<name>.tar.xz` (carry: [".bin/<name>.tar.xz"]).
 # Logs and JSON land in $OUT (or ./gpu-out when OUT is unset). Timeouts keep the whole call
 # under ~5 minutes. BENCH_ARGS adds flags to the bench (e.g. `--mixes 32x32`), BENCH_TIMEOUT
@@ -17,12 +23,20 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT" /tmp/kbin
-tar xJf "${1:-.bin/bin.tar.xz}" -C /tmp/kbin
+[ -x /tmp/kbin/deltaserve ] || tar xJf "${1:-.bin/bin.tar.xz}" -C /tmp/kbin
 B=/tmp/kbin
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 t0=$SECONDS
+
+if [ -x $B/reference_logits ]; then
+  echo "== model CUDA tests"
+  ln -sfn "$PWD" /tmp/wtk
+  for t in reference_logits tenant_batching; do
+    timeout 60 $B/$t --test-threads=1 2>&1 | tee "$OUT/$t.log" | grep -E "^test |test result|panicked" | head -12
+  done
+fi
 
 echo "== tests"
 timeout 120 $B/kernels-cuda-tests --test-threads=4 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|error" | head -30
