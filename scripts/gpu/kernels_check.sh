@@ -23,7 +23,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT" /tmp/kbin
-[ -x /tmp/kbin/deltaserve ] || tar xJf "${1:-.bin/bin.tar.xz}" -C /tmp/kbin
+tar xJf "${1:-.bin/bin.tar.xz}" -C /tmp/kbin
 B=/tmp/kbin
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1
