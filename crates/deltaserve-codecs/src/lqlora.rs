@@ -897,6 +897,75 @@ fn write_codes(
         option: "--out",
         detail: format!("cannot serialize {}: {e}", path.display()),
     })?;
+    let bytes = with_sorted_header(bytes);
     deltaserve_format::write_atomic(path, true, |w| w.write_all(&bytes))?;
     Ok(())
+}
+
+/// safetensors writes its metadata map in hash order, so two runs of the same decomposition gave
+/// files that differed in their header. This rewrites the header's JSON with sorted keys (the
+/// same keys and values, so the same length) and leaves the data alone; should the header not
+/// parse, the bytes are returned unchanged.
+fn with_sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + n) else {
+        return bytes;
+    };
+    // serde_json's map is ordered by key (no `preserve_order` in this workspace).
+    let Ok(sorted) =
+        serde_json::from_slice::<serde_json::Value>(header).and_then(|v| serde_json::to_vec(&v))
+    else {
+        return bytes;
+    };
+    if sorted.len() <= n {
+        bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+        bytes[8 + sorted.len()..8 + n].fill(b' ');
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+
+    /// Metadata maps built in opposite orders give the same bytes once sorted, and the file still
+    /// reads back with every tensor and metadata value.
+    #[test]
+    fn sorted_header_makes_the_bytes_deterministic_and_stays_readable() {
+        let data: Vec<u8> = (0..24u8).collect();
+        let write = |keys: &mut dyn Iterator<Item = usize>| {
+            let meta: HashMap<String, String> = keys
+                .map(|i| (format!("key{i:02}"), format!("value {i}")))
+                .collect();
+            let views = vec![
+                (
+                    "b".to_string(),
+                    TensorView::new(Dtype::U8, vec![8], &data[..8]).unwrap(),
+                ),
+                (
+                    "a".to_string(),
+                    TensorView::new(Dtype::U8, vec![2, 8], &data[8..]).unwrap(),
+                ),
+            ];
+            super::with_sorted_header(safetensors::serialize(views, Some(meta)).unwrap())
+        };
+        let one = write(&mut (0..40));
+        let two = write(&mut (0..40).rev());
+        assert_eq!(one, two);
+        let st = SafeTensors::deserialize(&one).unwrap();
+        assert_eq!(st.tensor("a").unwrap().data(), &data[8..]);
+        assert_eq!(st.tensor("b").unwrap().data(), &data[..8]);
+        let (_, meta) = SafeTensors::read_metadata(&one).unwrap();
+        let meta = meta.metadata().as_ref().unwrap();
+        assert_eq!(meta.len(), 40);
+        assert_eq!(meta["key07"], "value 7");
+    }
 }
