@@ -738,7 +738,10 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
 
 // At most 8 groups (src/cuda.rs sizes the shared memory for them).
 
-template <int T, int RT, int S>
+// XREG (experiment, fifth pass): x is not in the ring; each lane loads its own x fragments with
+// ld.global (L2 only) one stage ahead into registers, so the ring holds W and the bits only and
+// more warps fit.
+template <int T, int RT, int S, bool XREG>
 __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                                                     const __nv_bfloat16* __restrict__ x,
                                                     const __nv_bfloat16* __restrict__ wbase,
@@ -752,7 +755,7 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     const int ng = (int)tab.n_groups;
     // Per-slot uint4 counts: W (T m-tiles x 4 k-steps x 2 halves x 32 lanes), x (RT n-tiles x 4
     // k-steps x 32 lanes), bits (ng groups x T m-tiles x 16 rows).
-    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = RT * 4 * 32;
+    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = XREG ? 0 : RT * 4 * 32;
     const int slot_u4 = W_U4 + X_U4 + ng * T * 16;
     uint4* ring = ds_dyn_smem + (size_t)warp * S * slot_u4;
     const int NST = (K + 127) / 128;  // stages (= W / 4)
@@ -785,7 +788,7 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                 }
             // x: n-tile nt, instruction q: slot j = 8 nt + 2 q + (lane >> 4), segment c.
 #pragma unroll
-            for (int nt = 0; nt < RT; ++nt)
+            for (int nt = 0; nt < (XREG ? 0 : RT); ++nt)
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
                     const int jj = 2 * q + (lane >> 4), j = 8 * nt + jj, c = lane & 15;
@@ -816,6 +819,27 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[i][nt][q] = 0.f;
 
+    // XREG: this lane's x fragment (row 8 nt + g, columns 128 st + 32 ks + 8 t .. + 7) of n-tile
+    // nt and k-step ks, zero past M and K.
+    const __nv_bfloat16* xrow[RT];
+#pragma unroll
+    for (int nt = 0; nt < RT; ++nt) {
+        const int j = 8 * nt + g;
+        xrow[nt] = j < M ? x + (size_t)group_row(tab, 0, j) * K : nullptr;
+    }
+    auto xload = [&](int st, int nt, int ks) {
+        const int col = 128 * st + 32 * ks + 8 * t;
+        if (xrow[nt] == nullptr || col >= K) return make_uint4(0, 0, 0, 0);
+        return __ldcg(reinterpret_cast<const uint4*>(xrow[nt] + col));
+    };
+    uint4 xr[XREG ? RT : 1][4];
+    if constexpr (XREG) {
+#pragma unroll
+        for (int nt = 0; nt < RT; ++nt)
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) xr[nt][ks] = xload(warp, nt, ks);
+    }
+
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) issue(warp + NW * s, s);
     int step = 0;
@@ -833,7 +857,15 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
 #pragma unroll
                 for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * 4 + ks) * 2 + h) * 32 + lane];
 #pragma unroll
-            for (int nt = 0; nt < RT; ++nt) xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
+            for (int nt = 0; nt < RT; ++nt) {
+                if constexpr (XREG) {
+                    // Consumed now; the next stage's fragment has a whole iteration to arrive.
+                    xv[nt] = xr[nt][ks];
+                    xr[nt][ks] = xload(st + NW, nt, ks);
+                } else {
+                    xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
+                }
+            }
             for (int gi = 0; gi < ng; ++gi) {
                 const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
                 const bool delta = tab.words[gi] != 0ull;
@@ -905,13 +937,30 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, 3>(tab, x, wbase, y, M, N, K, W);                            \
+        ds_fused_bf16_body<2, RT, 3, false>(tab, x, wbase, y, M, N, K, W);                     \
     }
 
 DS_FUSED_KERNEL(1)
 DS_FUSED_KERNEL(2)
 DS_FUSED_KERNEL(3)
 DS_FUSED_KERNEL(4)
+
+// Experiment variants (fifth pass; DELTASERVE_FUSED_VARIANT in src/cuda.rs, to be removed):
+// ring depth S, x in the ring (SUF r) or in registers (SUF x).
+#define DS_FUSEDX_KERNEL(RT, S, XREG, SUF)                                                      \
+    extern "C" __global__ void __launch_bounds__(256) ds_fusedx_bf16_r##RT##_##SUF##S(          \
+        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
+        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
+        int K, int W) {                                                                         \
+        ds_fused_bf16_body<2, RT, S, XREG>(tab, x, wbase, y, M, N, K, W);                      \
+    }
+#define DS_FUSEDX_KERNELS(RT)                                                                   \
+    DS_FUSEDX_KERNEL(RT, 4, false, r) DS_FUSEDX_KERNEL(RT, 5, false, r)                         \
+    DS_FUSEDX_KERNEL(RT, 3, true, x) DS_FUSEDX_KERNEL(RT, 4, true, x)
+DS_FUSEDX_KERNELS(1)
+DS_FUSEDX_KERNELS(2)
+DS_FUSEDX_KERNELS(3)
+DS_FUSEDX_KERNELS(4)
 
 
 // ---------------------------------------------------------------------------------------------
