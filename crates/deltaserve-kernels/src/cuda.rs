@@ -639,6 +639,8 @@ fn fused(
         "r5" => (5, false, "ds_fusedx_bf16_r{rt}_r5"),
         "x3" => (3, true, "ds_fusedx_bf16_r{rt}_x3"),
         "x4" => (4, true, "ds_fusedx_bf16_r{rt}_x4"),
+        "ox" => (3, true, "ds_fused2_bf16_r{rt}_x3_{g}"),
+        "or" => (3, false, "ds_fused2_bf16_r{rt}_r3_{g}"),
         _ => (3, false, "ds_fused_bf16_r{rt}"),
     };
     /// Shared memory per SM on sm_90 (228 KiB), less 1 KiB the runtime reserves per block.
@@ -668,7 +670,9 @@ fn fused(
         )
     }
     let smem = warps * STAGES * slot_bytes;
-    let kname = kname.replace("{rt}", &rt.to_string());
+    let kname = kname
+        .replace("{rt}", &rt.to_string())
+        .replace("{g}", if groups == 1 { "1" } else { "g" });
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;
     opt_in_smem(dev, &f, &kname, SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
