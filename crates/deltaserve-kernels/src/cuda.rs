@@ -620,7 +620,6 @@ pub(crate) fn delta_linear_fwd(
 /// so that the whole grid is resident at once (blocks of one SM then share the memory system
 /// evenly, with no tail wave), with as many warps (up to 8) as that leaves room for.
 #[allow(clippy::too_many_arguments)]
-#[allow(non_snake_case)]
 fn fused(
     dev: &CudaDevice,
     table: &GroupTable,
@@ -631,18 +630,8 @@ fn fused(
     n: usize,
     k: usize,
 ) -> candle_core::Result<()> {
-    // Experiment switch (fifth pass, to be removed): DELTASERVE_FUSED_VARIANT = r4 | r5 (ring
-    // depth 4 / 5) | x3 | x4 (x in registers, ring of W and bits only, depth 3 / 4).
-    let variant = std::env::var("DELTASERVE_FUSED_VARIANT").unwrap_or_default();
-    let (STAGES, xreg, kname): (usize, bool, &str) = match variant.as_str() {
-        "r4" => (4, false, "ds_fusedx_bf16_r{rt}_r4"),
-        "r5" => (5, false, "ds_fusedx_bf16_r{rt}_r5"),
-        "x3" => (3, true, "ds_fusedx_bf16_r{rt}_x3"),
-        "x4" => (4, true, "ds_fusedx_bf16_r{rt}_x4"),
-        "ox" => (3, true, "ds_fused2_bf16_r{rt}_x3_{g}"),
-        "or" => (3, false, "ds_fused2_bf16_r{rt}_r3_{g}"),
-        _ => (3, false, "ds_fused_bf16_r{rt}"),
-    };
+    /// Ring slots per warp (`S` in `ds_fused_bf16_body`).
+    const STAGES: usize = 3;
     /// Shared memory per SM on sm_90 (228 KiB), less 1 KiB the runtime reserves per block.
     const SMEM_PER_SM: usize = 228 * 1024;
     const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
@@ -657,7 +646,7 @@ fn fused(
         .saturating_sub(1024)
         .min(SMEM_PER_BLOCK_MAX);
     // Bytes per ring slot: W (2 x 16 rows x 256), x (rt x 8 rows x 256), bits (groups x 32 x 16).
-    let slot_bytes = 16 * (2 * 256 + if xreg { 0 } else { rt * 128 } + groups * 2 * 16);
+    let slot_bytes = 16 * (2 * 256 + rt * 128 + groups * 2 * 16);
     // Where the resident grid leaves no room for one warp (many blocks per SM), fewer blocks.
     let warps = match (budget / (STAGES * slot_bytes)).min(8) {
         0 => (SMEM_PER_BLOCK_MAX / (STAGES * slot_bytes)).min(8),
@@ -670,9 +659,11 @@ fn fused(
         )
     }
     let smem = warps * STAGES * slot_bytes;
-    let kname = kname
-        .replace("{rt}", &rt.to_string())
-        .replace("{g}", if groups == 1 { "1" } else { "g" });
+    // `_1`: the one-group kernel (no per-row group masks); `_g`: up to FUSED_MAX_GROUPS groups.
+    let kname = format!(
+        "ds_fused_bf16_r{rt}_{}",
+        if groups == 1 { "1" } else { "g" }
+    );
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;
     opt_in_smem(dev, &f, &kname, SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);

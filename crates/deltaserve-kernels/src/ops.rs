@@ -113,12 +113,13 @@ pub fn tenant_delta_matmul_add(
 /// A whole delta linear layer: `x · W_baseᵀ + tenant_delta_matmul(x, row_slot, deltas)`, with
 /// `x (M, K)` and `w_base (N, K)`.
 ///
-/// On CUDA, for a decode batch of at most [`FUSED_MAX_ROWS`] rows, or of at most 32 rows when
-/// `N <= 8192`, that all use one tenant (or the base), bf16, `K % 8 == 0` and
+/// On CUDA, for a decode batch of at most [`FUSED_MAX_ROWS`] rows that all use one tenant (or
+/// the base), bf16, `K % 8 == 0` and
 /// `ceil(K/32) % 4 == 0`, one kernel streams the base weight and the tenant's bits and multiplies
 /// `x` by `W_base + scale · S`, formed in registers and rounded once to bf16 as a merged
 /// checkpoint is: [`crate::cuda::delta_linear_fused`]. That kernel takes up to 8 tenants, but on
-/// the H100 it beat the unfused step only for one tenant (BENCHMARKS.md, fourth pass), so other
+/// the H100 it beat the unfused step only for one tenant (BENCHMARKS.md, fourth and fifth
+/// passes), so other
 /// batches take candle's matmul and then [`tenant_delta_matmul_add`]. Forward only.
 pub fn delta_linear(
     x: &Tensor,
@@ -152,11 +153,10 @@ pub fn delta_linear(
         let mut tenants: Vec<u32> = row_slot.iter().flatten().copied().collect();
         tenants.sort_unstable();
         tenants.dedup();
-        // Measured on the H100 (fourth pass), one tenant: the fused kernel wins at 1 and 8 rows
-        // on every 7B shape, and at 32 rows for N = 4096 (27.1 against 27.9 us unfused), but
-        // not for N = 11008 at 32 rows (78.3 against 61.0;
-        // there 344 blocks of one warp each, 3 per SM: not profiled further).
-        if (m <= FUSED_MAX_ROWS || (m <= 32 && first.n() <= 8192))
+        // Measured on the H100 (fifth pass), one tenant: the fused kernel wins at 1, 8, 16 and
+        // 32 rows on every 7B shape (at 32 rows 23.0 / 57.5 / 52.0 us against 28.0 / 61.3 /
+        // 62.4 unfused for 4096x4096 / 11008x4096 / 4096x11008).
+        if m <= FUSED_MAX_ROWS
             && tenants.len() <= 1
             && crate::cuda::fused_ok(x, w_base, row_slot, deltas)
         {
@@ -168,8 +168,8 @@ pub fn delta_linear(
 }
 
 /// [`delta_linear`] takes the one-kernel CUDA path for one-tenant batches of at most this many rows
-/// on any shape (and of up to 32 rows when `N <= 8192`).
-pub const FUSED_MAX_ROWS: usize = 8;
+/// (the fused kernel's limit).
+pub const FUSED_MAX_ROWS: usize = 32;
 
 /// Applies the fused op (the caller checked `cuda::fused_ok` and the shapes).
 #[cfg(feature = "cuda")]

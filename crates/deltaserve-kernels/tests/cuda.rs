@@ -505,24 +505,32 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
     let mut worst = 0f64;
     // Fused: M <= 32, K % 8 == 0 and ceil(K/32) % 4 == 0 (K = 1000, 4088, 128, 4096 + 128,
     // 11008: stages of 128 columns, the last one partial for 1000 and 4088), at most 8 groups
-    // (7 tenants and base-only rows, 8 tenants of 4 interleaved rows, 32 rows of one tenant, 1 to
-    // 4 n-tiles of 8 rows); N not a multiple of 32. Not fused (the fallback must agree): 32
+    // (7 tenants and base-only rows, 8 tenants of 4 interleaved rows, one group of 5 to 32 rows,
+    // 1 to 4 n-tiles of 8 rows); N not a multiple of 32. Not fused (the fallback must agree): 32
     // one-row tenants, K = 257, M = 40.
     // The fused kernel rounds W + scale S to bf16 before the product (relative 2^-9 per weight,
     // ~1e-3 on the output, as a merged bf16 checkpoint): within the bf16 bound.
-    for (m, n, k, num_deltas) in [
-        (1, 65, 1000, 1),
-        (8, 300, 4088, 3),
-        (32, 33, 128, 32),
-        (32, 17, 1000, 5),
-        (32, 300, 4096 + 128, 1),
-        (32, 1100, 1000, 7),
-        (32, 97, 11008, 8),
-        (9, 130, 4088, 4),
-        (19, 70, 1000, 1),
-        (5, 65, 257, 2),
-        (40, 65, 1000, 3),
-    ] {
+    // `all`: every row uses this slot (one group: the kernel without per-row group masks, 1 to 4
+    // n-tiles, including a batch of base-only rows).
+    type Case = (usize, usize, usize, usize, Option<Option<u32>>);
+    let cases: [Case; 15] = [
+        (1, 65, 1000, 1, None),
+        (8, 300, 4088, 3, None),
+        (32, 33, 128, 32, None),
+        (32, 17, 1000, 5, None),
+        (32, 300, 4096 + 128, 1, Some(Some(0))),
+        (32, 1100, 1000, 7, None),
+        (32, 97, 11008, 8, None),
+        (9, 130, 4088, 4, None),
+        (19, 70, 1000, 1, None),
+        (5, 65, 257, 2, None),
+        (40, 65, 1000, 3, None),
+        (8, 65, 1000, 2, Some(Some(1))),
+        (12, 33, 128, 1, Some(Some(0))),
+        (19, 97, 4088, 1, Some(Some(0))),
+        (5, 70, 1000, 1, Some(None)),
+    ];
+    for (m, n, k, num_deltas, all) in cases {
         let (deltas, cpu_deltas, mut row_slot) = tenant_case(&mut rng, &dev, m, n, k, num_deltas);
         if num_deltas == 32 {
             row_slot = (0..m as u32).map(Some).collect();
@@ -531,8 +539,8 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
             // 8 tenants of 4 rows, interleaved as the bench's 32x8 mix (no base-only group).
             row_slot = (0..m as u32).map(|i| Some(i % 8)).collect();
         }
-        if num_deltas == 1 && m == 32 {
-            row_slot = vec![Some(0); m];
+        if let Some(slot) = all {
+            row_slot = vec![slot; m];
         }
         let refs: Vec<&SignDelta> = deltas.iter().collect();
         let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);

@@ -738,10 +738,21 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
 
 // At most 8 groups (src/cuda.rs sizes the shared memory for them).
 
-// XREG (experiment, fifth pass): x is not in the ring; each lane loads its own x fragments with
-// ld.global (L2 only) one stage ahead into registers, so the ring holds W and the bits only and
-// more warps fit.
-template <int T, int RT, int S, bool XREG>
+
+// Fifth pass: the per-copy address work is hoisted. The profile of the fourth pass's kernel
+// (Nsight Compute, 4096x4096, 32 rows: BENCHMARKS.md, fifth pass) showed DRAM at 38% and L2 at 40%
+// of peak with 1 warp per scheduler issuing every 4.8 cycles, and its SASS had ~10 integer
+// instructions (row clamps, 64-bit address products, group masks) per mma: the warps were busy
+// issuing copies, not waiting for bytes. Here each lane's source rows are clamped and turned into
+// pointers once, so a copy is one 64-bit add; ONE (a single group, the only batches delta_linear
+// sends here) drops the per-row group masks, since rows past M are zero-filled already.
+// Measured against the fourth pass's kernel in the same call: 4096x4096 17.4 / 18.2 / 23.0 us at
+// 1 / 8 / 32 rows (was 18.9 / 19.5 / 27.1), 11008x4096 32 rows 57.5 (78.1).
+// Tried and lost in the same call: x out of the ring, loaded by each lane with ld.global one stage
+// ahead into registers (8 warps fit instead of 4 at 32 rows, but they stall on those loads:
+// 23.4 us at 4096x4096 32 rows with the hoisted addresses, 25.4 without); ring depth 4 or 5 (fewer
+// warps: 31.3 / 40.5 us at 32 rows, 20.2 / 19.5 at 1 row).
+template <int T, int RT, int S, bool ONE>
 __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                                                     const __nv_bfloat16* __restrict__ x,
                                                     const __nv_bfloat16* __restrict__ wbase,
@@ -752,222 +763,13 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 16 * T;
-    const int ng = (int)tab.n_groups;
+    const int ng = ONE ? 1 : (int)tab.n_groups;
     // Per-slot uint4 counts: W (T m-tiles x 4 k-steps x 2 halves x 32 lanes), x (RT n-tiles x 4
     // k-steps x 32 lanes), bits (ng groups x T m-tiles x 16 rows).
-    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = XREG ? 0 : RT * 4 * 32;
+    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = RT * 4 * 32;
     const int slot_u4 = W_U4 + X_U4 + ng * T * 16;
     uint4* ring = ds_dyn_smem + (size_t)warp * S * slot_u4;
     const int NST = (K + 127) / 128;  // stages (= W / 4)
-
-    // The group of this lane's x row in each n-tile (-1 past M); rows of the gathered order.
-    int my_grp[RT];
-#pragma unroll
-    for (int nt = 0; nt < RT; ++nt) {
-        const int j = 8 * nt + g;
-        my_grp[nt] = -1;
-        for (int gi = 0; gi < ng; ++gi)
-            if (j < M && (int)tab.row_begin[gi] <= j && j < (int)tab.row_begin[gi + 1]) my_grp[nt] = gi;
-    }
-
-    auto issue = [&](int st, int slot) {
-        uint4* dst = ring + slot * slot_u4;
-        if (st < NST) {
-            const int c0 = 128 * st;
-            // W: m-tile i, instruction q: row r = 2 q + (lane >> 4), 16-byte segment c = lane & 15
-            // -> dst[((i * 4 + c / 4) * 2 + r / 8) * 32 + (r % 8) * 4 + c % 4].
-#pragma unroll
-            for (int i = 0; i < T; ++i)
-#pragma unroll
-                for (int q = 0; q < 8; ++q) {
-                    const int r = 2 * q + (lane >> 4), c = lane & 15;
-                    const int n = min(n0 + 16 * i + r, N - 1), col = c0 + 8 * c;
-                    const int bytes = col < K ? 16 : 0;
-                    ds_cp_async16(&dst[((i * 4 + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
-                                  wbase + (size_t)n * K + (bytes ? col : 0), bytes);
-                }
-            // x: n-tile nt, instruction q: slot j = 8 nt + 2 q + (lane >> 4), segment c.
-#pragma unroll
-            for (int nt = 0; nt < (XREG ? 0 : RT); ++nt)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const int jj = 2 * q + (lane >> 4), j = 8 * nt + jj, c = lane & 15;
-                    const int col = c0 + 8 * c;
-                    const int bytes = (j < M && col < K) ? 16 : 0;
-                    const int row = j < M ? group_row(tab, 0, j) : 0;
-                    ds_cp_async16(&dst[W_U4 + (nt * 4 + (c >> 2)) * 32 + jj * 4 + (c & 3)],
-                                  x + (size_t)row * K + (bytes ? col : 0), bytes);
-                }
-            // bits: group gi, m-tile i, row r: words 4 st .. 4 st + 3.
-            for (int e = lane; e < ng * T * 16; e += 32) {
-                const int gi = e / (T * 16), rr = e % (T * 16);
-                const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[gi]);
-                if (words != nullptr) {
-                    const int n = min(n0 + rr, N - 1);  // rr = 16 i + r
-                    ds_cp_async16(&dst[W_U4 + X_U4 + e], words + (size_t)n * W + 4 * st, 16);
-                }
-            }
-        }
-        ds_cp_async_commit();
-    };
-
-    float acc[T][RT][4];
-#pragma unroll
-    for (int i = 0; i < T; ++i)
-#pragma unroll
-        for (int nt = 0; nt < RT; ++nt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][nt][q] = 0.f;
-
-    // XREG: this lane's x fragment (row 8 nt + g, columns 128 st + 32 ks + 8 t .. + 7) of n-tile
-    // nt and k-step ks, zero past M and K.
-    const __nv_bfloat16* xrow[RT];
-#pragma unroll
-    for (int nt = 0; nt < RT; ++nt) {
-        const int j = 8 * nt + g;
-        xrow[nt] = j < M ? x + (size_t)group_row(tab, 0, j) * K : nullptr;
-    }
-    auto xload = [&](int st, int nt, int ks) {
-        const int col = 128 * st + 32 * ks + 8 * t;
-        if (xrow[nt] == nullptr || col >= K) return make_uint4(0, 0, 0, 0);
-        return __ldcg(reinterpret_cast<const uint4*>(xrow[nt] + col));
-    };
-    uint4 xr[XREG ? RT : 1][4];
-    if constexpr (XREG) {
-#pragma unroll
-        for (int nt = 0; nt < RT; ++nt)
-#pragma unroll
-            for (int ks = 0; ks < 4; ++ks) xr[nt][ks] = xload(warp, nt, ks);
-    }
-
-#pragma unroll
-    for (int s = 0; s < S - 1; ++s) issue(warp + NW * s, s);
-    int step = 0;
-    for (int st = warp; st < NST; st += NW, ++step) {
-        ds_cp_async_wait<S - 2>();
-        __syncwarp();
-        // The slot refilled here was read in the previous iteration, which every lane has left.
-        issue(st + NW * (S - 1), (step + S - 1) % S);
-        const uint4* cur = ring + (step % S) * slot_u4;
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            uint4 wv[T][2], xv[RT];
-#pragma unroll
-            for (int i = 0; i < T; ++i)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * 4 + ks) * 2 + h) * 32 + lane];
-#pragma unroll
-            for (int nt = 0; nt < RT; ++nt) {
-                if constexpr (XREG) {
-                    // Consumed now; the next stage's fragment has a whole iteration to arrive.
-                    xv[nt] = xr[nt][ks];
-                    xr[nt][ks] = xload(st + NW, nt, ks);
-                } else {
-                    xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
-                }
-            }
-            for (int gi = 0; gi < ng; ++gi) {
-                const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
-                const bool delta = tab.words[gi] != 0ull;
-                // scale as two bf16 (rounded once: 2^-9 relative, on the delta term only)
-                const __nv_bfloat16 sb = __float2bfloat16(tab.scale[gi]);
-                const uint32_t s2 = (uint32_t)__bfloat16_as_ushort(sb) * 0x10001u;
-                uint32_t a[T][2][4];
-#pragma unroll
-                for (int i = 0; i < T; ++i) {
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const uint32_t w4[4] = {wv[i][h].x, wv[i][h].y, wv[i][h].z, wv[i][h].w};
-                        if (delta) {
-                            const uint32_t word = reinterpret_cast<const uint32_t*>(
-                                &cur[W_U4 + X_U4 + (gi * T + i) * 16 + g + 8 * h])[ks];
-                            const uint32_t b = __byte_perm(word, 0u, 0x4440u | (uint32_t)t);
-                            const uint32_t u = b * 0x8001u;
-                            a[i][h][0] = ds_fma_bf16x2(ds_sign_pair<15>(u), s2, w4[0]);
-                            a[i][h][1] = ds_fma_bf16x2(ds_sign_pair<13>(u), s2, w4[1]);
-                            a[i][h][2] = ds_fma_bf16x2(ds_sign_pair<11>(u), s2, w4[2]);
-                            a[i][h][3] = ds_fma_bf16x2(ds_sign_pair<9>(u), s2, w4[3]);
-                        } else {
-#pragma unroll
-                            for (int p = 0; p < 4; ++p) a[i][h][p] = w4[p];
-                        }
-                    }
-                }
-#pragma unroll
-                for (int nt = 0; nt < RT; ++nt) {
-                    if (rb >= 8 * nt + 8 || re <= 8 * nt) continue;  // no row of gi in this tile
-                    uint4 b = xv[nt];
-                    if (my_grp[nt] != gi) b = make_uint4(0, 0, 0, 0);
-#pragma unroll
-                    for (int i = 0; i < T; ++i) {
-                        ds_mma_bf16(acc[i][nt], a[i][0][0], a[i][1][0], a[i][0][1], a[i][1][1], b.x, b.y);
-                        ds_mma_bf16(acc[i][nt], a[i][0][2], a[i][1][2], a[i][0][3], a[i][1][3], b.z, b.w);
-                    }
-                }
-            }
-        }
-    }
-    ds_cp_async_wait<0>();
-    __syncthreads();  // every warp is done with its ring: reuse it for the reduction
-    float* red = reinterpret_cast<float*>(ds_dyn_smem);
-    constexpr int E = T * RT * 4;
-#pragma unroll
-    for (int i = 0; i < T; ++i)
-#pragma unroll
-        for (int nt = 0; nt < RT; ++nt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q)
-                red[((size_t)warp * E + (i * RT + nt) * 4 + q) * 32 + lane] = acc[i][nt][q];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
-        const int e = idx >> 5, ln = idx & 31;
-        const int q = e & 3, nt = (e >> 2) % RT, i = (e >> 2) / RT;
-        const int n = n0 + 16 * i + (ln >> 2) + ((q >> 1) << 3);
-        const int j = 8 * nt + 2 * (ln & 3) + (q & 1);
-        if (n < N && j < M) {
-            float v = 0.f;
-            for (int w = 0; w < NW; ++w) v += red[((size_t)w * E + e) * 32 + ln];
-            y[(size_t)group_row(tab, 0, j) * N + n] = __float2bfloat16(v);
-        }
-    }
-}
-
-#define DS_FUSED_KERNEL(RT)                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT(                      \
-        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
-        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
-        int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, 3, false>(tab, x, wbase, y, M, N, K, W);                     \
-    }
-
-DS_FUSED_KERNEL(1)
-DS_FUSED_KERNEL(2)
-DS_FUSED_KERNEL(3)
-DS_FUSED_KERNEL(4)
-
-// Fifth-pass body (experiment "o"): the same layout and arithmetic as ds_fused_bf16_body, with
-// the per-copy address work hoisted. The profile of ds_fused_bf16_r4 (Nsight Compute, 4096x4096,
-// 32 rows) showed DRAM at 38% and L2 at 40% of peak with 1 warp per scheduler issuing every 4.8
-// cycles: the warps are busy issuing, and the SASS has ~10 integer instructions (row clamps,
-// 64-bit address products, group masks) per mma. Here each lane's source rows are clamped and
-// turned into pointers once; a stage's copy is then one 64-bit add. ONE (a single group, the only
-// batches delta_linear sends here) drops the per-row group masks: rows past M are zero already.
-template <int T, int RT, int S, bool XREG, bool ONE>
-__device__ __forceinline__ void ds_fused2_bf16_body(const GroupTable& tab,
-                                                     const __nv_bfloat16* __restrict__ x,
-                                                     const __nv_bfloat16* __restrict__ wbase,
-                                                     __nv_bfloat16* __restrict__ y, int M, int N,
-                                                     int K, int W) {
-    extern __shared__ uint4 ds_dyn_smem[];
-    const int NW = blockDim.x >> 5;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * 16 * T;
-    const int ng = ONE ? 1 : (int)tab.n_groups;
-    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = XREG ? 0 : RT * 4 * 32;
-    const int slot_u4 = W_U4 + X_U4 + ng * T * 16;
-    uint4* ring = ds_dyn_smem + (size_t)warp * S * slot_u4;
-    const int NST = (K + 127) / 128;
     const int c = lane & 15;  // this lane's 16-byte segment of a 256-byte row stage
 
     // W rows of this lane's copies (row 16 i + 2 q + lane / 16 of the block, clamped to N - 1:
@@ -979,16 +781,14 @@ __device__ __forceinline__ void ds_fused2_bf16_body(const GroupTable& tab,
         for (int q = 0; q < 8; ++q)
             wsrc[i][q] = wbase + (size_t)min(n0 + 16 * i + 2 * q + (lane >> 4), N - 1) * K + 8 * c;
     // x rows of this lane's ring copies (slot j = 8 nt + 2 q + lane / 16), null past M.
-    const __nv_bfloat16* xsrc[XREG ? 1 : RT][4];
-    if constexpr (!XREG) {
+    const __nv_bfloat16* xsrc[RT][4];
 #pragma unroll
-        for (int nt = 0; nt < RT; ++nt)
+    for (int nt = 0; nt < RT; ++nt)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int j = 8 * nt + 2 * q + (lane >> 4);
-                xsrc[nt][q] = j < M ? x + (size_t)group_row(tab, 0, j) * K + 8 * c : nullptr;
-            }
-    }
+        for (int q = 0; q < 4; ++q) {
+            const int j = 8 * nt + 2 * q + (lane >> 4);
+            xsrc[nt][q] = j < M ? x + (size_t)group_row(tab, 0, j) * K + 8 * c : nullptr;
+        }
     // ONE: the bits row of this lane's copy (row n0 + lane).
     const uint32_t* bsrc = ONE && tab.words[0] != 0ull
                                ? reinterpret_cast<const uint32_t*>(tab.words[0]) +
@@ -1010,17 +810,17 @@ __device__ __forceinline__ void ds_fused2_bf16_body(const GroupTable& tab,
                     ds_cp_async16(&dst[((i * 4 + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
                                   wsrc[i][q] + off, bytes);
                 }
-            if constexpr (!XREG) {
+            // x: n-tile nt, instruction q: slot j = 8 nt + 2 q + (lane >> 4), segment c.
 #pragma unroll
-                for (int nt = 0; nt < RT; ++nt)
+            for (int nt = 0; nt < RT; ++nt)
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const int jj = 2 * q + (lane >> 4);
-                        const __nv_bfloat16* src = xsrc[nt][q];
-                        ds_cp_async16(&dst[W_U4 + (nt * 4 + (c >> 2)) * 32 + jj * 4 + (c & 3)],
-                                      src != nullptr ? src + off : x, src != nullptr ? bytes : 0);
-                    }
-            }
+                for (int q = 0; q < 4; ++q) {
+                    const int jj = 2 * q + (lane >> 4);
+                    const __nv_bfloat16* src = xsrc[nt][q];
+                    ds_cp_async16(&dst[W_U4 + (nt * 4 + (c >> 2)) * 32 + jj * 4 + (c & 3)],
+                                  src != nullptr ? src + off : x, src != nullptr ? bytes : 0);
+                }
+            // bits: group gi, m-tile i, row r: words 4 st .. 4 st + 3.
             if constexpr (ONE) {
                 if (bsrc != nullptr) ds_cp_async16(&dst[W_U4 + X_U4 + lane], bsrc + 4 * st, 16);
             } else {
@@ -1046,26 +846,6 @@ __device__ __forceinline__ void ds_fused2_bf16_body(const GroupTable& tab,
             for (int gi = 0; gi < ng; ++gi)
                 if (j < M && (int)tab.row_begin[gi] <= j && j < (int)tab.row_begin[gi + 1]) my_grp[nt] = gi;
     }
-    // XREG: this lane's x fragments (row 8 nt + g, columns 128 st + 32 ks + 8 t .. + 7).
-    const __nv_bfloat16* xrow[RT];
-#pragma unroll
-    for (int nt = 0; nt < RT; ++nt) {
-        const int j = 8 * nt + g;
-        xrow[nt] = j < M ? x + (size_t)group_row(tab, 0, j) * K + 8 * t : nullptr;
-    }
-    auto xload = [&](int st, int nt, int ks) {
-        const int col = 128 * st + 32 * ks;
-        if (xrow[nt] == nullptr || col + 8 * t >= K) return make_uint4(0, 0, 0, 0);
-        return __ldcg(reinterpret_cast<const uint4*>(xrow[nt] + col));
-    };
-    uint4 xr[XREG ? RT : 1][4];
-    if constexpr (XREG) {
-#pragma unroll
-        for (int nt = 0; nt < RT; ++nt)
-#pragma unroll
-            for (int ks = 0; ks < 4; ++ks) xr[nt][ks] = xload(warp, nt, ks);
-    }
-
     float acc[T][RT][4];
 #pragma unroll
     for (int i = 0; i < T; ++i)
@@ -1080,6 +860,7 @@ __device__ __forceinline__ void ds_fused2_bf16_body(const GroupTable& tab,
     for (int st = warp; st < NST; st += NW, ++step) {
         ds_cp_async_wait<S - 2>();
         __syncwarp();
+        // The slot refilled here was read in the previous iteration, which every lane has left.
         issue(st + NW * (S - 1), (step + S - 1) % S);
         const uint4* cur = ring + (step % S) * slot_u4;
 #pragma unroll
@@ -1090,14 +871,7 @@ __device__ __forceinline__ void ds_fused2_bf16_body(const GroupTable& tab,
 #pragma unroll
                 for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * 4 + ks) * 2 + h) * 32 + lane];
 #pragma unroll
-            for (int nt = 0; nt < RT; ++nt) {
-                if constexpr (XREG) {
-                    xv[nt] = xr[nt][ks];
-                    xr[nt][ks] = xload(st + NW, nt, ks);
-                } else {
-                    xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
-                }
-            }
+            for (int nt = 0; nt < RT; ++nt) xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
             for (int gi = 0; gi < ng; ++gi) {
                 const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
                 const bool delta = tab.words[gi] != 0ull;
@@ -1165,37 +939,20 @@ __device__ __forceinline__ void ds_fused2_bf16_body(const GroupTable& tab,
     }
 }
 
-#define DS_FUSED2_KERNEL(RT, S, XREG, SUF, ONE, OS)                                             \
-    extern "C" __global__ void __launch_bounds__(256) ds_fused2_bf16_r##RT##_##SUF##S##_##OS(   \
+// _1: one group (what delta_linear sends); _g: up to 8 groups (delta_linear_fused, tests).
+#define DS_FUSED_KERNEL(RT, ONE, SUF)                                                           \
+    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT##_##SUF(              \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_fused2_bf16_body<2, RT, S, XREG, ONE>(tab, x, wbase, y, M, N, K, W);                \
+        ds_fused_bf16_body<2, RT, 3, ONE>(tab, x, wbase, y, M, N, K, W);                       \
     }
-#define DS_FUSED2_KERNELS(RT)                                                                   \
-    DS_FUSED2_KERNEL(RT, 3, true, x, true, 1) DS_FUSED2_KERNEL(RT, 3, true, x, false, g)        \
-    DS_FUSED2_KERNEL(RT, 3, false, r, true, 1) DS_FUSED2_KERNEL(RT, 3, false, r, false, g)
-DS_FUSED2_KERNELS(1)
-DS_FUSED2_KERNELS(2)
-DS_FUSED2_KERNELS(3)
-DS_FUSED2_KERNELS(4)
+#define DS_FUSED_KERNELS(RT) DS_FUSED_KERNEL(RT, true, 1) DS_FUSED_KERNEL(RT, false, g)
+DS_FUSED_KERNELS(1)
+DS_FUSED_KERNELS(2)
+DS_FUSED_KERNELS(3)
+DS_FUSED_KERNELS(4)
 
-// Experiment variants (fifth pass; DELTASERVE_FUSED_VARIANT in src/cuda.rs, to be removed):
-// ring depth S, x in the ring (SUF r) or in registers (SUF x).
-#define DS_FUSEDX_KERNEL(RT, S, XREG, SUF)                                                      \
-    extern "C" __global__ void __launch_bounds__(256) ds_fusedx_bf16_r##RT##_##SUF##S(          \
-        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
-        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
-        int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, S, XREG>(tab, x, wbase, y, M, N, K, W);                      \
-    }
-#define DS_FUSEDX_KERNELS(RT)                                                                   \
-    DS_FUSEDX_KERNEL(RT, 4, false, r) DS_FUSEDX_KERNEL(RT, 5, false, r)                         \
-    DS_FUSEDX_KERNEL(RT, 3, true, x) DS_FUSEDX_KERNEL(RT, 4, true, x)
-DS_FUSEDX_KERNELS(1)
-DS_FUSEDX_KERNELS(2)
-DS_FUSEDX_KERNELS(3)
-DS_FUSEDX_KERNELS(4)
 
 
 // ---------------------------------------------------------------------------------------------
