@@ -940,14 +940,17 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
 }
 
 // _1: one group (what delta_linear sends); _g: up to 8 groups (delta_linear_fused, tests).
-#define DS_FUSED_KERNEL(RT, ONE, SUF)                                                           \
-    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT##_##SUF(              \
+#define DS_FUSED_KERNEL(RT, ONE, SUF, S)                                                        \
+    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT##_##SUF##_s##S(       \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, 3, ONE>(tab, x, wbase, y, M, N, K, W);                       \
+        ds_fused_bf16_body<2, RT, S, ONE>(tab, x, wbase, y, M, N, K, W);                       \
     }
-#define DS_FUSED_KERNELS(RT) DS_FUSED_KERNEL(RT, true, 1) DS_FUSED_KERNEL(RT, false, g)
+// S = 2 is an experiment (fifth pass, DELTASERVE_FUSED_STAGES in src/cuda.rs, to be removed).
+#define DS_FUSED_KERNELS(RT)                                                                    \
+    DS_FUSED_KERNEL(RT, true, 1, 3) DS_FUSED_KERNEL(RT, false, g, 3)                            \
+    DS_FUSED_KERNEL(RT, true, 1, 2) DS_FUSED_KERNEL(RT, false, g, 2)
 DS_FUSED_KERNELS(1)
 DS_FUSED_KERNELS(2)
 DS_FUSED_KERNELS(3)
