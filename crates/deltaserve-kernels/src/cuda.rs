@@ -630,12 +630,9 @@ fn fused(
     n: usize,
     k: usize,
 ) -> candle_core::Result<()> {
-    // Ring slots per warp (`S` in `ds_fused_bf16_body`). Experiment switch (fifth pass, to be
-    // removed): DELTASERVE_FUSED_STAGES=2.
-    let stages: usize = match std::env::var("DELTASERVE_FUSED_STAGES").as_deref() {
-        Ok("2") => 2,
-        _ => 3,
-    };
+    /// Ring slots per warp (`S` in `ds_fused_bf16_body`): 2 leaves room for the most warps,
+    /// which measured fastest (BENCHMARKS.md, fifth pass).
+    const STAGES: usize = 2;
     /// Shared memory per SM on sm_90 (228 KiB), less 1 KiB the runtime reserves per block.
     const SMEM_PER_SM: usize = 228 * 1024;
     const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
@@ -652,20 +649,20 @@ fn fused(
     // Bytes per ring slot: W (2 x 16 rows x 256), x (rt x 8 rows x 256), bits (groups x 32 x 16).
     let slot_bytes = 16 * (2 * 256 + rt * 128 + groups * 2 * 16);
     // Where the resident grid leaves no room for one warp (many blocks per SM), fewer blocks.
-    let warps = match (budget / (stages * slot_bytes)).min(8) {
-        0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(8),
+    let warps = match (budget / (STAGES * slot_bytes)).min(8) {
+        0 => (SMEM_PER_BLOCK_MAX / (STAGES * slot_bytes)).min(8),
         w => w,
     };
     if warps == 0 {
         candle_core::bail!(
             "delta_linear (fused): {groups} groups need {} bytes of shared memory per warp, more than a block may have. This is a bug (fused_ok admits at most {FUSED_MAX_GROUPS}).",
-            stages * slot_bytes
+            STAGES * slot_bytes
         )
     }
-    let smem = warps * stages * slot_bytes;
+    let smem = warps * STAGES * slot_bytes;
     // `_1`: the one-group kernel (no per-row group masks); `_g`: up to FUSED_MAX_GROUPS groups.
     let kname = format!(
-        "ds_fused_bf16_r{rt}_{}_s{stages}",
+        "ds_fused_bf16_r{rt}_{}",
         if groups == 1 { "1" } else { "g" }
     );
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;

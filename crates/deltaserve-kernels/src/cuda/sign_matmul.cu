@@ -746,12 +746,17 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
 // issuing copies, not waiting for bytes. Here each lane's source rows are clamped and turned into
 // pointers once, so a copy is one 64-bit add; ONE (a single group, the only batches delta_linear
 // sends here) drops the per-row group masks, since rows past M are zero-filled already.
-// Measured against the fourth pass's kernel in the same call: 4096x4096 17.4 / 18.2 / 23.0 us at
-// 1 / 8 / 32 rows (was 18.9 / 19.5 / 27.1), 11008x4096 32 rows 57.5 (78.1).
-// Tried and lost in the same call: x out of the ring, loaded by each lane with ld.global one stage
-// ahead into registers (8 warps fit instead of 4 at 32 rows, but they stall on those loads:
-// 23.4 us at 4096x4096 32 rows with the hoisted addresses, 25.4 without); ring depth 4 or 5 (fewer
-// warps: 31.3 / 40.5 us at 32 rows, 20.2 / 19.5 at 1 row).
+// Measured against the fourth pass's kernel in the same call (3-slot rings both): 4096x4096 17.4
+// / 18.2 / 23.0 us at 1 / 8 / 32 rows (was 18.9 / 19.5 / 27.1), 11008x4096 32 rows 57.5 (78.1).
+// Ring depth. Since the warps, not the bytes in flight, were the limit, the ring has 2 slots
+// (plain double buffering: one stage in flight while the other is multiplied), so more warps fit:
+// 6 instead of 4 at 32 rows on 4096x4096, 2 instead of 1 on 11008x4096. Same call against 3 slots:
+// 4096x4096 16.6 / 17.1 / 22.4 us at 1 / 8 / 32 rows (17.3 / 18.3 / 22.9), 11008x4096 38.8 /
+// 39.9 / 49.5 (39.9 / 40.7 / 57.7), 4096x11008 40.5 / 41.1 / 49.5 (42.1 / 42.9 / 52.2).
+// Tried and lost: x out of the ring, loaded by each lane with ld.global one stage ahead into
+// registers (8 warps fit instead of 4 at 32 rows, but they stall on those loads: 23.4 us at
+// 4096x4096 32 rows with the hoisted addresses, 25.4 without); ring depth 4 or 5 (fewer warps:
+// 31.3 / 40.5 us at 32 rows, 20.2 / 19.5 at 1 row, on the fourth pass's body).
 template <int T, int RT, int S, bool ONE>
 __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                                                     const __nv_bfloat16* __restrict__ x,
@@ -940,17 +945,15 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
 }
 
 // _1: one group (what delta_linear sends); _g: up to 8 groups (delta_linear_fused, tests).
-#define DS_FUSED_KERNEL(RT, ONE, SUF, S)                                                        \
-    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT##_##SUF##_s##S(       \
+// Ring depth S = 2 (src/cuda.rs sizes the shared memory for it): see "Ring depth" above.
+#define DS_FUSED_KERNEL(RT, ONE, SUF)                                                           \
+    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT##_##SUF(              \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, S, ONE>(tab, x, wbase, y, M, N, K, W);                       \
+        ds_fused_bf16_body<2, RT, 2, ONE>(tab, x, wbase, y, M, N, K, W);                       \
     }
-// S = 2 is an experiment (fifth pass, DELTASERVE_FUSED_STAGES in src/cuda.rs, to be removed).
-#define DS_FUSED_KERNELS(RT)                                                                    \
-    DS_FUSED_KERNEL(RT, true, 1, 3) DS_FUSED_KERNEL(RT, false, g, 3)                            \
-    DS_FUSED_KERNEL(RT, true, 1, 2) DS_FUSED_KERNEL(RT, false, g, 2)
+#define DS_FUSED_KERNELS(RT) DS_FUSED_KERNEL(RT, true, 1) DS_FUSED_KERNEL(RT, false, g)
 DS_FUSED_KERNELS(1)
 DS_FUSED_KERNELS(2)
 DS_FUSED_KERNELS(3)
