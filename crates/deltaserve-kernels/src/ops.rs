@@ -154,8 +154,8 @@ pub fn delta_linear(
         tenants.sort_unstable();
         tenants.dedup();
         // Measured on the H100 (fifth pass), one tenant: the fused kernel wins at 1, 8, 16 and
-        // 32 rows on every 7B shape (at 32 rows 23.0 / 57.5 / 52.0 us against 28.0 / 61.3 /
-        // 62.4 unfused for 4096x4096 / 11008x4096 / 4096x11008).
+        // 32 rows on every 7B shape (at 32 rows 22.4 / 49.5 / 49.5 us against 28.0 / 61.3 /
+        // 62.2 unfused for 4096x4096 / 11008x4096 / 4096x11008).
         if m <= FUSED_MAX_ROWS
             && tenants.len() <= 1
             && crate::cuda::fused_ok(x, w_base, row_slot, deltas)
