@@ -114,13 +114,12 @@ pub fn tenant_delta_matmul_add(
 /// `x (M, K)` and `w_base (N, K)`.
 ///
 /// On CUDA, for a decode batch of at most [`FUSED_MAX_ROWS`] rows that all use one tenant (or
-/// the base), bf16, `K % 8 == 0` and
-/// `ceil(K/32) % 4 == 0`, one kernel streams the base weight and the tenant's bits and multiplies
-/// `x` by `W_base + scale · S`, formed in registers and rounded once to bf16 as a merged
-/// checkpoint is: [`crate::cuda::delta_linear_fused`]. That kernel takes up to 8 tenants, but on
-/// the H100 it beat the unfused step only for one tenant (BENCHMARKS.md, fourth and fifth
-/// passes), so other
-/// batches take candle's matmul and then [`tenant_delta_matmul_add`]. Forward only.
+/// the base), bf16, `K % 8 == 0` and `ceil(K/32) % 4 == 0`, one kernel streams the base weight
+/// and the tenant's bits and multiplies `x` by `W_base + scale · S`, formed in registers and
+/// rounded once to bf16 as a merged checkpoint is: [`crate::cuda::delta_linear_fused`]. That
+/// kernel takes up to 8 tenants, but on the H100 it beat the unfused step only for one tenant
+/// (BENCHMARKS.md, fourth and fifth passes), so other batches take candle's matmul and then
+/// [`tenant_delta_matmul_add`]. Forward only.
 pub fn delta_linear(
     x: &Tensor,
     w_base: &Tensor,
