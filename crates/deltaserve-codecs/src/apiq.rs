@@ -720,7 +720,11 @@ pub fn decompose_checkpoint(
                     finals[i] = Some(d);
                 }
             }
-            // Layer l is decomposed: move each window's input on through it.
+            // Layer l is decomposed: move each window's input on through it (after the last
+            // layer nothing reads it).
+            if l + 1 == layers {
+                break;
+            }
             for (pass, h) in passes.iter().zip(h_q.iter_mut()) {
                 let next = pass
                     .layer_observed(l, h, Some(&tenant), &mut |_, _, _| {})

@@ -147,7 +147,7 @@ impl SignBits {
         if !device.is_cpu() || cpu::SimdLevel::detect() != cpu::SimdLevel::Avx512 {
             return Self::from_words(words, n, k, device);
         }
-        check_words(words.len(), n, k)?;
+        // `SignsView::new` checks the word count.
         let words = cpu::interleave(SignsView::new(&words, n, k)?);
         let rows = words.len() / words_per_row(k);
         Ok(Self {

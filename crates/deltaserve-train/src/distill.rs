@@ -14,7 +14,7 @@
 
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use deltaserve_model::{ForwardOptions, LogitsWanted, Model, SeqInput, TenantWeights};
+use deltaserve_model::{ForwardOptions, Model, TenantWeights};
 
 use crate::error::{Result, TrainError};
 use crate::loss::{distill_loss, kl_rows, next_token_nll_sum, DistillLoss};
@@ -259,27 +259,10 @@ pub fn evaluate(
     let mut positions = 0usize;
     let opts = ForwardOptions::default();
     for batch in windows.chunks(batch_size.max(1)) {
-        let mut seqs: Vec<SeqInput<'_>> = batch
-            .iter()
-            .map(|w| SeqInput {
-                tokens: w,
-                cache: None,
-                tenant: None,
-                logits: LogitsWanted::All,
-            })
-            .collect();
-        let target = teacher.forward(&mut seqs, opts)?;
+        let seqs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        let target = teacher.window_logits(&seqs, None, opts)?;
         for (i, c) in candidates.iter().enumerate() {
-            let mut seqs: Vec<SeqInput<'_>> = batch
-                .iter()
-                .map(|w| SeqInput {
-                    tokens: w,
-                    cache: None,
-                    tenant: c.tenant,
-                    logits: LogitsWanted::All,
-                })
-                .collect();
-            let out = c.model.forward(&mut seqs, opts)?;
+            let out = c.model.window_logits(&seqs, c.tenant, opts)?;
             for ((w, l), t) in batch.iter().zip(&out).zip(&target) {
                 nll[i] += next_token_nll_sum(l, w)?;
                 let v = l.dim(1)?.min(t.dim(1)?);

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
-use deltaserve_model::{ForwardOptions, LogitsWanted, Model, Proj, SeqInput};
+use deltaserve_model::{ForwardOptions, Model, Proj};
 
 use crate::loss::log_softmax;
 use crate::{Result, TrainError};
@@ -66,13 +66,9 @@ pub fn empirical_fisher(
     let mut predictions = 0usize;
     for (i, w) in usable.iter().enumerate() {
         let logits = m
-            .forward(
-                &mut [SeqInput {
-                    tokens: w,
-                    cache: None,
-                    tenant: None,
-                    logits: LogitsWanted::All,
-                }],
+            .window_logits(
+                &[w.as_slice()],
+                None,
                 ForwardOptions {
                     differentiable: true,
                 },
