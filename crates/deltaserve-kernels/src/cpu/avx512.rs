@@ -130,11 +130,7 @@ pub(super) unsafe fn matmul_t_block(
                 (4, true) => lut_tile::<4, true>(&b, &mut res),
                 _ => unreachable!("tile of {rm} rows not instantiated. This is a bug."),
             }
-            for (i, res) in res.iter().enumerate().take(rm) {
-                for (r, v) in res.iter().enumerate().take(nr) {
-                    out_t[(r0 + r) * m + i0 + i] = *v;
-                }
-            }
+            scatter_tile(&res, rm, nr, &mut out_t[r0 * m + i0..], m);
             i0 += rm;
         }
         r0 += 32;
@@ -191,15 +187,7 @@ unsafe fn lut_tile<const RM: usize, const TWO: bool>(b: &Block, res: &mut [[f32;
         };
         lookup_word::<RM, TWO>(b, wi, wa, wb, &mut acc);
     }
-    for (res, acc) in res.iter_mut().zip(&acc) {
-        _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(acc[0][0], acc[0][1]));
-        if TWO {
-            _mm512_storeu_ps(
-                res.as_mut_ptr().add(16),
-                _mm512_add_ps(acc[1][0], acc[1][1]),
-            );
-        }
-    }
+    store_acc::<RM, TWO>(&acc, res);
 }
 
 /// `res[i][r] = x_i · s_r` for a full block of 32 sign rows and `RM` rows of tables, with no
@@ -269,12 +257,36 @@ unsafe fn bcast_tile<const RM: usize>(b: &Block, prefetch: bool, res: &mut [[f32
         let wb = _mm512_mask_i32gather_epi32::<4>(zero, b.kb, b.idx_b, p);
         lookup_word::<RM, true>(b, wi, wa, wb, &mut acc);
     }
-    for (res, acc) in res.iter_mut().zip(&acc) {
+    store_acc::<RM, true>(&acc, res);
+}
+
+/// `res[i][r] = Σ` of the two accumulator chains of half `r / 16` (rows 16..32 only if `TWO`),
+/// for the `RM` table rows of a tile.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn store_acc<const RM: usize, const TWO: bool>(
+    acc: &[[[__m512; 2]; 2]; RM],
+    res: &mut [[f32; 32]; 4],
+) {
+    for (res, acc) in res.iter_mut().zip(acc) {
         _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(acc[0][0], acc[0][1]));
-        _mm512_storeu_ps(
-            res.as_mut_ptr().add(16),
-            _mm512_add_ps(acc[1][0], acc[1][1]),
-        );
+        if TWO {
+            _mm512_storeu_ps(
+                res.as_mut_ptr().add(16),
+                _mm512_add_ps(acc[1][0], acc[1][1]),
+            );
+        }
+    }
+}
+
+/// Writes a tile's `rm × nr` results into the transposed output: `out_t[r · m + i] = res[i][r]`,
+/// `out_t` starting at the tile's first (sign row, x row).
+#[inline]
+fn scatter_tile(res: &[[f32; 32]; 4], rm: usize, nr: usize, out_t: &mut [f32], m: usize) {
+    for (i, res) in res.iter().enumerate().take(rm) {
+        for (r, v) in res.iter().enumerate().take(nr) {
+            out_t[r * m + i] = *v;
+        }
     }
 }
 
@@ -374,11 +386,7 @@ pub(super) unsafe fn matmul_t_block_interleaved(
                 (4, true) => interleaved_tile::<4, true>(&b, prefetch, &mut res),
                 _ => unreachable!("tile of {rm} rows not instantiated. This is a bug."),
             }
-            for (i, res) in res.iter().enumerate().take(rm) {
-                for (r, v) in res.iter().enumerate().take(nr) {
-                    out_t[(r0 + r) * m + i0 + i] = *v;
-                }
-            }
+            scatter_tile(&res, rm, nr, &mut out_t[r0 * m + i0..], m);
             i0 += rm;
         }
         r0 += 32;
@@ -410,15 +418,7 @@ unsafe fn interleaved_tile<const RM: usize, const TWO: bool>(
         };
         lookup_word::<RM, TWO>(b, wi, wa, wb, &mut acc);
     }
-    for (res, acc) in res.iter_mut().zip(&acc) {
-        _mm512_storeu_ps(res.as_mut_ptr(), _mm512_add_ps(acc[0][0], acc[0][1]));
-        if TWO {
-            _mm512_storeu_ps(
-                res.as_mut_ptr().add(16),
-                _mm512_add_ps(acc[1][0], acc[1][1]),
-            );
-        }
-    }
+    store_acc::<RM, TWO>(&acc, res);
 }
 
 /// Words (32 columns each) per column tile of `g · S`: 16 accumulators.
