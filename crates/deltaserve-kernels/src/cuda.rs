@@ -641,30 +641,46 @@ fn fused(
         candle_core::bail!("delta_linear (fused): {m} rows in {groups} groups. This is a bug.")
     }
     let rt = m.div_ceil(8).max(1);
+    // EXPERIMENT (sixth pass): DELTASERVE_FUSED_VARIANT=k{KS}s{S}b{threads} picks a one-group
+    // kernel with KS k-steps (32 columns each) per stage, S ring slots and up to threads / 32
+    // warps; unset, the fifth pass's kernel (KS = 4, S = 2, 8 warps).
+    let variant = std::env::var("DELTASERVE_FUSED_VARIANT").ok().filter(|v| {
+        groups == 1 && ["k2s2b256", "k2s3b256", "k2s2b512", "k4s2b512"].contains(&v.as_str())
+    });
+    let (ks, stages, max_warps) = match variant.as_deref() {
+        Some("k2s2b256") => (2, 2, 8),
+        Some("k2s3b256") => (2, 3, 8),
+        Some("k2s2b512") => (2, 2, 16),
+        Some("k4s2b512") => (4, 2, 16),
+        _ => (4, STAGES, 8),
+    };
     let blocks = n.div_ceil(32);
     let per_sm = blocks.div_ceil(multiprocessors(dev)).max(1);
     let budget = (SMEM_PER_SM / per_sm)
         .saturating_sub(1024)
         .min(SMEM_PER_BLOCK_MAX);
-    // Bytes per ring slot: W (2 x 16 rows x 256), x (rt x 8 rows x 256), bits (groups x 32 x 16).
-    let slot_bytes = 16 * (2 * 256 + rt * 128 + groups * 2 * 16);
+    // Bytes per ring slot: W (2 x 16 rows x 64 ks), x (rt x 8 rows x 64 ks), bits (groups x 32 x 16).
+    let slot_bytes = 16 * (128 * ks + rt * 32 * ks + groups * 2 * 16);
     // Where the resident grid leaves no room for one warp (many blocks per SM), fewer blocks.
-    let warps = match (budget / (STAGES * slot_bytes)).min(8) {
-        0 => (SMEM_PER_BLOCK_MAX / (STAGES * slot_bytes)).min(8),
+    let warps = match (budget / (stages * slot_bytes)).min(max_warps) {
+        0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(max_warps),
         w => w,
     };
     if warps == 0 {
         candle_core::bail!(
             "delta_linear (fused): {groups} groups need {} bytes of shared memory per warp, more than a block may have. This is a bug (fused_ok admits at most {FUSED_MAX_GROUPS}).",
-            STAGES * slot_bytes
+            stages * slot_bytes
         )
     }
-    let smem = warps * STAGES * slot_bytes;
+    let smem = warps * stages * slot_bytes;
     // `_1`: the one-group kernel (no per-row group masks); `_g`: up to FUSED_MAX_GROUPS groups.
-    let kname = format!(
-        "ds_fused_bf16_r{rt}_{}",
-        if groups == 1 { "1" } else { "g" }
-    );
+    let kname = match variant {
+        Some(v) => format!("ds_fused_bf16_r{rt}_1_{v}"),
+        None => format!(
+            "ds_fused_bf16_r{rt}_{}",
+            if groups == 1 { "1" } else { "g" }
+        ),
+    };
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;
     opt_in_smem(dev, &f, &kname, SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);

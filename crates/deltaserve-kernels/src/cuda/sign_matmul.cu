@@ -736,6 +736,18 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
     return d;
 }
 
+// A stage's sign bits of one row: KS words (16 bytes for 128-column stages, 8 for 64).
+template <int KS> __device__ __forceinline__ void ds_cp_async_bits(void* smem, const uint32_t* gmem) {
+    static_assert(KS == 2 || KS == 4, "stages of 64 or 128 columns");
+    if constexpr (KS == 4) {
+        ds_cp_async16(smem, gmem, 16);
+    } else {
+        // cp.async copies 4, 8 or 16 bytes; below 16 only through L1 (.ca).
+        const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem) : "memory");
+    }
+}
+
 // At most 8 groups (src/cuda.rs sizes the shared memory for them).
 
 
@@ -757,7 +769,7 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
 // registers (8 warps fit instead of 4 at 32 rows, but they stall on those loads: 23.4 us at
 // 4096x4096 32 rows with the hoisted addresses, 25.4 without); ring depth 4 or 5 (fewer warps:
 // 31.3 / 40.5 us at 32 rows, 20.2 / 19.5 at 1 row, on the fourth pass's body).
-template <int T, int RT, int S, bool ONE>
+template <int T, int RT, int S, bool ONE, int KS>
 __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                                                     const __nv_bfloat16* __restrict__ x,
                                                     const __nv_bfloat16* __restrict__ wbase,
@@ -769,29 +781,33 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 16 * T;
     const int ng = ONE ? 1 : (int)tab.n_groups;
-    // Per-slot uint4 counts: W (T m-tiles x 4 k-steps x 2 halves x 32 lanes), x (RT n-tiles x 4
-    // k-steps x 32 lanes), bits (ng groups x T m-tiles x 16 rows).
-    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = RT * 4 * 32;
+    // Per-slot uint4 counts: W (T m-tiles x KS k-steps x 2 halves x 32 lanes), x (RT n-tiles x KS
+    // k-steps x 32 lanes), bits (ng groups x T m-tiles x 16 rows, 4 KS bytes used of each 16).
+    constexpr int W_U4 = T * KS * 2 * 32, X_U4 = RT * KS * 32;
+    // A stage is SC columns; a row's stage is LPR 16-byte segments, so one warp instruction
+    // copies RPI rows.
+    constexpr int SC = 32 * KS, LPR = 4 * KS, RPI = 32 / LPR;
     const int slot_u4 = W_U4 + X_U4 + ng * T * 16;
     uint4* ring = ds_dyn_smem + (size_t)warp * S * slot_u4;
-    const int NST = (K + 127) / 128;  // stages (= W / 4)
-    const int c = lane & 15;  // this lane's 16-byte segment of a 256-byte row stage
+    const int NST = (K + SC - 1) / SC;  // stages (= W / KS)
+    const int c = lane % LPR;  // this lane's 16-byte segment of a row's stage
+    const int rs = lane / LPR;  // and its row within the RPI rows of one copy instruction
 
-    // W rows of this lane's copies (row 16 i + 2 q + lane / 16 of the block, clamped to N - 1:
-    // rows past N are read but never stored), at its segment's first column.
-    const __nv_bfloat16* wsrc[T][8];
+    // W rows of this lane's copies (row 16 i + RPI q + rs of the block, clamped to N - 1: rows
+    // past N are read but never stored), at its segment's first column.
+    const __nv_bfloat16* wsrc[T][16 / RPI];
 #pragma unroll
     for (int i = 0; i < T; ++i)
 #pragma unroll
-        for (int q = 0; q < 8; ++q)
-            wsrc[i][q] = wbase + (size_t)min(n0 + 16 * i + 2 * q + (lane >> 4), N - 1) * K + 8 * c;
-    // x rows of this lane's ring copies (slot j = 8 nt + 2 q + lane / 16), null past M.
-    const __nv_bfloat16* xsrc[RT][4];
+        for (int q = 0; q < 16 / RPI; ++q)
+            wsrc[i][q] = wbase + (size_t)min(n0 + 16 * i + RPI * q + rs, N - 1) * K + 8 * c;
+    // x rows of this lane's ring copies (slot j = 8 nt + RPI q + rs), null past M.
+    const __nv_bfloat16* xsrc[RT][8 / RPI];
 #pragma unroll
     for (int nt = 0; nt < RT; ++nt)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int j = 8 * nt + 2 * q + (lane >> 4);
+        for (int q = 0; q < 8 / RPI; ++q) {
+            const int j = 8 * nt + RPI * q + rs;
             xsrc[nt][q] = j < M ? x + (size_t)group_row(tab, 0, j) * K + 8 * c : nullptr;
         }
     // ONE: the bits row of this lane's copy (row n0 + lane).
@@ -803,38 +819,38 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     auto issue = [&](int st, int slot) {
         uint4* dst = ring + slot * slot_u4;
         if (st < NST) {
-            const int c0 = 128 * st;
+            const int c0 = SC * st;
             const bool in_k = c0 + 8 * c < K;
             const int bytes = in_k ? 16 : 0;
             const int off = in_k ? c0 : -8 * c;  // a valid address (column 0) when nothing is read
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
-                for (int q = 0; q < 8; ++q) {
-                    const int r = 2 * q + (lane >> 4);
-                    ds_cp_async16(&dst[((i * 4 + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
+                for (int q = 0; q < 16 / RPI; ++q) {
+                    const int r = RPI * q + rs;
+                    ds_cp_async16(&dst[((i * KS + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
                                   wsrc[i][q] + off, bytes);
                 }
-            // x: n-tile nt, instruction q: slot j = 8 nt + 2 q + (lane >> 4), segment c.
+            // x: n-tile nt, instruction q: slot j = 8 nt + RPI q + rs, segment c.
 #pragma unroll
             for (int nt = 0; nt < RT; ++nt)
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const int jj = 2 * q + (lane >> 4);
+                for (int q = 0; q < 8 / RPI; ++q) {
+                    const int jj = RPI * q + rs;
                     const __nv_bfloat16* src = xsrc[nt][q];
-                    ds_cp_async16(&dst[W_U4 + (nt * 4 + (c >> 2)) * 32 + jj * 4 + (c & 3)],
+                    ds_cp_async16(&dst[W_U4 + (nt * KS + (c >> 2)) * 32 + jj * 4 + (c & 3)],
                                   src != nullptr ? src + off : x, src != nullptr ? bytes : 0);
                 }
-            // bits: group gi, m-tile i, row r: words 4 st .. 4 st + 3.
+            // bits: group gi, m-tile i, row r: words KS st .. KS st + KS - 1.
             if constexpr (ONE) {
-                if (bsrc != nullptr) ds_cp_async16(&dst[W_U4 + X_U4 + lane], bsrc + 4 * st, 16);
+                if (bsrc != nullptr) ds_cp_async_bits<KS>(&dst[W_U4 + X_U4 + lane], bsrc + KS * st);
             } else {
                 for (int e = lane; e < ng * T * 16; e += 32) {
                     const int gi = e / (T * 16), rr = e % (T * 16);
                     const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[gi]);
                     if (words != nullptr) {
                         const int n = min(n0 + rr, N - 1);
-                        ds_cp_async16(&dst[W_U4 + X_U4 + e], words + (size_t)n * W + 4 * st, 16);
+                        ds_cp_async_bits<KS>(&dst[W_U4 + X_U4 + e], words + (size_t)n * W + KS * st);
                     }
                 }
             }
@@ -869,14 +885,14 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
         issue(st + NW * (S - 1), (step + S - 1) % S);
         const uint4* cur = ring + (step % S) * slot_u4;
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
+        for (int ks = 0; ks < KS; ++ks) {
             uint4 wv[T][2], xv[RT];
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * 4 + ks) * 2 + h) * 32 + lane];
+                for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * KS + ks) * 2 + h) * 32 + lane];
 #pragma unroll
-            for (int nt = 0; nt < RT; ++nt) xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
+            for (int nt = 0; nt < RT; ++nt) xv[nt] = cur[W_U4 + (nt * KS + ks) * 32 + lane];
             for (int gi = 0; gi < ng; ++gi) {
                 const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
                 const bool delta = tab.words[gi] != 0ull;
@@ -951,13 +967,28 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, 2, ONE>(tab, x, wbase, y, M, N, K, W);                       \
+        ds_fused_bf16_body<2, RT, 2, ONE, 4>(tab, x, wbase, y, M, N, K, W);                    \
     }
 #define DS_FUSED_KERNELS(RT) DS_FUSED_KERNEL(RT, true, 1) DS_FUSED_KERNEL(RT, false, g)
 DS_FUSED_KERNELS(1)
 DS_FUSED_KERNELS(2)
 DS_FUSED_KERNELS(3)
 DS_FUSED_KERNELS(4)
+// EXPERIMENT (sixth pass): one-group kernels with KS k-steps per stage, S slots, up to LB threads.
+#define DS_FUSED_XKERNEL(RT, KS, S, LB)                                                         \
+    extern "C" __global__ void __launch_bounds__(LB) ds_fused_bf16_r##RT##_1_k##KS##s##S##b##LB( \
+        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
+        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
+        int K, int W) {                                                                         \
+        ds_fused_bf16_body<2, RT, S, true, KS>(tab, x, wbase, y, M, N, K, W);                  \
+    }
+#define DS_FUSED_XKERNELS(RT) \
+    DS_FUSED_XKERNEL(RT, 2, 2, 256) DS_FUSED_XKERNEL(RT, 2, 3, 256) DS_FUSED_XKERNEL(RT, 2, 2, 512) \
+    DS_FUSED_XKERNEL(RT, 4, 2, 512)
+DS_FUSED_XKERNELS(1)
+DS_FUSED_XKERNELS(2)
+DS_FUSED_XKERNELS(3)
+DS_FUSED_XKERNELS(4)
 
 
 
