@@ -630,38 +630,57 @@ fn fused(
     n: usize,
     k: usize,
 ) -> candle_core::Result<()> {
-    /// Ring slots per warp (`S` in `ds_fused_bf16_body`): 2 leaves room for the most warps,
-    /// which measured fastest (BENCHMARKS.md, fifth pass).
-    const STAGES: usize = 2;
     /// Shared memory per SM on sm_90 (228 KiB), less 1 KiB the runtime reserves per block.
     const SMEM_PER_SM: usize = 228 * 1024;
     const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
+    const MAX_WARPS: usize = 8;
     let groups = table.n_groups as usize;
     if groups > FUSED_MAX_GROUPS || m > GROUP_ROWS {
         candle_core::bail!("delta_linear (fused): {m} rows in {groups} groups. This is a bug.")
     }
     let rt = m.div_ceil(8).max(1);
-    // EXPERIMENT (sixth pass): DELTASERVE_FUSED_VARIANT=k{KS}s{S}b{threads} picks a one-group
-    // kernel with KS k-steps (32 columns each) per stage, S ring slots and up to threads / 32
-    // warps; unset, the fifth pass's kernel (KS = 4, S = 2, 8 warps).
-    let variant = std::env::var("DELTASERVE_FUSED_VARIANT").ok().filter(|v| {
-        groups == 1 && ["k2s2b256", "k2s3b256", "k2s2b512", "k4s2b512"].contains(&v.as_str())
-    });
-    let (ks, stages, max_warps) = match variant.as_deref() {
-        Some("k2s2b256") => (2, 2, 8),
-        Some("k2s3b256") => (2, 3, 8),
-        Some("k2s2b512") => (2, 2, 16),
-        Some("k4s2b512") => (4, 2, 16),
-        _ => (4, STAGES, 8),
-    };
     let blocks = n.div_ceil(32);
     let per_sm = blocks.div_ceil(multiprocessors(dev)).max(1);
     let budget = (SMEM_PER_SM / per_sm)
         .saturating_sub(1024)
         .min(SMEM_PER_BLOCK_MAX);
+    // Stage width: KS k-steps of 32 columns (`KS` in `ds_fused_bf16_body`): 2 for one group, 4
+    // for several (the multi-group kernel is kept as the fourth pass measured it).
+    let ks = if groups == 1 { 2 } else { 4 };
     // Bytes per ring slot: W (2 x 16 rows x 64 ks), x (rt x 8 rows x 64 ks), bits (groups x 32 x 16).
     let slot_bytes = 16 * (128 * ks + rt * 32 * ks + groups * 2 * 16);
-    // Where the resident grid leaves no room for one warp (many blocks per SM), fewer blocks.
+    // Warps that fit S slots each and keep the grid resident; where the resident grid leaves no
+    // room for one warp (many blocks per SM), fewer blocks per SM instead.
+    let fit =
+        |stages: usize, max_warps: usize| match (budget / (stages * slot_bytes)).min(max_warps) {
+            0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(max_warps),
+            w => w,
+        };
+    // Ring slots per warp (`S`): 3 where 8 warps still fit (two stages in flight per warp), else 2
+    // (more warps, each double-buffered). Measured on the H100 (BENCHMARKS.md, sixth pass).
+    let (mut stages, mut max_warps) = (
+        if groups == 1 && fit(3, MAX_WARPS) == MAX_WARPS {
+            3
+        } else {
+            2
+        },
+        MAX_WARPS,
+    );
+    // EXPERIMENT (sixth pass): DELTASERVE_FUSED_VARIANT picks another one-group kernel:
+    // s2 / s3 (always 2 / 3 slots), k4s2b256 (the fifth pass's kernel: 128-column stages, 2
+    // slots), k2s3b512 (3 slots, up to 16 warps).
+    let variant = std::env::var("DELTASERVE_FUSED_VARIANT")
+        .ok()
+        .filter(|v| groups == 1 && ["s2", "s3", "k4s2b256", "k2s3b512"].contains(&v.as_str()));
+    let mut ks = ks;
+    match variant.as_deref() {
+        Some("s2") => stages = 2,
+        Some("s3") => stages = 3,
+        Some("k4s2b256") => (ks, stages) = (4, 2),
+        Some("k2s3b512") => (stages, max_warps) = (3, 16),
+        _ => {}
+    }
+    let slot_bytes = 16 * (128 * ks + rt * 32 * ks + groups * 2 * 16);
     let warps = match (budget / (stages * slot_bytes)).min(max_warps) {
         0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(max_warps),
         w => w,
@@ -673,13 +692,12 @@ fn fused(
         )
     }
     let smem = warps * stages * slot_bytes;
-    // `_1`: the one-group kernel (no per-row group masks); `_g`: up to FUSED_MAX_GROUPS groups.
-    let kname = match variant {
-        Some(v) => format!("ds_fused_bf16_r{rt}_1_{v}"),
-        None => format!(
-            "ds_fused_bf16_r{rt}_{}",
-            if groups == 1 { "1" } else { "g" }
-        ),
+    // `_1s2` / `_1s3`: the one-group kernel (no per-row group masks) with 2 / 3 ring slots; `_g`:
+    // up to FUSED_MAX_GROUPS groups.
+    let kname = match variant.as_deref() {
+        Some(v @ ("k4s2b256" | "k2s3b512")) => format!("ds_fused_bf16_r{rt}_1_{v}"),
+        _ if groups == 1 => format!("ds_fused_bf16_r{rt}_1s{stages}"),
+        _ => format!("ds_fused_bf16_r{rt}_g"),
     };
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;
     opt_in_smem(dev, &f, &kname, SMEM_PER_BLOCK_MAX)?;

@@ -962,33 +962,23 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
 
 // _1: one group (what delta_linear sends); _g: up to 8 groups (delta_linear_fused, tests).
 // Ring depth S = 2 (src/cuda.rs sizes the shared memory for it): see "Ring depth" above.
-#define DS_FUSED_KERNEL(RT, ONE, SUF)                                                           \
-    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT##_##SUF(              \
+#define DS_FUSED_KERNEL(NAME, RT, ONE, KS, S, LB)                                               \
+    extern "C" __global__ void __launch_bounds__(LB) NAME(                                      \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, 2, ONE, 4>(tab, x, wbase, y, M, N, K, W);                    \
+        ds_fused_bf16_body<2, RT, S, ONE, KS>(tab, x, wbase, y, M, N, K, W);                   \
     }
-#define DS_FUSED_KERNELS(RT) DS_FUSED_KERNEL(RT, true, 1) DS_FUSED_KERNEL(RT, false, g)
+#define DS_FUSED_KERNELS(RT)                                                                    \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1s2, RT, true, 2, 2, 256)                             \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1s3, RT, true, 2, 3, 256)                             \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_g, RT, false, 4, 2, 256)                              \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1_k4s2b256, RT, true, 4, 2, 256)                      \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1_k2s3b512, RT, true, 2, 3, 512)
 DS_FUSED_KERNELS(1)
 DS_FUSED_KERNELS(2)
 DS_FUSED_KERNELS(3)
 DS_FUSED_KERNELS(4)
-// EXPERIMENT (sixth pass): one-group kernels with KS k-steps per stage, S slots, up to LB threads.
-#define DS_FUSED_XKERNEL(RT, KS, S, LB)                                                         \
-    extern "C" __global__ void __launch_bounds__(LB) ds_fused_bf16_r##RT##_1_k##KS##s##S##b##LB( \
-        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
-        const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
-        int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, S, true, KS>(tab, x, wbase, y, M, N, K, W);                  \
-    }
-#define DS_FUSED_XKERNELS(RT) \
-    DS_FUSED_XKERNEL(RT, 2, 2, 256) DS_FUSED_XKERNEL(RT, 2, 3, 256) DS_FUSED_XKERNEL(RT, 2, 2, 512) \
-    DS_FUSED_XKERNEL(RT, 4, 2, 512)
-DS_FUSED_XKERNELS(1)
-DS_FUSED_XKERNELS(2)
-DS_FUSED_XKERNELS(3)
-DS_FUSED_XKERNELS(4)
 
 
 
