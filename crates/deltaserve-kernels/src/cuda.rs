@@ -644,47 +644,28 @@ fn fused(
     let budget = (SMEM_PER_SM / per_sm)
         .saturating_sub(1024)
         .min(SMEM_PER_BLOCK_MAX);
-    // Stage width: KS k-steps of 32 columns (`KS` in `ds_fused_bf16_body`): 2 for one group, 4
-    // for several (the multi-group kernel is kept as the fourth pass measured it).
+    // Stage width: KS k-steps of 32 columns (`KS` in `ds_fused_bf16_body`). One group: 64-column
+    // stages, whose smaller ring slots let more warps and more stages in flight fit (sixth pass);
+    // several groups: 128 columns, the multi-group kernel as the fourth pass measured it.
     let ks = if groups == 1 { 2 } else { 4 };
     // Bytes per ring slot: W (2 x 16 rows x 64 ks), x (rt x 8 rows x 64 ks), bits (groups x 32 x 16).
     let slot_bytes = 16 * (128 * ks + rt * 32 * ks + groups * 2 * 16);
-    // Warps that fit S slots each and keep the grid resident; where the resident grid leaves no
-    // room for one warp (many blocks per SM), fewer blocks per SM instead.
-    let fit =
-        |stages: usize, max_warps: usize| match (budget / (stages * slot_bytes)).min(max_warps) {
-            0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(max_warps),
-            w => w,
-        };
-    // Ring slots per warp (`S`): 3 where 8 warps still fit (two stages in flight per warp), else 2
-    // (more warps, each double-buffered). Measured on the H100 (BENCHMARKS.md, sixth pass).
-    let (mut stages, mut max_warps) = (
-        if groups == 1 && fit(3, MAX_WARPS) == MAX_WARPS {
-            3
-        } else {
-            2
-        },
-        MAX_WARPS,
-    );
-    // EXPERIMENT (sixth pass): DELTASERVE_FUSED_VARIANT picks another one-group kernel:
-    // s2 / s3 (always 2 / 3 slots), k4s2b256 (the fifth pass's kernel: 128-column stages, 2
-    // slots), k2s3b512 (3 slots, up to 16 warps).
-    let variant = std::env::var("DELTASERVE_FUSED_VARIANT")
-        .ok()
-        .filter(|v| groups == 1 && ["s2", "s3", "k4s2b256", "k2s3b512"].contains(&v.as_str()));
-    let mut ks = ks;
-    match variant.as_deref() {
-        Some("s2") => stages = 2,
-        Some("s3") => stages = 3,
-        Some("k4s2b256") => (ks, stages) = (4, 2),
-        Some("k2s3b512") => (stages, max_warps) = (3, 16),
-        _ => {}
-    }
-    let slot_bytes = 16 * (128 * ks + rt * 32 * ks + groups * 2 * 16);
-    let warps = match (budget / (stages * slot_bytes)).min(max_warps) {
-        0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(max_warps),
+    // Warps with `stages` slots each that keep the grid resident; where the resident grid leaves
+    // no room for one warp (many blocks per SM), fewer blocks per SM instead.
+    let fit = |stages: usize| match (budget / (stages * slot_bytes)).min(MAX_WARPS) {
+        0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(MAX_WARPS),
         w => w,
     };
+    // Ring slots per warp (`S`): 3 (two stages in flight while one is multiplied) where 8 warps
+    // still fit, else 2 (more warps, each double-buffered). On the H100 (BENCHMARKS.md, sixth
+    // pass) 3 slots won where both keep 8 warps (4096x4096 32 rows 18.5 against 19.6 us) and lost
+    // where they cost warps (11008x4096, 3 blocks per SM: 16 rows 42.3 against 40.0 us).
+    let stages = if groups == 1 && fit(3) == MAX_WARPS {
+        3
+    } else {
+        2
+    };
+    let warps = fit(stages);
     if warps == 0 {
         candle_core::bail!(
             "delta_linear (fused): {groups} groups need {} bytes of shared memory per warp, more than a block may have. This is a bug (fused_ok admits at most {FUSED_MAX_GROUPS}).",
@@ -694,10 +675,10 @@ fn fused(
     let smem = warps * stages * slot_bytes;
     // `_1s2` / `_1s3`: the one-group kernel (no per-row group masks) with 2 / 3 ring slots; `_g`:
     // up to FUSED_MAX_GROUPS groups.
-    let kname = match variant.as_deref() {
-        Some(v @ ("k4s2b256" | "k2s3b512")) => format!("ds_fused_bf16_r{rt}_1_{v}"),
-        _ if groups == 1 => format!("ds_fused_bf16_r{rt}_1s{stages}"),
-        _ => format!("ds_fused_bf16_r{rt}_g"),
+    let kname = if groups == 1 {
+        format!("ds_fused_bf16_r{rt}_1s{stages}")
+    } else {
+        format!("ds_fused_bf16_r{rt}_g")
     };
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;
     opt_in_smem(dev, &f, &kname, SMEM_PER_BLOCK_MAX)?;

@@ -701,13 +701,14 @@ DS_TCI8_KERNELS(2, 4)
 // engine (cp.async.bulk, one 256-byte row segment per lane, mbarrier completion: 27.9 us at 1x1,
 // 54.3 at 32x1, worse with a deeper ring); 64 features per block (30.3 us at 1x1, 64 blocks).
 //
-// Layout. A block owns 16 T = 32 output features; its NW warps split K in stages of 128 columns
-// (warp w takes stages w, w + NW, ...). Every stage goes through a per-warp cp.async ring of S
-// slots in dynamic shared memory: the block's W rows (T x 16 rows x 256 bytes), x (RT x 8 rows x
-// 256 bytes, rows gathered through the table, zero-filled past M and K) and each group's bits
-// (T x 16 rows x 16 bytes). All lanes of the warp copy and all read (a __syncwarp after the wait
-// makes the other lanes' copies visible). Copies are 16 bytes, two W rows of 256 contiguous bytes
-// per warp instruction; the ring stores them in the order the mma fragments read them.
+// Layout. A block owns 16 T = 32 output features; its NW warps split K in stages of 32 KS
+// columns (KS = 2 for one group, 4 for several; warp w takes stages w, w + NW, ...). Every stage
+// goes through a per-warp cp.async ring of S slots in dynamic shared memory: the block's W rows
+// (T x 16 rows x 64 KS bytes), x (RT x 8 rows x 64 KS bytes, rows gathered through the table,
+// zero-filled past M and K) and each group's bits (T x 16 rows x 4 KS bytes, in 16-byte rows).
+// All lanes of the warp copy and all read (a __syncwarp after the wait makes the other lanes'
+// copies visible). Copies are 16 bytes (the bits 8 bytes when KS = 2), 32 / (4 KS) rows of W per
+// warp instruction; the ring stores them in the order the mma fragments read them.
 // Fragments: in k-step ks (32 columns, P = 32 ks + 8 t) thread (g, t) holds columns P .. P+7 of W
 // rows g and g + 8 (registers .x .y .z .w = column pairs 0..3) and of x row g; .x .y feed the
 // first m16n8k16 (a0 a1 a2 a3 = row g pair 0, row g+8 pair 0, row g pair 1, row g+8 pair 1; b0 b1
@@ -760,7 +761,7 @@ template <int KS> __device__ __forceinline__ void ds_cp_async_bits(void* smem, c
 // sends here) drops the per-row group masks, since rows past M are zero-filled already.
 // Measured against the fourth pass's kernel in the same call (3-slot rings both): 4096x4096 17.4
 // / 18.2 / 23.0 us at 1 / 8 / 32 rows (was 18.9 / 19.5 / 27.1), 11008x4096 32 rows 57.5 (78.1).
-// Ring depth. Since the warps, not the bytes in flight, were the limit, the ring has 2 slots
+// Ring depth. Since the warps, not the bytes in flight, were the limit, the ring had 2 slots
 // (plain double buffering: one stage in flight while the other is multiplied), so more warps fit:
 // 6 instead of 4 at 32 rows on 4096x4096, 2 instead of 1 on 11008x4096. Same call against 3 slots:
 // 4096x4096 16.6 / 17.1 / 22.4 us at 1 / 8 / 32 rows (17.3 / 18.3 / 22.9), 11008x4096 38.8 /
@@ -769,6 +770,16 @@ template <int KS> __device__ __forceinline__ void ds_cp_async_bits(void* smem, c
 // registers (8 warps fit instead of 4 at 32 rows, but they stall on those loads: 23.4 us at
 // 4096x4096 32 rows with the hoisted addresses, 25.4 without); ring depth 4 or 5 (fewer warps:
 // 31.3 / 40.5 us at 32 rows, 20.2 / 19.5 at 1 row, on the fourth pass's body).
+// Sixth pass: stages of 64 columns (KS = 2) for one group. With 128-column stages a 32-row
+// slot held 17 KB (x half of it), so 6 warps fit an SM on 4096x4096 with 2 slots, each with one
+// stage in flight: Nsight Compute showed 0.23 issued warps per scheduler per cycle, 77% of cycles
+// with no eligible warp, DRAM at 45%. Halving the slot lets 8 warps keep two stages in flight
+// (3 slots, chosen by src/cuda.rs where 8 warps fit, else 2 slots for more warps): DRAM 56%, 0.29
+// issued per scheduler. Same device call against the fifth pass's kernel (one process each):
+// 4096x4096 15.3 / 15.6 / 16.4 / 18.5 us at 1 / 8 / 16 / 32 rows (16.6 / 17.0 / 18.2 / 22.3),
+// 11008x4096 37.8 / 38.8 / 40.1 / 43.8 (38.6 / 39.6 / 41.9 / 49.2), 4096x11008 39.6 / 40.5 /
+// 42.4 / 46.2 (40.2 / 41.0 / 43.0 / 49.6). Also measured: up to 16 warps with 2 slots (19.1 us
+// at 4096x4096 32 rows) or 3 slots (15.8 at 1 row, 41.5 on 4096x11008 1 row): no better.
 template <int T, int RT, int S, bool ONE, int KS>
 __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                                                     const __nv_bfloat16* __restrict__ x,
@@ -960,8 +971,9 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     }
 }
 
-// _1: one group (what delta_linear sends); _g: up to 8 groups (delta_linear_fused, tests).
-// Ring depth S = 2 (src/cuda.rs sizes the shared memory for it): see "Ring depth" above.
+// _1s2 / _1s3: one group (what delta_linear sends), 64-column stages, ring depth 2 / 3 (src/cuda.rs
+// picks one and sizes the shared memory for it); _g: up to 8 groups (delta_linear_fused, tests),
+// 128-column stages, 2 slots. See "Ring depth" and "Sixth pass" above.
 #define DS_FUSED_KERNEL(NAME, RT, ONE, KS, S, LB)                                               \
     extern "C" __global__ void __launch_bounds__(LB) NAME(                                      \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
@@ -972,9 +984,7 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
 #define DS_FUSED_KERNELS(RT)                                                                    \
     DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1s2, RT, true, 2, 2, 256)                             \
     DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1s3, RT, true, 2, 3, 256)                             \
-    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_g, RT, false, 4, 2, 256)                              \
-    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1_k4s2b256, RT, true, 4, 2, 256)                      \
-    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1_k2s3b512, RT, true, 2, 3, 512)
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_g, RT, false, 4, 2, 256)
 DS_FUSED_KERNELS(1)
 DS_FUSED_KERNELS(2)
 DS_FUSED_KERNELS(3)
