@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool): the model tests on CUDA, then generation speed of a
 # Llama-2-7B-shaped random model, ours against transformers' generate, with and without a delta.
-# Binaries come from `.bin/cuda.tar.xz` (built here with `--features cuda`, see README).
+# Binaries come from the tarball named as the first argument (default `.bin/cuda.tar.xz`, built
+# here with `--features cuda`, see README), unpacked by env.sh.
 set -u
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-mkdir -p /tmp/b && tar -xJf .bin/cuda.tar.xz -C /tmp/b
-B=/tmp/b
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. "$(dirname "$0")/env.sh" "${1:-.bin/cuda.tar.xz}" || exit 1
 echo "== model tests on cuda:0"
 for t in reference_logits tenant_batching; do
   DELTASERVE_TEST_DEVICE=cuda:0 $B/$t --test-threads 1 2>&1 | grep -E "^test |test result|panicked|bf16 vs" 

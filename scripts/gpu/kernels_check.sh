@@ -8,8 +8,8 @@
 #                       (the `cuda-*` test executable it prints)
 #   reference_logits,   cargo test --release --features cuda -p deltaserve-model --test reference_logits
 #   tenant_batching     --test tenant_batching --no-run (optional: the model's CUDA tests, run first
-#                       when present; their fixtures are found through a /tmp/wtk -> $PWD link, the
-#                       build worktree's path)
+#                       when present; env.sh links the build worktree's path, DS_WORKTREE, to
+#                       $PWD so that they find their fixtures)
 # Stripped and packed as one tarball (tar | xz: ~15 MB for the first two, ~11 MB for all four with
 # a large dictionary; the carried tree, tracked files included, must stay under 64 MiB):
 #   strip -o .bin/x/deltaserve ...; strip -o .bin/x/kernels-cuda-tests ...
@@ -21,18 +21,11 @@
 # its time limit in seconds (100); SKIP_TRITON=1
 # leaves out the Triton script.
 set -uo pipefail
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT" /tmp/kbin
-tar xJf "${1:-.bin/bin.tar.xz}" -C /tmp/kbin
-B=/tmp/kbin
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+. "$(dirname "$0")/env.sh" "${1:-.bin/bin.tar.xz}" || exit 1
 t0=$SECONDS
 
 if [ -x $B/reference_logits ]; then
   echo "== model CUDA tests"
-  ln -sfn "$PWD" /tmp/wtk
   for t in reference_logits tenant_batching; do
     timeout 60 $B/$t --test-threads=1 2>&1 | tee "$OUT/$t.log" | grep -E "^test |test result|panicked" | head -12
   done

@@ -6,11 +6,7 @@
 # comparable to the bench's; the bench runs under CUDA graphs, whose kernel nodes ncu profiles
 # one by one (its default --graph-profiling node).
 set -uo pipefail
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT" /tmp/kbin
-tar xJf "${1:-.bin/bin.tar.xz}" -C /tmp/kbin
-B=/tmp/kbin
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/env.sh" "${1:-.bin/bin.tar.xz}" || exit 1
 NCU=$(ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $NCU"; ls /usr/local/cuda*/bin | tr '\n' ' '; echo
 SECS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats"

@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool): the model's CUDA tests, decode speed with and without a
 # BitDelta delta (the fused delta_linear path), then `bench serve` with the base alone, 1 and 32
-# tenants. Binaries come from `.bin/cuda.tar.xz`: `deltaserve` plus the model's CUDA test
-# binaries `reference_logits` and `tenant_batching` (built here with `--features cuda`).
+# tenants. Binaries come from the tarball named as the first argument (default `.bin/cuda.tar.xz`,
+# unpacked by env.sh): `deltaserve` plus the model's CUDA test binaries `reference_logits` and
+# `tenant_batching` (built here with `--features cuda`). Output in $OUT (default gpu-out).
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-mkdir -p /tmp/b && tar -xJf .bin/cuda.tar.xz -C /tmp/b
-B=/tmp/b
+. "$(dirname "$0")/env.sh" "${1:-.bin/cuda.tar.xz}" || exit 1
 T0=$(date +%s)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "== model tests on cuda:0"
 for t in reference_logits tenant_batching; do
   DELTASERVE_TEST_DEVICE=cuda:0 $B/$t --test-threads 1 2>&1 | grep -E "^test |test result|panicked|bf16 vs"

@@ -630,12 +630,10 @@ fn fused(
     n: usize,
     k: usize,
 ) -> candle_core::Result<()> {
-    /// Ring slots per warp (`S` in `ds_fused_bf16_body`): 2 leaves room for the most warps,
-    /// which measured fastest (BENCHMARKS.md, fifth pass).
-    const STAGES: usize = 2;
     /// Shared memory per SM on sm_90 (228 KiB), less 1 KiB the runtime reserves per block.
     const SMEM_PER_SM: usize = 228 * 1024;
     const SMEM_PER_BLOCK_MAX: usize = 227 * 1024;
+    const MAX_WARPS: usize = 8;
     let groups = table.n_groups as usize;
     if groups > FUSED_MAX_GROUPS || m > GROUP_ROWS {
         candle_core::bail!("delta_linear (fused): {m} rows in {groups} groups. This is a bug.")
@@ -646,25 +644,42 @@ fn fused(
     let budget = (SMEM_PER_SM / per_sm)
         .saturating_sub(1024)
         .min(SMEM_PER_BLOCK_MAX);
-    // Bytes per ring slot: W (2 x 16 rows x 256), x (rt x 8 rows x 256), bits (groups x 32 x 16).
-    let slot_bytes = 16 * (2 * 256 + rt * 128 + groups * 2 * 16);
-    // Where the resident grid leaves no room for one warp (many blocks per SM), fewer blocks.
-    let warps = match (budget / (STAGES * slot_bytes)).min(8) {
-        0 => (SMEM_PER_BLOCK_MAX / (STAGES * slot_bytes)).min(8),
+    // Stage width: KS k-steps of 32 columns (`KS` in `ds_fused_bf16_body`). One group: 64-column
+    // stages, whose smaller ring slots let more warps and more stages in flight fit (sixth pass);
+    // several groups: 128 columns, the multi-group kernel as the fourth pass measured it.
+    let ks = if groups == 1 { 2 } else { 4 };
+    // Bytes per ring slot: W (2 x 16 rows x 64 ks), x (rt x 8 rows x 64 ks), bits (groups x 32 x 16).
+    let slot_bytes = 16 * (128 * ks + rt * 32 * ks + groups * 2 * 16);
+    // Warps with `stages` slots each that keep the grid resident; where the resident grid leaves
+    // no room for one warp (many blocks per SM), fewer blocks per SM instead.
+    let fit = |stages: usize| match (budget / (stages * slot_bytes)).min(MAX_WARPS) {
+        0 => (SMEM_PER_BLOCK_MAX / (stages * slot_bytes)).min(MAX_WARPS),
         w => w,
     };
+    // Ring slots per warp (`S`): 3 (two stages in flight while one is multiplied) where 8 warps
+    // still fit, else 2 (more warps, each double-buffered). On the H100 (BENCHMARKS.md, sixth
+    // pass) 3 slots won where both keep 8 warps (4096x4096 32 rows 18.5 against 19.6 us) and lost
+    // where they cost warps (11008x4096, 3 blocks per SM: 16 rows 42.3 against 40.0 us).
+    let stages = if groups == 1 && fit(3) == MAX_WARPS {
+        3
+    } else {
+        2
+    };
+    let warps = fit(stages);
     if warps == 0 {
         candle_core::bail!(
             "delta_linear (fused): {groups} groups need {} bytes of shared memory per warp, more than a block may have. This is a bug (fused_ok admits at most {FUSED_MAX_GROUPS}).",
-            STAGES * slot_bytes
+            stages * slot_bytes
         )
     }
-    let smem = warps * STAGES * slot_bytes;
-    // `_1`: the one-group kernel (no per-row group masks); `_g`: up to FUSED_MAX_GROUPS groups.
-    let kname = format!(
-        "ds_fused_bf16_r{rt}_{}",
-        if groups == 1 { "1" } else { "g" }
-    );
+    let smem = warps * stages * slot_bytes;
+    // `_1s2` / `_1s3`: the one-group kernel (no per-row group masks) with 2 / 3 ring slots; `_g`:
+    // up to FUSED_MAX_GROUPS groups.
+    let kname = if groups == 1 {
+        format!("ds_fused_bf16_r{rt}_1s{stages}")
+    } else {
+        format!("ds_fused_bf16_r{rt}_g")
+    };
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;
     opt_in_smem(dev, &f, &kname, SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);

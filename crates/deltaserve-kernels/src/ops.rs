@@ -152,8 +152,8 @@ pub fn delta_linear(
         let mut tenants: Vec<u32> = row_slot.iter().flatten().copied().collect();
         tenants.sort_unstable();
         tenants.dedup();
-        // Measured on the H100 (fifth pass), one tenant: the fused kernel wins at 1, 8, 16 and
-        // 32 rows on every 7B shape (at 32 rows 22.4 / 49.5 / 49.5 us against 28.0 / 61.3 /
+        // Measured on the H100 (sixth pass), one tenant: the fused kernel wins at 1, 8, 16 and
+        // 32 rows on every 7B shape (at 32 rows 18.5 / 43.7 / 46.0 us against 27.9 / 60.9 /
         // 62.2 unfused for 4096x4096 / 11008x4096 / 4096x11008).
         if m <= FUSED_MAX_ROWS
             && tenants.len() <= 1

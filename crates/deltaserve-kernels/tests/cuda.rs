@@ -610,3 +610,55 @@ fn errors_name_the_misplaced_tensor() {
         .to_string();
     assert!(e.contains("slot") || e.contains("sign words"), "{e}");
 }
+
+#[test]
+fn delta_linear_fused_two_slot_ring_on_wide_outputs() {
+    // One-tenant batches on the fused kernel with its 2-slot ring. `cuda::fused` takes 3 slots
+    // wherever 8 warps fit, which the shapes above always leave room for (one block per SM); with
+    // N > 32 x 132 features (more than one block per SM on an H100) the 3-slot ring would cost
+    // warps and the launch takes 2 slots. 64-column stages: K = 1000 and 4088 end on a partial
+    // stage. N is not a multiple of 32; the last case is base-only rows.
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut worst = 0f64;
+    let cases: [(usize, usize, usize, Option<u32>); 4] = [
+        (32, 4300, 1000, Some(0)),
+        (8, 4300, 4088, Some(0)),
+        (1, 8500, 128, Some(0)),
+        (19, 4300, 1000, None),
+    ];
+    for (m, n, k, slot) in cases {
+        let (deltas, cpu_deltas, _) = tenant_case(&mut rng, &dev, m, n, k, 1);
+        let row_slot = vec![slot; m];
+        let refs: Vec<&SignDelta> = deltas.iter().collect();
+        let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
+        let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05f32..0.05)).collect();
+        let w = Tensor::from_vec(wv, (n, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let wr = flat(&w);
+        let delta = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+        let want: Vec<f32> = (0..m * n)
+            .map(|e| {
+                let (i, o) = (e / n, e % n);
+                let dot: f64 = (0..k)
+                    .map(|c| f64::from(xr[i * k + c]) * f64::from(wr[o * k + c]))
+                    .sum();
+                (dot + f64::from(delta[e])) as f32
+            })
+            .collect();
+        let (xd, wd) = (x.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
+        assert!(fused_ok(&xd, &wd, &row_slot, &refs), "M={m} N={n} K={k}");
+        poison(&dev, m * n, DType::BF16);
+        let y = deltaserve_kernels::delta_linear(&xd, &wd, &row_slot, &refs).unwrap();
+        assert_eq!(y.dims(), [m, n]);
+        let err = rel_err(&flat(&y), &want);
+        assert!(
+            err < tol(DType::BF16),
+            "M={m} N={n} K={k} slot {slot:?}: {err:.2e}"
+        );
+        worst = worst.max(err);
+    }
+    println!("worst relative error of the fused kernel, 2-slot ring: {worst:.1e}");
+}

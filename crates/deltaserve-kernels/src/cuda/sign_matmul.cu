@@ -701,13 +701,14 @@ DS_TCI8_KERNELS(2, 4)
 // engine (cp.async.bulk, one 256-byte row segment per lane, mbarrier completion: 27.9 us at 1x1,
 // 54.3 at 32x1, worse with a deeper ring); 64 features per block (30.3 us at 1x1, 64 blocks).
 //
-// Layout. A block owns 16 T = 32 output features; its NW warps split K in stages of 128 columns
-// (warp w takes stages w, w + NW, ...). Every stage goes through a per-warp cp.async ring of S
-// slots in dynamic shared memory: the block's W rows (T x 16 rows x 256 bytes), x (RT x 8 rows x
-// 256 bytes, rows gathered through the table, zero-filled past M and K) and each group's bits
-// (T x 16 rows x 16 bytes). All lanes of the warp copy and all read (a __syncwarp after the wait
-// makes the other lanes' copies visible). Copies are 16 bytes, two W rows of 256 contiguous bytes
-// per warp instruction; the ring stores them in the order the mma fragments read them.
+// Layout. A block owns 16 T = 32 output features; its NW warps split K in stages of 32 KS
+// columns (KS = 2 for one group, 4 for several; warp w takes stages w, w + NW, ...). Every stage
+// goes through a per-warp cp.async ring of S slots in dynamic shared memory: the block's W rows
+// (T x 16 rows x 64 KS bytes), x (RT x 8 rows x 64 KS bytes, rows gathered through the table,
+// zero-filled past M and K) and each group's bits (T x 16 rows x 4 KS bytes, in 16-byte rows).
+// All lanes of the warp copy and all read (a __syncwarp after the wait makes the other lanes'
+// copies visible). Copies are 16 bytes (the bits 8 bytes when KS = 2), 32 / (4 KS) rows of W per
+// warp instruction; the ring stores them in the order the mma fragments read them.
 // Fragments: in k-step ks (32 columns, P = 32 ks + 8 t) thread (g, t) holds columns P .. P+7 of W
 // rows g and g + 8 (registers .x .y .z .w = column pairs 0..3) and of x row g; .x .y feed the
 // first m16n8k16 (a0 a1 a2 a3 = row g pair 0, row g+8 pair 0, row g pair 1, row g+8 pair 1; b0 b1
@@ -736,6 +737,18 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
     return d;
 }
 
+// A stage's sign bits of one row: KS words (16 bytes for 128-column stages, 8 for 64).
+template <int KS> __device__ __forceinline__ void ds_cp_async_bits(void* smem, const uint32_t* gmem) {
+    static_assert(KS == 2 || KS == 4, "stages of 64 or 128 columns");
+    if constexpr (KS == 4) {
+        ds_cp_async16(smem, gmem, 16);
+    } else {
+        // cp.async copies 4, 8 or 16 bytes; below 16 only through L1 (.ca).
+        const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem) : "memory");
+    }
+}
+
 // At most 8 groups (src/cuda.rs sizes the shared memory for them).
 
 
@@ -748,7 +761,7 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
 // sends here) drops the per-row group masks, since rows past M are zero-filled already.
 // Measured against the fourth pass's kernel in the same call (3-slot rings both): 4096x4096 17.4
 // / 18.2 / 23.0 us at 1 / 8 / 32 rows (was 18.9 / 19.5 / 27.1), 11008x4096 32 rows 57.5 (78.1).
-// Ring depth. Since the warps, not the bytes in flight, were the limit, the ring has 2 slots
+// Ring depth. Since the warps, not the bytes in flight, were the limit, the ring had 2 slots
 // (plain double buffering: one stage in flight while the other is multiplied), so more warps fit:
 // 6 instead of 4 at 32 rows on 4096x4096, 2 instead of 1 on 11008x4096. Same call against 3 slots:
 // 4096x4096 16.6 / 17.1 / 22.4 us at 1 / 8 / 32 rows (17.3 / 18.3 / 22.9), 11008x4096 38.8 /
@@ -757,7 +770,17 @@ template <int P2> __device__ __forceinline__ uint32_t ds_sign_pair(uint32_t u) {
 // registers (8 warps fit instead of 4 at 32 rows, but they stall on those loads: 23.4 us at
 // 4096x4096 32 rows with the hoisted addresses, 25.4 without); ring depth 4 or 5 (fewer warps:
 // 31.3 / 40.5 us at 32 rows, 20.2 / 19.5 at 1 row, on the fourth pass's body).
-template <int T, int RT, int S, bool ONE>
+// Sixth pass: stages of 64 columns (KS = 2) for one group. With 128-column stages a 32-row
+// slot held 17 KB (x half of it), so 6 warps fit an SM on 4096x4096 with 2 slots, each with one
+// stage in flight: Nsight Compute showed 0.23 issued warps per scheduler per cycle, 77% of cycles
+// with no eligible warp, DRAM at 45%. Halving the slot lets 8 warps keep two stages in flight
+// (3 slots, chosen by src/cuda.rs where 8 warps fit, else 2 slots for more warps): DRAM 56%, 0.29
+// issued per scheduler. Same device call against the fifth pass's kernel (one process each):
+// 4096x4096 15.3 / 15.6 / 16.4 / 18.5 us at 1 / 8 / 16 / 32 rows (16.6 / 17.0 / 18.2 / 22.3),
+// 11008x4096 37.8 / 38.8 / 40.1 / 43.8 (38.6 / 39.6 / 41.9 / 49.2), 4096x11008 39.6 / 40.5 /
+// 42.4 / 46.2 (40.2 / 41.0 / 43.0 / 49.6). Also measured: up to 16 warps with 2 slots (19.1 us
+// at 4096x4096 32 rows) or 3 slots (15.8 at 1 row, 41.5 on 4096x11008 1 row): no better.
+template <int T, int RT, int S, bool ONE, int KS>
 __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
                                                     const __nv_bfloat16* __restrict__ x,
                                                     const __nv_bfloat16* __restrict__ wbase,
@@ -769,29 +792,33 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 16 * T;
     const int ng = ONE ? 1 : (int)tab.n_groups;
-    // Per-slot uint4 counts: W (T m-tiles x 4 k-steps x 2 halves x 32 lanes), x (RT n-tiles x 4
-    // k-steps x 32 lanes), bits (ng groups x T m-tiles x 16 rows).
-    constexpr int W_U4 = T * 4 * 2 * 32, X_U4 = RT * 4 * 32;
+    // Per-slot uint4 counts: W (T m-tiles x KS k-steps x 2 halves x 32 lanes), x (RT n-tiles x KS
+    // k-steps x 32 lanes), bits (ng groups x T m-tiles x 16 rows, 4 KS bytes used of each 16).
+    constexpr int W_U4 = T * KS * 2 * 32, X_U4 = RT * KS * 32;
+    // A stage is SC columns; a row's stage is LPR 16-byte segments, so one warp instruction
+    // copies RPI rows.
+    constexpr int SC = 32 * KS, LPR = 4 * KS, RPI = 32 / LPR;
     const int slot_u4 = W_U4 + X_U4 + ng * T * 16;
     uint4* ring = ds_dyn_smem + (size_t)warp * S * slot_u4;
-    const int NST = (K + 127) / 128;  // stages (= W / 4)
-    const int c = lane & 15;  // this lane's 16-byte segment of a 256-byte row stage
+    const int NST = (K + SC - 1) / SC;  // stages (= W / KS)
+    const int c = lane % LPR;  // this lane's 16-byte segment of a row's stage
+    const int rs = lane / LPR;  // and its row within the RPI rows of one copy instruction
 
-    // W rows of this lane's copies (row 16 i + 2 q + lane / 16 of the block, clamped to N - 1:
-    // rows past N are read but never stored), at its segment's first column.
-    const __nv_bfloat16* wsrc[T][8];
+    // W rows of this lane's copies (row 16 i + RPI q + rs of the block, clamped to N - 1: rows
+    // past N are read but never stored), at its segment's first column.
+    const __nv_bfloat16* wsrc[T][16 / RPI];
 #pragma unroll
     for (int i = 0; i < T; ++i)
 #pragma unroll
-        for (int q = 0; q < 8; ++q)
-            wsrc[i][q] = wbase + (size_t)min(n0 + 16 * i + 2 * q + (lane >> 4), N - 1) * K + 8 * c;
-    // x rows of this lane's ring copies (slot j = 8 nt + 2 q + lane / 16), null past M.
-    const __nv_bfloat16* xsrc[RT][4];
+        for (int q = 0; q < 16 / RPI; ++q)
+            wsrc[i][q] = wbase + (size_t)min(n0 + 16 * i + RPI * q + rs, N - 1) * K + 8 * c;
+    // x rows of this lane's ring copies (slot j = 8 nt + RPI q + rs), null past M.
+    const __nv_bfloat16* xsrc[RT][8 / RPI];
 #pragma unroll
     for (int nt = 0; nt < RT; ++nt)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int j = 8 * nt + 2 * q + (lane >> 4);
+        for (int q = 0; q < 8 / RPI; ++q) {
+            const int j = 8 * nt + RPI * q + rs;
             xsrc[nt][q] = j < M ? x + (size_t)group_row(tab, 0, j) * K + 8 * c : nullptr;
         }
     // ONE: the bits row of this lane's copy (row n0 + lane).
@@ -803,38 +830,38 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     auto issue = [&](int st, int slot) {
         uint4* dst = ring + slot * slot_u4;
         if (st < NST) {
-            const int c0 = 128 * st;
+            const int c0 = SC * st;
             const bool in_k = c0 + 8 * c < K;
             const int bytes = in_k ? 16 : 0;
             const int off = in_k ? c0 : -8 * c;  // a valid address (column 0) when nothing is read
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
-                for (int q = 0; q < 8; ++q) {
-                    const int r = 2 * q + (lane >> 4);
-                    ds_cp_async16(&dst[((i * 4 + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
+                for (int q = 0; q < 16 / RPI; ++q) {
+                    const int r = RPI * q + rs;
+                    ds_cp_async16(&dst[((i * KS + (c >> 2)) * 2 + (r >> 3)) * 32 + (r & 7) * 4 + (c & 3)],
                                   wsrc[i][q] + off, bytes);
                 }
-            // x: n-tile nt, instruction q: slot j = 8 nt + 2 q + (lane >> 4), segment c.
+            // x: n-tile nt, instruction q: slot j = 8 nt + RPI q + rs, segment c.
 #pragma unroll
             for (int nt = 0; nt < RT; ++nt)
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const int jj = 2 * q + (lane >> 4);
+                for (int q = 0; q < 8 / RPI; ++q) {
+                    const int jj = RPI * q + rs;
                     const __nv_bfloat16* src = xsrc[nt][q];
-                    ds_cp_async16(&dst[W_U4 + (nt * 4 + (c >> 2)) * 32 + jj * 4 + (c & 3)],
+                    ds_cp_async16(&dst[W_U4 + (nt * KS + (c >> 2)) * 32 + jj * 4 + (c & 3)],
                                   src != nullptr ? src + off : x, src != nullptr ? bytes : 0);
                 }
-            // bits: group gi, m-tile i, row r: words 4 st .. 4 st + 3.
+            // bits: group gi, m-tile i, row r: words KS st .. KS st + KS - 1.
             if constexpr (ONE) {
-                if (bsrc != nullptr) ds_cp_async16(&dst[W_U4 + X_U4 + lane], bsrc + 4 * st, 16);
+                if (bsrc != nullptr) ds_cp_async_bits<KS>(&dst[W_U4 + X_U4 + lane], bsrc + KS * st);
             } else {
                 for (int e = lane; e < ng * T * 16; e += 32) {
                     const int gi = e / (T * 16), rr = e % (T * 16);
                     const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[gi]);
                     if (words != nullptr) {
                         const int n = min(n0 + rr, N - 1);
-                        ds_cp_async16(&dst[W_U4 + X_U4 + e], words + (size_t)n * W + 4 * st, 16);
+                        ds_cp_async_bits<KS>(&dst[W_U4 + X_U4 + e], words + (size_t)n * W + KS * st);
                     }
                 }
             }
@@ -869,14 +896,14 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
         issue(st + NW * (S - 1), (step + S - 1) % S);
         const uint4* cur = ring + (step % S) * slot_u4;
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
+        for (int ks = 0; ks < KS; ++ks) {
             uint4 wv[T][2], xv[RT];
 #pragma unroll
             for (int i = 0; i < T; ++i)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * 4 + ks) * 2 + h) * 32 + lane];
+                for (int h = 0; h < 2; ++h) wv[i][h] = cur[((i * KS + ks) * 2 + h) * 32 + lane];
 #pragma unroll
-            for (int nt = 0; nt < RT; ++nt) xv[nt] = cur[W_U4 + (nt * 4 + ks) * 32 + lane];
+            for (int nt = 0; nt < RT; ++nt) xv[nt] = cur[W_U4 + (nt * KS + ks) * 32 + lane];
             for (int gi = 0; gi < ng; ++gi) {
                 const int rb = (int)tab.row_begin[gi], re = (int)tab.row_begin[gi + 1];
                 const bool delta = tab.words[gi] != 0ull;
@@ -944,16 +971,20 @@ __device__ __forceinline__ void ds_fused_bf16_body(const GroupTable& tab,
     }
 }
 
-// _1: one group (what delta_linear sends); _g: up to 8 groups (delta_linear_fused, tests).
-// Ring depth S = 2 (src/cuda.rs sizes the shared memory for it): see "Ring depth" above.
-#define DS_FUSED_KERNEL(RT, ONE, SUF)                                                           \
-    extern "C" __global__ void __launch_bounds__(256) ds_fused_bf16_r##RT##_##SUF(              \
+// _1s2 / _1s3: one group (what delta_linear sends), 64-column stages, ring depth 2 / 3 (src/cuda.rs
+// picks one and sizes the shared memory for it); _g: up to 8 groups (delta_linear_fused, tests),
+// 128-column stages, 2 slots. See "Ring depth" and "Sixth pass" above.
+#define DS_FUSED_KERNEL(NAME, RT, ONE, KS, S, LB)                                               \
+    extern "C" __global__ void __launch_bounds__(LB) NAME(                                      \
         const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
         const __nv_bfloat16* __restrict__ wbase, __nv_bfloat16* __restrict__ y, int M, int N,   \
         int K, int W) {                                                                         \
-        ds_fused_bf16_body<2, RT, 2, ONE>(tab, x, wbase, y, M, N, K, W);                       \
+        ds_fused_bf16_body<2, RT, S, ONE, KS>(tab, x, wbase, y, M, N, K, W);                   \
     }
-#define DS_FUSED_KERNELS(RT) DS_FUSED_KERNEL(RT, true, 1) DS_FUSED_KERNEL(RT, false, g)
+#define DS_FUSED_KERNELS(RT)                                                                    \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1s2, RT, true, 2, 2, 256)                             \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_1s3, RT, true, 2, 3, 256)                             \
+    DS_FUSED_KERNEL(ds_fused_bf16_r##RT##_g, RT, false, 4, 2, 256)
 DS_FUSED_KERNELS(1)
 DS_FUSED_KERNELS(2)
 DS_FUSED_KERNELS(3)
