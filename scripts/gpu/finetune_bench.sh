@@ -14,19 +14,17 @@
 # attention implementation and batch; PEFT_CKPT=1 adds a run with transformers' gradient
 # checkpointing. Results: $OUT/*.json, *.err, and a summary on stdout.
 set -u
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 BIN=${BIN:-.bin/F.tar.xz}
 RUNS=${RUNS:-"lora:1:true lora:4:true lora:1:false qahira:1:true"}
 STEPS=${STEPS:-4}
 PEFT=${PEFT:-}
 OUT=${OUT:-/tmp/out}
-mkdir -p /tmp/b "$OUT" && tar -xJf "$BIN" -C /tmp/b
-B=/tmp/b/deltaserve
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-[ -f /tmp/l7b/config.json ] || ( time $B random-model --shape llama2-7b --out /tmp/l7b --tokenizer-from tests/fixtures/models/llama ) 2>&1 | tail -4
+. "$(dirname "$0")/env.sh" "$BIN" || exit 1
+DS=$B/deltaserve
+[ -f /tmp/l7b/config.json ] || ( time $DS random-model --shape llama2-7b --out /tmp/l7b --tokenizer-from tests/fixtures/models/llama ) 2>&1 | tail -4
 # Warm-up, numbers discarded: on a fresh machine the first CUDA run JIT-compiles candle's PTX
 # kernels (the 2026-11-26 call lost its first 150 s run to this).
-timeout 300 $B finetune --model /tmp/l7b --data assets/demo/data/heldout_code.txt --out /tmp/warm.delta \
+timeout 300 $DS finetune --model /tmp/l7b --data assets/demo/data/heldout_code.txt --out /tmp/warm.delta \
   --adapter lora --rank 16 --steps 1 --batch 1 --seq 64 --device cuda:0 --save-every 0 --force > /dev/null 2>&1
 for run in $RUNS; do
   IFS=: read -r adapter batch ckpt <<< "$run"
@@ -37,7 +35,7 @@ for run in $RUNS; do
   name=${adapter}_b${batch}_ckpt${ckpt}
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
   poll=$!
-  timeout 150 $B finetune --model /tmp/l7b --data assets/demo/data/heldout_code.txt --out /tmp/$name.delta \
+  timeout 150 $DS finetune --model /tmp/l7b --data assets/demo/data/heldout_code.txt --out /tmp/$name.delta \
     $spec --steps "$STEPS" --batch "$batch" --seq 512 --device cuda:0 --save-every 0 --json --force \
     --checkpoint-layers "$ckpt" --profile > "$OUT/$name.json" 2> "$OUT/$name.err"
   rc=$?
