@@ -202,8 +202,8 @@ fn successive_and_concurrent_calls_use_their_own_x() {
 }
 
 /// The row-interleaved copy gives the reference's products at every level: odd shapes (groups of
-/// 16 rows with a padded last group, N = 17 and 33 straddling one and two 32-row blocks), and a
-/// shape large enough to run in parallel tasks.
+/// 16 rows with a padded last group, N = 17 and 33 straddling one and two 32-row blocks), and
+/// shapes large enough to run in parallel tasks.
 #[test]
 fn interleaved_signs_match_reference() {
     let mut rng = StdRng::seed_from_u64(8);
@@ -215,7 +215,14 @@ fn interleaved_signs_match_reference() {
             }
         }
     }
-    shapes.extend([(300, 1000, 1), (300, 1000, 6), (130, 4096 + 33, 1)]);
+    // One row of x over several 1024-column chunks of the 5-bit one-row kernel, an odd number of
+    // words per row (a last pair of one word) and three 256-row tasks, the last one short.
+    shapes.extend([
+        (300, 1000, 1),
+        (300, 1000, 6),
+        (130, 4096 + 33, 1),
+        (600, 2017, 1),
+    ]);
     for level in levels() {
         for &(n, k, m) in &shapes {
             let x = random_x(&mut rng, m * k);

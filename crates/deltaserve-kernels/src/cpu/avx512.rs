@@ -4,6 +4,9 @@
 //! of 4 columns of `x` gets the 16 signed sums its 4 sign bits can select, and one `vpermps`
 //! then looks up 16 output rows at once.
 //!
+//! For one row of `x` on the interleaved layout, [`matmul_t_interleaved_m1`] takes 5 bits per
+//! lookup instead ([`build_tables5`]: 32-entry tables in two registers, `vpermi2ps`).
+//!
 //! `g · S` uses masks: a 16-bit half of a sign word is exactly an AVX-512 lane mask, so with
 //! `P = Σ_{bit=1} g_n` and `T = Σ_n g_n` (computed once per call),
 //!
@@ -511,5 +514,227 @@ unsafe fn col_tile<const Q: usize>(t: ColTile) {
             // 2·P is exact, so fmsub rounds once like `2.0 * p - sum`.
             _mm512_mask_storeu_ps(t.out.add(c), mask, _mm512_fmsub_ps(two, *a, sum));
         }
+    }
+}
+
+/// Groups of sign bits per pair of words (64 columns) in the one-row kernel
+/// [`matmul_t_interleaved_m1`]: twelve of 5 bits and one of 4.
+const PAIR_GROUPS: usize = 13;
+
+/// Floats of [`build_tables5`] per pair of words: a 32-entry table per group.
+const PAIR_TABLE: usize = 32 * PAIR_GROUPS;
+
+/// Lookup tables for one row of `x` and the one-row kernel [`matmul_t_interleaved_m1`]: per pair
+/// of words `p` (columns `64p ..`), group `g < 12` covers the 5 columns `64p + 5g ..` and group 12
+/// the 4 columns `64p + 60 ..`; entry `idx` of a group is `Σ_b ±x[c + b]`, `+` where bit `b` of
+/// `idx` is 1. Columns past `k` count as 0 (so padding bits, and a missing last word of an odd
+/// pair, select zeros), and so does bit 4 of group 12's index, which is always clear.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `x` holds `k` values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn build_tables5(x: &[f32], k: usize) -> Vec<f32> {
+    let pairs = words_per_row(k).div_ceil(2);
+    let mut tables = vec![0f32; pairs * PAIR_TABLE];
+    let mut signs = [_mm512_setzero_ps(); 4];
+    for (b, s) in signs.iter_mut().enumerate() {
+        let mut lanes = [0f32; 16];
+        for (idx, l) in lanes.iter_mut().enumerate() {
+            *l = if (idx >> b) & 1 == 1 { 1.0 } else { -1.0 };
+        }
+        *s = _mm512_loadu_ps(lanes.as_ptr());
+    }
+    let at = |c: usize| x.get(c).copied().unwrap_or(0.0);
+    for (p, out) in tables.chunks_exact_mut(PAIR_TABLE).enumerate() {
+        for (g, out) in out.chunks_exact_mut(32).enumerate() {
+            let c = 64 * p + 5 * g;
+            let v = |b: usize| _mm512_set1_ps(at(c + b));
+            let mut t = _mm512_mul_ps(v(0), signs[0]);
+            t = _mm512_fmadd_ps(v(1), signs[1], t);
+            t = _mm512_fmadd_ps(v(2), signs[2], t);
+            t = _mm512_fmadd_ps(v(3), signs[3], t);
+            // Entries 16..32 have bit 4 set: +x[c + 4]; entries 0..16 −x[c + 4]. Group 12 has
+            // only 4 columns (its index's bit 4 is always clear), so its fifth is none.
+            let x4 = if g + 1 < PAIR_GROUPS { at(c + 4) } else { 0.0 };
+            let x4 = _mm512_set1_ps(x4);
+            _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(t, x4));
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), _mm512_add_ps(t, x4));
+        }
+    }
+    tables
+}
+
+/// Pairs of words per pass of [`matmul_t_interleaved_m1`]: 16 pairs (1024 columns) make 26 KiB of
+/// tables, which stay in L1 while every 32-row block of the call's rows reads them.
+const CHUNK_PAIRS: usize = 16;
+
+/// `out = x · Sᵀ` for one row of `x` on the interleaved layout (as
+/// [`matmul_t_block_interleaved`] with `m = 1`), from the tables of [`build_tables5`].
+///
+/// A decode step has one row of `x` per tenant, and there the nibble kernel's cost is its
+/// instructions, not memory: per word of 16 rows it takes 7 shifts, 8 `vpermps` and 8 adds. Taking
+/// the bits 5 at a time (`vpermi2ps` picks from a 32-entry table held in two registers) covers a
+/// pair of words with 13 lookups: 12 shifts (one `vpshrdd` for the group that straddles the two
+/// words), 13 permutes and 13 adds, 38 instructions per 1024 signs where the nibbles take 46.
+/// Its tables are 1.6× larger and it reads them 1.6× as often, which L2 cannot feed: so the
+/// columns go in chunks of [`CHUNK_PAIRS`] pairs whose tables stay in L1, each chunk over all of
+/// `out`'s rows, the partial sums added in `out`.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512BW and AVX-512VBMI2; `tables` come from
+/// [`build_tables5`] for `k`, and `words` holds the `ceil(rows / 16)` groups of `16 · ceil(k/32)`
+/// words of the `rows = out.len()` rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+pub(super) unsafe fn matmul_t_interleaved_m1(
+    tables: &[f32],
+    words: &[u32],
+    k: usize,
+    out: &mut [f32],
+) {
+    let wpr = words_per_row(k);
+    let pairs = wpr.div_ceil(2);
+    let rows = out.len();
+    assert!(tables.len() >= pairs * PAIR_TABLE && words.len() >= rows.div_ceil(16) * 16 * wpr);
+    out.fill(0.0);
+    let mut res = [0f32; 32];
+    for p0 in (0..pairs).step_by(CHUNK_PAIRS) {
+        let chunk = p0..(p0 + CHUNK_PAIRS).min(pairs);
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(32);
+            // r0 is a multiple of 32: group r0 / 16 starts at word r0 · wpr.
+            let block = words.as_ptr().add(r0 * wpr);
+            // The next block's bits of this chunk, or the first block's of the next chunk.
+            let next = if r0 + 32 < rows {
+                block.wrapping_add(32 * wpr)
+            } else {
+                words.as_ptr().wrapping_add(2 * 16 * chunk.end)
+            };
+            if nr > 16 {
+                pair_tile::<true>(block, next, wpr, chunk.clone(), tables.as_ptr(), &mut res);
+            } else {
+                pair_tile::<false>(block, next, wpr, chunk.clone(), tables.as_ptr(), &mut res);
+            }
+            for (o, r) in out[r0..r0 + nr].iter_mut().zip(&res) {
+                *o += r;
+            }
+            r0 += 32;
+        }
+    }
+}
+
+/// One tile of [`matmul_t_interleaved_m1`]: 16 rows (32 if `TWO`), the word pairs of `chunk`.
+/// Each pair also prefetches the same pair of the block at `next` (both of its 16-row groups)
+/// into L2.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+#[inline]
+unsafe fn pair_tile<const TWO: bool>(
+    words: *const u32,
+    next: *const u32,
+    wpr: usize,
+    chunk: Range<usize>,
+    tables: *const f32,
+    res: &mut [f32; 32],
+) {
+    let zero = _mm512_setzero_si512();
+    let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+    let load = |w: usize, half: usize| {
+        if w < wpr {
+            _mm512_loadu_si512(words.add(16 * wpr * half + 16 * w) as *const _)
+        } else {
+            zero
+        }
+    };
+    for p in chunk {
+        for half in 0..2 {
+            let line = next.wrapping_add(16 * wpr * half + 32 * p) as *const i8;
+            _mm_prefetch::<_MM_HINT_T1>(line);
+            _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(64));
+        }
+        let (lo_a, hi_a) = (load(2 * p, 0), load(2 * p + 1, 0));
+        let (lo_b, hi_b) = if TWO {
+            (load(2 * p, 1), load(2 * p + 1, 1))
+        } else {
+            (zero, zero)
+        };
+        let tp = tables.add(PAIR_TABLE * p);
+        macro_rules! lookup {
+            ($g:literal, $ia:expr, $ib:expr) => {
+                let t0 = _mm512_loadu_ps(tp.add(32 * $g));
+                let t1 = _mm512_loadu_ps(tp.add(32 * $g + 16));
+                acc[0][$g % 4] = _mm512_add_ps(acc[0][$g % 4], _mm512_permutex2var_ps(t0, $ia, t1));
+                if TWO {
+                    acc[1][$g % 4] =
+                        _mm512_add_ps(acc[1][$g % 4], _mm512_permutex2var_ps(t0, $ib, t1));
+                }
+            };
+        }
+        lookup!(0, lo_a, lo_b);
+        lookup!(
+            1,
+            _mm512_srli_epi32::<5>(lo_a),
+            _mm512_srli_epi32::<5>(lo_b)
+        );
+        lookup!(
+            2,
+            _mm512_srli_epi32::<10>(lo_a),
+            _mm512_srli_epi32::<10>(lo_b)
+        );
+        lookup!(
+            3,
+            _mm512_srli_epi32::<15>(lo_a),
+            _mm512_srli_epi32::<15>(lo_b)
+        );
+        lookup!(
+            4,
+            _mm512_srli_epi32::<20>(lo_a),
+            _mm512_srli_epi32::<20>(lo_b)
+        );
+        lookup!(
+            5,
+            _mm512_srli_epi32::<25>(lo_a),
+            _mm512_srli_epi32::<25>(lo_b)
+        );
+        // Bits 30..35 of the pair: the top two of the low word and the bottom three of the high.
+        lookup!(
+            6,
+            _mm512_shrdi_epi32::<30>(lo_a, hi_a),
+            _mm512_shrdi_epi32::<30>(lo_b, hi_b)
+        );
+        lookup!(
+            7,
+            _mm512_srli_epi32::<3>(hi_a),
+            _mm512_srli_epi32::<3>(hi_b)
+        );
+        lookup!(
+            8,
+            _mm512_srli_epi32::<8>(hi_a),
+            _mm512_srli_epi32::<8>(hi_b)
+        );
+        lookup!(
+            9,
+            _mm512_srli_epi32::<13>(hi_a),
+            _mm512_srli_epi32::<13>(hi_b)
+        );
+        lookup!(
+            10,
+            _mm512_srli_epi32::<18>(hi_a),
+            _mm512_srli_epi32::<18>(hi_b)
+        );
+        lookup!(
+            11,
+            _mm512_srli_epi32::<23>(hi_a),
+            _mm512_srli_epi32::<23>(hi_b)
+        );
+        lookup!(
+            12,
+            _mm512_srli_epi32::<28>(hi_a),
+            _mm512_srli_epi32::<28>(hi_b)
+        );
+    }
+    let sum = |a: &[__m512; 4]| _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    _mm512_storeu_ps(res.as_mut_ptr(), sum(&acc[0]));
+    if TWO {
+        _mm512_storeu_ps(res.as_mut_ptr().add(16), sum(&acc[1]));
     }
 }
