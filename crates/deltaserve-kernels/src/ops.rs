@@ -161,9 +161,27 @@ pub fn delta_linear(
         {
             return delta_linear_fused_op(x, w_base, row_slot, deltas);
         }
+        // Other decode batches (several tenants): the base product and the delta product run
+        // side by side on two streams (`cuda::delta_linear_overlapped`).
+        if m <= crate::cuda::OVERLAP_MAX_ROWS
+            && x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && w_base.dtype() == DType::BF16
+            && overlap_enabled()
+        {
+            return crate::cuda::delta_linear_overlapped(x, w_base, row_slot, deltas);
+        }
     }
     let base = x.matmul(&w_base.t()?)?;
     tenant_delta_matmul_add(&base, x, row_slot, deltas)
+}
+
+/// Whether [`delta_linear`] overlaps the two products (`DELTASERVE_OVERLAP=0` turns it off, for
+/// comparisons on the device).
+#[cfg(feature = "cuda")]
+fn overlap_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DELTASERVE_OVERLAP").map_or(true, |v| v != "0"))
 }
 
 /// [`delta_linear`] takes the one-kernel CUDA path for one-tenant batches of at most this many rows
