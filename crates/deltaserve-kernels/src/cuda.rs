@@ -246,6 +246,11 @@ fn contiguous(
     Ok((Some(dst), 0))
 }
 
+/// An experiment switch (removed before merging).
+fn exp_env(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// Where a launch goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum On {
@@ -480,7 +485,11 @@ fn forward<T: CudaDType + DeviceRepr>(
             && k < INT8_MAX_K
             && tables
                 .iter()
-                .all(|t| aligned(t) && t.max_delta_group_rows() <= INT8_MAX_GROUP_ROWS)
+                .all(|t| {
+                    aligned(t)
+                        && t.max_delta_group_rows()
+                            <= exp_env("DELTASERVE_I8_ROWS").unwrap_or(INT8_MAX_GROUP_ROWS)
+                })
         {
             let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
             scratch = forward_int8(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
@@ -498,12 +507,17 @@ fn forward<T: CudaDType + DeviceRepr>(
                 9..=16 => 2,
                 _ => 4,
             };
-            let (tiles, blocks) = feature_tiles(table.n_groups as usize, n, rt, sms);
+            let (mut tiles, mut blocks) = feature_tiles(table.n_groups as usize, n, rt, sms);
+            if let Some(t) = exp_env("DELTASERVE_TILES").filter(|&t| rt * t <= 8 && !(rt == 4 && t == 4)) {
+                tiles = t;
+                blocks = table.n_groups as usize * n.div_ceil(16 * t);
+            }
+            let force8 = exp_env("DELTASERVE_NW8");
             // 8 warps splitting K where the grid leaves SMs short of warps (one tenant), on the
             // default path; the second pass's 4-warp kernel otherwise.
             let (suffix, threads) = if !aligned {
                 ("s", 128)
-            } else if path == Bf16Path::TensorCore && blocks < 2 * sms {
+            } else if path == Bf16Path::TensorCore && force8.map_or(blocks < 2 * sms, |f| f == 1) {
                 ("w8", 256)
             } else {
                 ("v", 128)
@@ -627,8 +641,17 @@ fn forward_int8(
             .div_ceil(2)
             .clamp(1, 4)
             .next_power_of_two();
-        let (tiles, blocks) = feature_tiles(table.n_groups as usize, n, rt2, sms);
-        let nw = if blocks < 2 * sms { 8 } else { 4 };
+        let (mut tiles, mut blocks) = feature_tiles(table.n_groups as usize, n, rt2, sms);
+        if let Some(t) = exp_env("DELTASERVE_TILES").filter(|&t| rt2 * t <= 8 && !(rt2 == 4 && t == 4)) {
+            tiles = t;
+            blocks = table.n_groups as usize * n.div_ceil(16 * t);
+        }
+        let nw = match exp_env("DELTASERVE_NW8") {
+            Some(1) => 8,
+            Some(_) => 4,
+            None if blocks < 2 * sms => 8,
+            None => 4,
+        };
         let mut args = Args::default();
         args.arg(table)
             .arg(&xi8_ptr)
@@ -1167,6 +1190,12 @@ fn tenant_delta_fwd(
 /// [`crate::delta_linear`] (the rows the bench's mixes measure; a prefill's base product is
 /// compute-bound and keeps the plain order).
 pub const OVERLAP_MAX_ROWS: usize = 32;
+
+/// ... and at most this many distinct tenants: the delta part then reads at most the base
+/// product's bytes (1 bit against 16 per weight), so it can hide beside it.
+pub fn overlap_max_tenants() -> usize {
+    exp_env("DELTASERVE_OVERLAP_MAX_TENANTS").unwrap_or(16)
+}
 
 /// The unfused decode step with its two halves side by side: the delta product (prep and
 /// product kernels) goes to a side stream while candle's stream computes the base product

@@ -164,6 +164,7 @@ pub fn delta_linear(
         // Other decode batches (several tenants): the base product and the delta product run
         // side by side on two streams (`cuda::delta_linear_overlapped`).
         if m <= crate::cuda::OVERLAP_MAX_ROWS
+            && tenants.len() <= crate::cuda::overlap_max_tenants()
             && x.device().is_cuda()
             && x.dtype() == DType::BF16
             && w_base.dtype() == DType::BF16
