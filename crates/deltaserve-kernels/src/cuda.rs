@@ -56,6 +56,9 @@ const TC_CHUNK: usize = 512;
 /// it supports 8, but with more than 2 rows per group (more than one n-tile) it measured slower
 /// than the bf16 kernel on the H100 (BENCHMARKS.md, third pass).
 const INT8_MAX_GROUP_ROWS: usize = 2;
+/// Blocks per row of `ds_prepi8_bf16` (each writes a slice of the digit planes and a partial
+/// sum of x).
+const PREP_I8_SLICES: usize = 4;
 /// The int8 kernel's s32 sums are exact for K < 2^17 (`sign_matmul.cu`); beyond, bf16.
 const INT8_MAX_K: usize = 1 << 16;
 
@@ -508,6 +511,13 @@ fn forward<T: CudaDType + DeviceRepr>(
                 _ => 4,
             };
             let (mut tiles, mut blocks) = feature_tiles(table.n_groups as usize, n, rt, sms);
+            // Measured on the H100 (BENCHMARKS.md, sixth pass): with one row tile per group,
+            // K <= 4096 and N >= 8192 (11008x4096, 32 rows of 8 tenants), 2 feature tiles per
+            // warp beat 4 (32.7 against 38.1 us); on the 4096-feature shapes 4 stay faster.
+            if rt == 1 && tiles == 4 && k <= 4096 && n >= 8192 {
+                tiles = 2;
+                blocks = table.n_groups as usize * n.div_ceil(32);
+            }
             if let Some(t) = exp_env("DELTASERVE_TILES").filter(|&t| rt * t <= 8 && !(rt == 4 && t == 4)) {
                 tiles = t;
                 blocks = table.n_groups as usize * n.div_ceil(16 * t);
@@ -608,7 +618,8 @@ fn forward_int8(
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     // SAFETY: the prep kernel writes all 3 digit planes of every row and both per-row values.
     let xi8 = unsafe { dev.alloc::<u32>(m * 3 * kp / 4) }?;
-    let xsum = unsafe { dev.alloc::<f64>(m) }?;
+    let slices = exp_env("DELTASERVE_I8_SLICES").unwrap_or(PREP_I8_SLICES).max(1);
+    let xsum = unsafe { dev.alloc::<f64>(m * slices) }?;
     let rscale = unsafe { dev.alloc::<f64>(m) }?;
     let (xi8_ptr, xsum_ptr, rscale_ptr) = (
         slice_ptr(&xi8, dev),
@@ -627,13 +638,14 @@ fn forward_int8(
         .arg(&k_i)
         .arg(&kp_i);
     let cfg = LaunchConfig {
-        grid_dim: (to_u32(m)?, 1, 1),
+        grid_dim: (to_u32(m)?, to_u32(slices)?, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values.
+    // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values, xsum m * slices.
     unsafe { launch(dev, "ds_prepi8_bf16", cfg, &mut args, on, false) }?;
     let sms = multiprocessors(dev);
+    let slices_i = to_i32(slices, "prep slices")?;
     for table in tables {
         // Two rows per n-tile (three digit columns and a zero one each).
         let rt2 = table
@@ -661,7 +673,8 @@ fn forward_int8(
             .arg(&y)
             .arg(&n_i)
             .arg(&w_i)
-            .arg(&kp_i);
+            .arg(&kp_i)
+            .arg(&slices_i);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
             block_dim: (32 * nw, 1, 1),
