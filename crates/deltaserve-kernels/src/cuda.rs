@@ -23,6 +23,10 @@
 //!
 //! Routing reaches the kernels as a `GroupTable` passed by value as a kernel parameter (32
 //! groups, 512 rows), so a decode step launches two kernels and copies nothing to the device.
+//! The product kernel is launched as a programmatic dependent of its prep kernel (PDL): it starts
+//! while the prep runs, issues its first sign-word loads, and only then waits for `x`'s prep.
+//! A multi-tenant decode step through [`crate::delta_linear`] runs the delta product on a side
+//! stream beside candle's base product (`delta_linear_overlapped`).
 //! Base-only rows of a multi-tenant batch are a group with a null words pointer, whose blocks
 //! write zeros. [`Bf16Path::Simple`] forces the CUDA-core kernel for bf16 too, for tests and
 //! benchmarks.
@@ -56,9 +60,6 @@ const TC_CHUNK: usize = 512;
 /// it supports 8, but with more than 2 rows per group (more than one n-tile) it measured slower
 /// than the bf16 kernel on the H100 (BENCHMARKS.md, third pass).
 const INT8_MAX_GROUP_ROWS: usize = 2;
-/// Blocks per row of `ds_prepi8_bf16` (each writes a slice of the digit planes and a partial
-/// sum of x).
-const PREP_I8_SLICES: usize = 4;
 /// The int8 kernel's s32 sums are exact for K < 2^17 (`sign_matmul.cu`); beyond, bf16.
 const INT8_MAX_K: usize = 1 << 16;
 
@@ -249,11 +250,6 @@ fn contiguous(
     Ok((Some(dst), 0))
 }
 
-/// An experiment switch (removed before merging).
-fn exp_env(name: &str) -> Option<usize> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
 /// Where a launch goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum On {
@@ -299,13 +295,6 @@ fn view_ptr<T>(view: &CudaView<'_, T>, dev: &CudaDevice) -> u64 {
     let stream = dev.cuda_stream();
     let (ptr, _sync) = view.device_ptr(&stream);
     ptr
-}
-
-/// Whether the product kernels are launched as programmatic dependents of their prep kernel
-/// (`DELTASERVE_PDL=0` turns it off, for comparisons on the device).
-fn pdl_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DELTASERVE_PDL").map_or(true, |v| v != "0"))
 }
 
 /// Launches kernel `name` of the module on `on`; with `pdl`, as a programmatic dependent of the
@@ -387,19 +376,7 @@ fn side_stream(dev: &CudaDevice) -> candle_core::Result<sys::CUstream> {
             let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
             sides.push(Side {
                 device: key,
-                // DELTASERVE_SIDE_PRIORITY (experiment): a stream priority for the side stream
-                // (lower is more urgent).
-                stream: match std::env::var("DELTASERVE_SIDE_PRIORITY")
-                    .ok()
-                    .and_then(|v| v.parse::<i32>().ok())
-                {
-                    Some(p) => result::stream::create_with_priority(
-                        result::stream::StreamKind::NonBlocking,
-                        p,
-                    )
-                    .w()?,
-                    None => result::stream::create(result::stream::StreamKind::NonBlocking).w()?,
-                },
+                stream: result::stream::create(result::stream::StreamKind::NonBlocking).w()?,
                 fork: result::event::create(flags).w()?,
                 join: result::event::create(flags).w()?,
             });
@@ -488,18 +465,18 @@ fn forward<T: CudaDType + DeviceRepr>(
             && k < INT8_MAX_K
             && tables
                 .iter()
-                .all(|t| {
-                    aligned(t)
-                        && t.max_delta_group_rows()
-                            <= exp_env("DELTASERVE_I8_ROWS").unwrap_or(INT8_MAX_GROUP_ROWS)
-                })
+                .all(|t| aligned(t) && t.max_delta_group_rows() <= INT8_MAX_GROUP_ROWS)
         {
             let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
             scratch = forward_int8(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
             return Ok((y, scratch));
         }
         let (xp, corr, kp) = prep(dev, view_ptr(&xv, dev), m, k, on)?;
-        let (xp_ptr, corr_ptr, y_ptr) = (slice_ptr(&xp, dev), slice_ptr(&corr, dev), slice_ptr(&y, dev));
+        let (xp_ptr, corr_ptr, y_ptr) = (
+            slice_ptr(&xp, dev),
+            slice_ptr(&corr, dev),
+            slice_ptr(&y, dev),
+        );
         scratch.keep(xp);
         scratch.keep(corr);
         let kp_i = to_i32(kp, "padded K")?;
@@ -518,16 +495,12 @@ fn forward<T: CudaDType + DeviceRepr>(
                 tiles = 2;
                 blocks = table.n_groups as usize * n.div_ceil(32);
             }
-            if let Some(t) = exp_env("DELTASERVE_TILES").filter(|&t| rt * t <= 8 && !(rt == 4 && t == 4)) {
-                tiles = t;
-                blocks = table.n_groups as usize * n.div_ceil(16 * t);
-            }
-            let force8 = exp_env("DELTASERVE_NW8");
+
             // 8 warps splitting K where the grid leaves SMs short of warps (one tenant), on the
             // default path; the second pass's 4-warp kernel otherwise.
             let (suffix, threads) = if !aligned {
                 ("s", 128)
-            } else if path == Bf16Path::TensorCore && force8.map_or(blocks < 2 * sms, |f| f == 1) {
+            } else if path == Bf16Path::TensorCore && blocks < 2 * sms {
                 ("w8", 256)
             } else {
                 ("v", 128)
@@ -556,7 +529,7 @@ fn forward<T: CudaDType + DeviceRepr>(
                     cfg,
                     &mut args,
                     on,
-                    pdl_enabled(),
+                    true,
                 )
             }?;
         }
@@ -618,8 +591,7 @@ fn forward_int8(
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     // SAFETY: the prep kernel writes all 3 digit planes of every row and both per-row values.
     let xi8 = unsafe { dev.alloc::<u32>(m * 3 * kp / 4) }?;
-    let slices = exp_env("DELTASERVE_I8_SLICES").unwrap_or(PREP_I8_SLICES).max(1);
-    let xsum = unsafe { dev.alloc::<f64>(m * slices) }?;
+    let xsum = unsafe { dev.alloc::<f64>(m) }?;
     let rscale = unsafe { dev.alloc::<f64>(m) }?;
     let (xi8_ptr, xsum_ptr, rscale_ptr) = (
         slice_ptr(&xi8, dev),
@@ -638,14 +610,13 @@ fn forward_int8(
         .arg(&k_i)
         .arg(&kp_i);
     let cfg = LaunchConfig {
-        grid_dim: (to_u32(m)?, to_u32(slices)?, 1),
+        grid_dim: (to_u32(m)?, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values, xsum m * slices.
+    // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values.
     unsafe { launch(dev, "ds_prepi8_bf16", cfg, &mut args, on, false) }?;
     let sms = multiprocessors(dev);
-    let slices_i = to_i32(slices, "prep slices")?;
     for table in tables {
         // Two rows per n-tile (three digit columns and a zero one each).
         let rt2 = table
@@ -653,17 +624,8 @@ fn forward_int8(
             .div_ceil(2)
             .clamp(1, 4)
             .next_power_of_two();
-        let (mut tiles, mut blocks) = feature_tiles(table.n_groups as usize, n, rt2, sms);
-        if let Some(t) = exp_env("DELTASERVE_TILES").filter(|&t| rt2 * t <= 8 && !(rt2 == 4 && t == 4)) {
-            tiles = t;
-            blocks = table.n_groups as usize * n.div_ceil(16 * t);
-        }
-        let nw = match exp_env("DELTASERVE_NW8") {
-            Some(1) => 8,
-            Some(_) => 4,
-            None if blocks < 2 * sms => 8,
-            None => 4,
-        };
+        let (tiles, blocks) = feature_tiles(table.n_groups as usize, n, rt2, sms);
+        let nw = if blocks < 2 * sms { 8 } else { 4 };
         let mut args = Args::default();
         args.arg(table)
             .arg(&xi8_ptr)
@@ -673,8 +635,7 @@ fn forward_int8(
             .arg(&y)
             .arg(&n_i)
             .arg(&w_i)
-            .arg(&kp_i)
-            .arg(&slices_i);
+            .arg(&kp_i);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
             block_dim: (32 * nw, 1, 1),
@@ -690,7 +651,7 @@ fn forward_int8(
                 cfg,
                 &mut args,
                 on,
-                pdl_enabled(),
+                true,
             )
         }?;
     }
@@ -1075,7 +1036,8 @@ pub(crate) fn tenant_delta_matmul_fwd(
     deltas: &[&SignDelta],
     path: Bf16Path,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
-    let (y, shape, _scratch) = tenant_delta_fwd(storage, layout, row_slot, deltas, path, None, On::Main)?;
+    let (y, shape, _scratch) =
+        tenant_delta_fwd(storage, layout, row_slot, deltas, path, None, On::Main)?;
     Ok((y, shape))
 }
 
@@ -1205,10 +1167,9 @@ fn tenant_delta_fwd(
 pub const OVERLAP_MAX_ROWS: usize = 32;
 
 /// ... and at most this many distinct tenants: the delta part then reads at most the base
-/// product's bytes (1 bit against 16 per weight), so it can hide beside it.
-pub fn overlap_max_tenants() -> usize {
-    exp_env("DELTASERVE_OVERLAP_MAX_TENANTS").unwrap_or(16)
-}
+/// product's bytes (1 bit against 16 per weight). With 32 tenants the overlap measured a loss on
+/// 4096x11008 (139.3 against 135.0 us) and small gains elsewhere (BENCHMARKS.md, sixth pass).
+pub const OVERLAP_MAX_TENANTS: usize = 16;
 
 /// The unfused decode step with its two halves side by side: the delta product (prep and
 /// product kernels) goes to a side stream while candle's stream computes the base product

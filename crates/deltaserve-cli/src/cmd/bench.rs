@@ -128,9 +128,9 @@ impl Row {
             self.step_fused_us,
             self.step_dl_us,
         ]
-            .into_iter()
-            .flatten()
-            .reduce(f64::min)
+        .into_iter()
+        .flatten()
+        .reduce(f64::min)
     }
 }
 
