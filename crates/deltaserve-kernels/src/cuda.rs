@@ -490,7 +490,7 @@ fn forward<T: CudaDType + DeviceRepr>(
             let (mut tiles, mut blocks) = feature_tiles(table.n_groups as usize, n, rt, sms);
             // Measured on the H100 (BENCHMARKS.md, sixth pass): with one row tile per group,
             // K <= 4096 and N >= 8192 (11008x4096, 32 rows of 8 tenants), 2 feature tiles per
-            // warp beat 4 (32.7 against 38.1 us); on the 4096-feature shapes 4 stay faster.
+            // warp beat 4 (32.9 against 38.8 us); on the 4096-feature shapes 4 stay faster.
             if rt == 1 && tiles == 4 && k <= 4096 && n >= 8192 {
                 tiles = 2;
                 blocks = table.n_groups as usize * n.div_ceil(32);
@@ -1166,9 +1166,10 @@ fn tenant_delta_fwd(
 /// compute-bound and keeps the plain order).
 pub const OVERLAP_MAX_ROWS: usize = 32;
 
-/// ... and at most this many distinct tenants: the delta part then reads at most the base
-/// product's bytes (1 bit against 16 per weight). With 32 tenants the overlap measured a loss on
-/// 4096x11008 (139.3 against 135.0 us) and small gains elsewhere (BENCHMARKS.md, sixth pass).
+/// [`crate::delta_linear`] overlaps batches of at most this many distinct tenants too: the delta
+/// part then reads at most the base product's bytes (1 bit against 16 per weight). With 32
+/// tenants the overlap measured a loss on 4096x11008 (139.3 against 135.0 us) and small gains
+/// elsewhere (BENCHMARKS.md, sixth pass).
 pub const OVERLAP_MAX_TENANTS: usize = 16;
 
 /// The unfused decode step with its two halves side by side: the delta product (prep and

@@ -166,7 +166,7 @@ pub fn delta_linear(
         }
         // Other decode batches (several tenants): the base product and the delta product run
         // side by side on two streams (`cuda::delta_linear_overlapped`). Measured on the H100
-        // (sixth pass): 8 rows of 8 tenants 24.8 / 58.9 / 58.2 us against 29.1 / 63.2 / 65.3
+        // (sixth pass): 8 rows of 8 tenants 24.8 / 59.1 / 58.5 us against 28.9 / 63.3 / 65.5
         // one after the other (4096x4096 / 11008x4096 / 4096x11008).
         if m <= crate::cuda::OVERLAP_MAX_ROWS
             && tenants.len() <= crate::cuda::OVERLAP_MAX_TENANTS
