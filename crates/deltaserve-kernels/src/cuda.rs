@@ -23,6 +23,10 @@
 //!
 //! Routing reaches the kernels as a `GroupTable` passed by value as a kernel parameter (32
 //! groups, 512 rows), so a decode step launches two kernels and copies nothing to the device.
+//! The product kernel is launched as a programmatic dependent of its prep kernel (PDL): it starts
+//! while the prep runs, issues its first sign-word loads, and only then waits for `x`'s prep.
+//! A multi-tenant decode step through [`crate::delta_linear`] runs the delta product on a side
+//! stream beside candle's base product (`delta_linear_overlapped`).
 //! Base-only rows of a multi-tenant batch are a group with a null words pointer, whose blocks
 //! write zeros. [`Bf16Path::Simple`] forces the CUDA-core kernel for bf16 too, for tests and
 //! benchmarks.
@@ -246,8 +250,178 @@ fn contiguous(
     Ok((Some(dst), 0))
 }
 
+/// Where a launch goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum On {
+    /// candle's stream.
+    Main,
+    /// The device's side stream ([`side_stream`]), beside the base product on candle's stream;
+    /// the caller joins it with [`side_join`] before anything reads the results.
+    Side,
+}
+
+/// Buffers a launch sequence reads and writes after the host call returns. On the side stream
+/// they must outlive the join: candle frees memory in the order of its own stream, so a buffer
+/// dropped before the join could be handed to the base product while the side stream still uses
+/// it.
+#[derive(Default)]
+struct Scratch(Vec<Box<dyn std::any::Any>>);
+
+impl Scratch {
+    fn keep<T: 'static>(&mut self, buffer: T) {
+        self.0.push(Box::new(buffer));
+    }
+}
+
+/// Kernel parameters for [`launch`]: pointers to the values, which must outlive the launch call.
+#[derive(Default)]
+struct Args(Vec<*mut std::ffi::c_void>);
+
+impl Args {
+    fn arg<T>(&mut self, value: &T) -> &mut Self {
+        self.0.push(value as *const T as *mut std::ffi::c_void);
+        self
+    }
+}
+
+/// The device address of a buffer (candle runs one stream, so there is nothing to synchronise).
+fn slice_ptr<T>(slice: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    ptr
+}
+
+fn view_ptr<T>(view: &CudaView<'_, T>, dev: &CudaDevice) -> u64 {
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = view.device_ptr(&stream);
+    ptr
+}
+
+/// Launches kernel `name` of the module on `on`; with `pdl`, as a programmatic dependent of the
+/// stream's previous kernel (it may start before that one ends, and must execute
+/// `griddepcontrol.wait` before reading what that kernel writes).
+///
+/// # Safety
+/// `args` must match the kernel's parameters, and the kernel must stay within its buffers.
+unsafe fn launch(
+    dev: &CudaDevice,
+    name: &str,
+    cfg: LaunchConfig,
+    args: &mut Args,
+    on: On,
+    pdl: bool,
+) -> candle_core::Result<()> {
+    let f = dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function();
+    let stream = match on {
+        On::Main => dev.cuda_stream().cu_stream(),
+        On::Side => side_stream(dev)?,
+    };
+    // SAFETY: a plain C union; the id selects the member set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
+    };
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    // SAFETY: the caller's contract; `config` and `attr` live through the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            args.0.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .w()
+}
+
+/// A device's side stream (non-blocking, created on first use and kept for the process) with the
+/// events that fork it from candle's stream and join it back.
+struct Side {
+    device: String,
+    stream: sys::CUstream,
+    fork: sys::CUevent,
+    join: sys::CUevent,
+}
+
+// SAFETY: driver handles, only used under the `SIDES` lock.
+unsafe impl Send for Side {}
+
+static SIDES: std::sync::Mutex<Vec<Side>> = std::sync::Mutex::new(Vec::new());
+
+/// The side stream of `dev`, made to wait for everything issued on candle's stream so far (so
+/// that it sees `x` and the buffers just allocated there).
+fn side_stream(dev: &CudaDevice) -> candle_core::Result<sys::CUstream> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let key = format!("{:?}", dev.location());
+    let main = dev.cuda_stream();
+    main.context().bind_to_thread().w()?;
+    let mut sides = SIDES.lock().unwrap_or_else(|e| e.into_inner());
+    let side = match sides.iter().position(|s| s.device == key) {
+        Some(i) => &sides[i],
+        None => {
+            let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+            sides.push(Side {
+                device: key,
+                stream: result::stream::create(result::stream::StreamKind::NonBlocking).w()?,
+                fork: result::event::create(flags).w()?,
+                join: result::event::create(flags).w()?,
+            });
+            sides.last().expect("just pushed. This is a bug.")
+        }
+    };
+    // SAFETY: live handles of this device's context.
+    unsafe {
+        result::event::record(side.fork, main.cu_stream()).w()?;
+        result::stream::wait_event(
+            side.stream,
+            side.fork,
+            sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+        )
+        .w()?;
+    }
+    Ok(side.stream)
+}
+
+/// Makes candle's stream wait for everything issued on `dev`'s side stream so far.
+fn side_join(dev: &CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let key = format!("{:?}", dev.location());
+    let main = dev.cuda_stream();
+    main.context().bind_to_thread().w()?;
+    let sides = SIDES.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(side) = sides.iter().find(|s| s.device == key) else {
+        return Ok(()); // nothing was ever issued there
+    };
+    // SAFETY: live handles of this device's context.
+    unsafe {
+        result::event::record(side.join, side.stream).w()?;
+        result::stream::wait_event(
+            main.cu_stream(),
+            side.join,
+            sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+        )
+        .w()?;
+    }
+    Ok(())
+}
+
 /// Runs the grouped forward `y[row] = scale · x[row] · Sᵀ` for every table; `x` is `(m, k)`
 /// contiguous from element `x_start`, the result `(m, n)`.
+/// The scratch buffers stay alive in the returned [`Scratch`] until the caller has joined `on`.
 #[allow(clippy::too_many_arguments)]
 fn forward<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
@@ -259,13 +433,15 @@ fn forward<T: CudaDType + DeviceRepr>(
     tables: &[GroupTable],
     path: Bf16Path,
     base: u64,
-) -> candle_core::Result<CudaSlice<T>> {
+    on: On,
+) -> candle_core::Result<(CudaSlice<T>, Scratch)> {
+    let mut scratch = Scratch::default();
     let x_all = x_storage.as_cuda_slice::<T>()?;
     let x = x_all.slice(x_start..x_start + m * k);
     // SAFETY: every row belongs to exactly one group and every group writes all its n outputs.
     let mut y = unsafe { dev.alloc::<T>(m * n) }?;
     if m == 0 || n == 0 {
-        return Ok(y);
+        return Ok((y, scratch));
     }
     let w = words_per_row(k);
     let (n_i, k_i, w_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(w, "ceil(K/32)")?);
@@ -291,10 +467,18 @@ fn forward<T: CudaDType + DeviceRepr>(
                 .iter()
                 .all(|t| aligned(t) && t.max_delta_group_rows() <= INT8_MAX_GROUP_ROWS)
         {
-            forward_int8(dev, &xv, m, n, k, tables, base, &mut y)?;
-            return Ok(y);
+            let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
+            scratch = forward_int8(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
+            return Ok((y, scratch));
         }
-        let (xp, corr, kp) = prep(dev, &xv, m, k)?;
+        let (xp, corr, kp) = prep(dev, view_ptr(&xv, dev), m, k, on)?;
+        let (xp_ptr, corr_ptr, y_ptr) = (
+            slice_ptr(&xp, dev),
+            slice_ptr(&corr, dev),
+            slice_ptr(&y, dev),
+        );
+        scratch.keep(xp);
+        scratch.keep(corr);
         let kp_i = to_i32(kp, "padded K")?;
         for table in tables {
             let aligned = aligned(table);
@@ -303,7 +487,15 @@ fn forward<T: CudaDType + DeviceRepr>(
                 9..=16 => 2,
                 _ => 4,
             };
-            let (tiles, blocks) = feature_tiles(table.n_groups as usize, n, rt, sms);
+            let (mut tiles, mut blocks) = feature_tiles(table.n_groups as usize, n, rt, sms);
+            // Measured on the H100 (BENCHMARKS.md, sixth pass): with one row tile per group,
+            // K <= 4096 and N >= 8192 (11008x4096, 32 rows of 8 tenants), 2 feature tiles per
+            // warp beat 4 (32.9 against 38.8 us); on the 4096-feature shapes 4 stay faster.
+            if rt == 1 && tiles == 4 && k <= 4096 && n >= 8192 {
+                tiles = 2;
+                blocks = table.n_groups as usize * n.div_ceil(32);
+            }
+
             // 8 warps splitting K where the grid leaves SMs short of warps (one tenant), on the
             // default path; the second pass's 4-warp kernel otherwise.
             let (suffix, threads) = if !aligned {
@@ -313,17 +505,12 @@ fn forward<T: CudaDType + DeviceRepr>(
             } else {
                 ("v", 128)
             };
-            let f = dev.get_or_load_custom_func(
-                &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}"),
-                MODULE,
-                PTX,
-            )?;
-            let mut b = f.builder();
-            b.arg(table)
-                .arg(&xp)
-                .arg(&corr)
+            let mut args = Args::default();
+            args.arg(table)
+                .arg(&xp_ptr)
+                .arg(&corr_ptr)
                 .arg(&base)
-                .arg(&mut y)
+                .arg(&y_ptr)
                 .arg(&n_i)
                 .arg(&w_i)
                 .arg(&kp_i);
@@ -333,10 +520,23 @@ fn forward<T: CudaDType + DeviceRepr>(
                 shared_mem_bytes: 0,
             };
             // SAFETY: arguments match the kernel; the table's rows are < m, its words [n, w]
-            // (w % 4 == 0 and 16-byte aligned rows for the `v` and `w8` kernels).
-            unsafe { b.launch(cfg) }.w()?;
+            // (w % 4 == 0 and 16-byte aligned rows for the `v` and `w8` kernels); it waits for
+            // the prep kernel before reading xp (`ds_wait_prerequisite`).
+            unsafe {
+                launch(
+                    dev,
+                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}"),
+                    cfg,
+                    &mut args,
+                    on,
+                    true,
+                )
+            }?;
         }
     } else {
+        if matches!(on, On::Side) {
+            candle_core::bail!("sign matmul (CUDA): the side stream takes bf16 tensor-core work only. This is a bug.")
+        }
         let name = format!("ds_fwd_simple_{}", dtype_suffix(dtype)?);
         let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         for table in tables {
@@ -356,7 +556,7 @@ fn forward<T: CudaDType + DeviceRepr>(
             unsafe { b.launch(cfg) }.w()?;
         }
     }
-    Ok(y)
+    Ok((y, scratch))
 }
 
 /// The widest feature tile (1, 2 or 4 tiles of 16 features per warp, with `rt * tiles <= 8` row
@@ -372,31 +572,41 @@ fn feature_tiles(groups: usize, n: usize, rt: usize, sms: usize) -> (usize, usiz
 
 /// The int8 path (`ds_prepi8_bf16`, then `ds_tci8_bf16_*` per table; `sign_matmul.cu` explains
 /// it): every group of `tables` with a delta has at most 8 rows, sign rows are 16-byte aligned,
-/// `k < 2^17`.
+/// `k < 2^17`. `x` and `y` are device addresses of (m, k) and (m, n) bf16; the digit planes and
+/// row sums come back as scratch.
 #[allow(clippy::too_many_arguments)]
-fn forward_int8<T: DeviceRepr>(
+fn forward_int8(
     dev: &CudaDevice,
-    x: &CudaView<'_, bf16>,
+    x: u64,
     m: usize,
     n: usize,
     k: usize,
     tables: &[GroupTable],
     base: u64,
-    y: &mut CudaSlice<T>,
-) -> candle_core::Result<()> {
+    y: u64,
+    on: On,
+) -> candle_core::Result<Scratch> {
     let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
     let (n_i, k_i, kp_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(kp, "padded K")?);
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     // SAFETY: the prep kernel writes all 3 digit planes of every row and both per-row values.
-    let mut xi8 = unsafe { dev.alloc::<u32>(m * 3 * kp / 4) }?;
-    let mut xsum = unsafe { dev.alloc::<f64>(m) }?;
-    let mut rscale = unsafe { dev.alloc::<f64>(m) }?;
-    let f = dev.get_or_load_custom_func("ds_prepi8_bf16", MODULE, PTX)?;
-    let mut b = f.builder();
-    b.arg(x)
-        .arg(&mut xi8)
-        .arg(&mut xsum)
-        .arg(&mut rscale)
+    let xi8 = unsafe { dev.alloc::<u32>(m * 3 * kp / 4) }?;
+    let xsum = unsafe { dev.alloc::<f64>(m) }?;
+    let rscale = unsafe { dev.alloc::<f64>(m) }?;
+    let (xi8_ptr, xsum_ptr, rscale_ptr) = (
+        slice_ptr(&xi8, dev),
+        slice_ptr(&xsum, dev),
+        slice_ptr(&rscale, dev),
+    );
+    let mut scratch = Scratch::default();
+    scratch.keep(xi8);
+    scratch.keep(xsum);
+    scratch.keep(rscale);
+    let mut args = Args::default();
+    args.arg(&x)
+        .arg(&xi8_ptr)
+        .arg(&xsum_ptr)
+        .arg(&rscale_ptr)
         .arg(&k_i)
         .arg(&kp_i);
     let cfg = LaunchConfig {
@@ -405,7 +615,7 @@ fn forward_int8<T: DeviceRepr>(
         shared_mem_bytes: 0,
     };
     // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { launch(dev, "ds_prepi8_bf16", cfg, &mut args, on, false) }?;
     let sms = multiprocessors(dev);
     for table in tables {
         // Two rows per n-tile (three digit columns and a zero one each).
@@ -416,18 +626,13 @@ fn forward_int8<T: DeviceRepr>(
             .next_power_of_two();
         let (tiles, blocks) = feature_tiles(table.n_groups as usize, n, rt2, sms);
         let nw = if blocks < 2 * sms { 8 } else { 4 };
-        let f = dev.get_or_load_custom_func(
-            &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}"),
-            MODULE,
-            PTX,
-        )?;
-        let mut b = f.builder();
-        b.arg(table)
-            .arg(&xi8)
-            .arg(&xsum)
-            .arg(&rscale)
+        let mut args = Args::default();
+        args.arg(table)
+            .arg(&xi8_ptr)
+            .arg(&xsum_ptr)
+            .arg(&rscale_ptr)
             .arg(&base)
-            .arg(&mut *y)
+            .arg(&y)
             .arg(&n_i)
             .arg(&w_i)
             .arg(&kp_i);
@@ -437,36 +642,51 @@ fn forward_int8<T: DeviceRepr>(
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
-        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or m * n bf16.
-        unsafe { b.launch(cfg) }.w()?;
+        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or m * n bf16;
+        // it waits for the prep kernel before reading its outputs (`ds_wait_prerequisite`).
+        unsafe {
+            launch(
+                dev,
+                &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}"),
+                cfg,
+                &mut args,
+                on,
+                true,
+            )
+        }?;
     }
-    Ok(())
+    Ok(scratch)
 }
 
-/// Runs `ds_prep_bf16`: `x` (m, k) bf16 scaled and rearranged for the tensor-core kernels (`xp`,
-/// rows padded to `kp`), and the per-chunk correction sums.
+/// Runs `ds_prep_bf16`: `x` ((m, k) bf16 at device address `x`) scaled and rearranged for the
+/// tensor-core kernels (`xp`, rows padded to `kp`), and the per-chunk correction sums.
 fn prep(
     dev: &CudaDevice,
-    x: &CudaView<'_, bf16>,
+    x: u64,
     m: usize,
     k: usize,
+    on: On,
 ) -> candle_core::Result<(CudaSlice<bf16>, CudaSlice<f32>, usize)> {
     let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
     let chunks = kp / TC_CHUNK;
     // SAFETY: the prep kernel writes all m * kp values and all m * chunks partial sums.
-    let mut xp = unsafe { dev.alloc::<bf16>(m * kp) }?;
-    let mut corr = unsafe { dev.alloc::<f32>(m * chunks) }?;
+    let xp = unsafe { dev.alloc::<bf16>(m * kp) }?;
+    let corr = unsafe { dev.alloc::<f32>(m * chunks) }?;
     let (k_i, kp_i) = (to_i32(k, "K")?, to_i32(kp, "padded K")?);
-    let f = dev.get_or_load_custom_func("ds_prep_bf16", MODULE, PTX)?;
-    let mut b = f.builder();
-    b.arg(x).arg(&mut xp).arg(&mut corr).arg(&k_i).arg(&kp_i);
+    let (xp_ptr, corr_ptr) = (slice_ptr(&xp, dev), slice_ptr(&corr, dev));
+    let mut args = Args::default();
+    args.arg(&x)
+        .arg(&xp_ptr)
+        .arg(&corr_ptr)
+        .arg(&k_i)
+        .arg(&kp_i);
     let cfg = LaunchConfig {
         grid_dim: (to_u32(m)?, to_u32(chunks)?, 1),
         block_dim: (64, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: arguments match `ds_prep_bf16`; x holds m * k values.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { launch(dev, "ds_prep_bf16", cfg, &mut args, on, false) }?;
     Ok((xp, corr, kp))
 }
 
@@ -767,6 +987,29 @@ macro_rules! dispatch {
     };
 }
 
+/// [`forward`] with the element type of `$dtype`: the output as a `CudaStorage` on `$dev`, and
+/// the scratch.
+macro_rules! dispatch_forward {
+    ($dtype:expr, $dev:expr, ( $($arg:expr),* )) => {{
+        fn wrap<T: CudaDType + DeviceRepr>(
+            r: (CudaSlice<T>, Scratch),
+            dev: &CudaDevice,
+        ) -> (CudaStorage, Scratch) {
+            (CudaStorage::wrap_cuda_slice(r.0, dev.clone()), r.1)
+        }
+        match $dtype {
+            DType::F32 => wrap(forward::<f32>($($arg),*)?, $dev),
+            DType::F16 => wrap(forward::<f16>($($arg),*)?, $dev),
+            DType::BF16 => wrap(forward::<bf16>($($arg),*)?, $dev),
+            DType::F64 => wrap(forward::<f64>($($arg),*)?, $dev),
+            other => {
+                dtype_suffix(other)?;
+                unreachable!("dtype_suffix accepts only the four dtypes above")
+            }
+        }
+    }};
+}
+
 /// The input's shape with its last dimension replaced.
 fn with_last_dim(layout: &Layout, last: usize) -> Shape {
     let mut dims = layout.dims().to_vec();
@@ -790,10 +1033,10 @@ pub(crate) fn sign_matmul_t_fwd(
     let tables = identity_tables(m, words.address(dev)?, 1.0)?;
     let (copy, start) = contiguous(storage, layout)?;
     let x = copy.as_ref().unwrap_or(storage);
-    let y = dispatch!(
+    let (y, _scratch) = dispatch_forward!(
         storage.dtype(),
         dev,
-        forward(dev, x, start, m, n, k, &tables, path, 0)
+        (dev, x, start, m, n, k, &tables, path, 0, On::Main)
     );
     drop(words);
     Ok((y, with_last_dim(layout, n)))
@@ -808,7 +1051,9 @@ pub(crate) fn tenant_delta_matmul_fwd(
     deltas: &[&SignDelta],
     path: Bf16Path,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
-    tenant_delta_fwd(storage, layout, row_slot, deltas, path, None)
+    let (y, shape, _scratch) =
+        tenant_delta_fwd(storage, layout, row_slot, deltas, path, None, On::Main)?;
+    Ok((y, shape))
 }
 
 /// `cuda_fwd` of [`crate::tenant_delta_matmul_add`]: `base + tenant_delta_matmul(x, ..)` with the
@@ -828,16 +1073,20 @@ pub(crate) fn tenant_delta_matmul_add_fwd(
             "tenant_delta_matmul_add on CUDA: bf16 x and base on tensor cores only. This is a bug."
         )
     }
-    tenant_delta_fwd(
+    let (y, shape, _scratch) = tenant_delta_fwd(
         x,
         x_layout,
         row_slot,
         deltas,
         path,
         Some((base, base_layout)),
-    )
+        On::Main,
+    )?;
+    Ok((y, shape))
 }
 
+/// The grouped forward of a multi-tenant batch on `on`, with its scratch (which must outlive the
+/// join of a side stream).
 fn tenant_delta_fwd(
     storage: &CudaStorage,
     layout: &Layout,
@@ -845,7 +1094,8 @@ fn tenant_delta_fwd(
     deltas: &[&SignDelta],
     path: Bf16Path,
     base: Option<(&CudaStorage, &Layout)>,
-) -> candle_core::Result<(CudaStorage, Shape)> {
+    on: On,
+) -> candle_core::Result<(CudaStorage, Shape, Scratch)> {
     let dev = storage.device();
     let first = deltas.first().ok_or(KernelError::NoDeltas)?;
     let (n, k) = (first.n(), first.k());
@@ -903,23 +1153,120 @@ fn tenant_delta_fwd(
     let (copy, start) = contiguous(storage, layout)?;
     let x = copy.as_ref().unwrap_or(storage);
     // The base as a device address of m * n contiguous bf16 values (0: none).
-    let base_copy;
+    let mut base_copy = None;
     let mut base_addr = 0u64;
     if let Some((bs, bl)) = base {
         let (c, bstart) = contiguous(bs, bl)?;
         base_copy = c;
         let b = base_copy.as_ref().unwrap_or(bs).as_cuda_slice::<bf16>()?;
-        let stream = dev.cuda_stream();
-        let (ptr, _sync) = b.device_ptr(&stream);
-        base_addr = ptr + 2 * bstart as u64;
+        base_addr = slice_ptr(b, dev) + 2 * bstart as u64;
     }
-    let y = dispatch!(
+    let (y, mut scratch) = dispatch_forward!(
         storage.dtype(),
         dev,
-        forward(dev, x, start, m, n, k, &tables, path, base_addr)
+        (dev, x, start, m, n, k, &tables, path, base_addr, on)
     );
     drop(locks);
-    Ok((y, with_last_dim(layout, n)))
+    if let Some(c) = copy {
+        scratch.keep(c);
+    }
+    if let Some(c) = base_copy {
+        scratch.keep(c);
+    }
+    Ok((y, with_last_dim(layout, n), scratch))
+}
+
+/// Decode batches of at most this many rows take [`delta_linear_overlapped`] in
+/// [`crate::delta_linear`] (the rows the bench's mixes measure; a prefill's base product is
+/// compute-bound and keeps the plain order).
+pub const OVERLAP_MAX_ROWS: usize = 32;
+
+/// [`crate::delta_linear`] overlaps batches of at most this many distinct tenants too: the delta
+/// part then reads at most the base product's bytes (1 bit against 16 per weight). With 32
+/// tenants the overlap measured a loss on 4096x11008 (139.3 against 135.0 us) and small gains
+/// elsewhere (BENCHMARKS.md, sixth pass).
+pub const OVERLAP_MAX_TENANTS: usize = 16;
+
+/// The unfused decode step with its two halves side by side: the delta product (prep and
+/// product kernels) goes to a side stream while candle's stream computes the base product
+/// `x · W_baseᵀ` (cuBLAS), then candle's stream waits for the side stream and adds the two.
+///
+/// Why: at decode both halves are far from the memory bandwidth on their own (on the H100, 32 rows
+/// of 8 tenants: cuBLAS at ~97% of copy bandwidth for 14 µs, then the prep kernel for 3.8 µs and
+/// the product kernel at 30% of DRAM with 0.6 eligible warps per scheduler for 17 µs, in series;
+/// BENCHMARKS.md, fifth pass), so run together they share the memory system instead of
+/// taking turns. The delta product is rounded to bf16 before the add (one more rounding than the
+/// fused store of [`crate::tenant_delta_matmul_add`], `2⁻⁹` of the delta term). bf16 `x` on CUDA.
+pub(crate) fn delta_linear_overlapped(
+    x: &Tensor,
+    w_base: &Tensor,
+    row_slot: &[Option<u32>],
+    deltas: &[&SignDelta],
+) -> candle_core::Result<Tensor> {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        candle_core::bail!("delta_linear_overlapped: x is not on CUDA. This is a bug.")
+    };
+    crate::ops::check_tenant_args("delta_linear", x, row_slot, deltas)?;
+    let op = SideDelta {
+        row_slot,
+        deltas,
+        scratch: std::sync::Mutex::new(Scratch::default()),
+    };
+    let delta = x.apply_op1_no_bwd(&op);
+    // The base product is issued after the side stream's work, so that it runs beside it; the
+    // join comes first whatever happened, so that no side work outlives this call.
+    let base = delta
+        .as_ref()
+        .ok()
+        .map(|_| w_base.t().and_then(|wt| x.matmul(&wt)));
+    side_join(dev)?;
+    drop(op); // the scratch, now that the side stream is done with it
+    base.expect("present when delta is Ok. This is a bug.")?
+        .add(&delta?)
+}
+
+/// The delta product of [`delta_linear_overlapped`], launched on the side stream; its scratch is
+/// kept here until the caller has joined.
+struct SideDelta<'a> {
+    row_slot: &'a [Option<u32>],
+    deltas: &'a [&'a SignDelta],
+    scratch: std::sync::Mutex<Scratch>,
+}
+
+impl CustomOp1 for SideDelta<'_> {
+    fn name(&self) -> &'static str {
+        "delta_linear_side"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("delta_linear_side: CUDA only. This is a bug.")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if storage.dtype() != DType::BF16 {
+            candle_core::bail!("delta_linear_side: bf16 x only. This is a bug.")
+        }
+        let (y, shape, scratch) = tenant_delta_fwd(
+            storage,
+            layout,
+            self.row_slot,
+            self.deltas,
+            Bf16Path::TensorCore,
+            None,
+            On::Side,
+        )?;
+        let mut kept = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        kept.0.extend(scratch.0);
+        Ok((y, shape))
+    }
 }
 
 /// `cuda_fwd` of [`crate::sign_matmul_n`]: `g (.., N) · S`.

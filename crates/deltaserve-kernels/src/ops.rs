@@ -118,8 +118,11 @@ pub fn tenant_delta_matmul_add(
 /// and the tenant's bits and multiplies `x` by `W_base + scale · S`, formed in registers and
 /// rounded once to bf16 as a merged checkpoint is: [`crate::cuda::delta_linear_fused`]. That
 /// kernel takes up to 8 tenants, but on the H100 it beat the unfused step only for one tenant
-/// (BENCHMARKS.md, fourth and fifth passes), so other batches take candle's matmul and then
-/// [`tenant_delta_matmul_add`]. Forward only.
+/// (BENCHMARKS.md, fourth and fifth passes), so other batches take candle's matmul and the delta
+/// product: for decode batches of at most 32 rows and 16 tenants side by side on two CUDA
+/// streams, then added (`cuda::delta_linear_overlapped`, BENCHMARKS.md, sixth pass), otherwise
+/// one after the other with the add in the delta kernel's store ([`tenant_delta_matmul_add`]).
+/// Forward only.
 pub fn delta_linear(
     x: &Tensor,
     w_base: &Tensor,
@@ -160,6 +163,18 @@ pub fn delta_linear(
             && crate::cuda::fused_ok(x, w_base, row_slot, deltas)
         {
             return delta_linear_fused_op(x, w_base, row_slot, deltas);
+        }
+        // Other decode batches (several tenants): the base product and the delta product run
+        // side by side on two streams (`cuda::delta_linear_overlapped`). Measured on the H100
+        // (sixth pass): 8 rows of 8 tenants 24.8 / 59.1 / 58.5 us against 28.9 / 63.3 / 65.5
+        // one after the other (4096x4096 / 11008x4096 / 4096x11008).
+        if m <= crate::cuda::OVERLAP_MAX_ROWS
+            && tenants.len() <= crate::cuda::OVERLAP_MAX_TENANTS
+            && x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && w_base.dtype() == DType::BF16
+        {
+            return crate::cuda::delta_linear_overlapped(x, w_base, row_slot, deltas);
         }
     }
     let base = x.matmul(&w_base.t()?)?;

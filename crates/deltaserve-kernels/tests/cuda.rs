@@ -597,6 +597,94 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
     println!("worst relative error of the fused kernel: {worst:.1e}");
 }
 
+/// `x · wᵀ + Σ deltas` in f64 from the rounded inputs, `(m, n)`.
+fn base_plus_delta_ref(
+    xr: &[f32],
+    wr: &[f32],
+    delta: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut want = vec![0f32; m * n];
+    for i in 0..m {
+        for o in 0..n {
+            let dot: f64 = (0..k)
+                .map(|c| f64::from(xr[i * k + c]) * f64::from(wr[o * k + c]))
+                .sum();
+            want[i * n + o] = (dot + f64::from(delta[i * n + o])) as f32;
+        }
+    }
+    want
+}
+
+#[test]
+fn delta_linear_overlapped_streams_match_reference_and_keep_base_rows() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(10);
+    // Multi-tenant decode batches, which delta_linear runs as the base product on candle's stream
+    // beside the delta product on the side stream: one row per tenant (int8 kernel), 4 rows per
+    // tenant (bf16 kernel), base-only rows, K = 257 (unaligned bits: the `s` kernel), N not a
+    // multiple of any tile, M = 32 (the limit). Each shape is called several times back to back
+    // with fresh inputs and checked only afterwards, so that a buffer freed before the side stream
+    // finished (and handed to the next call) would show as a wrong result.
+    for (m, n, k, num_deltas, interleave) in [
+        (8, 300, 4096, 8, true),
+        (32, 97, 1000, 8, true),
+        (32, 65, 4096 + 17, 32, true),
+        (19, 130, 1000, 3, false),
+        (5, 33, 257, 2, false),
+        (32, 300, 4088, 5, false),
+    ] {
+        let mut runs = Vec::new();
+        for call in 0..4 {
+            let (deltas, cpu_deltas, mut row_slot) =
+                tenant_case(&mut rng, &dev, m, n, k, num_deltas);
+            if interleave {
+                row_slot = (0..m as u32).map(|i| Some(i % num_deltas as u32)).collect();
+            }
+            if call == 3 {
+                row_slot[0] = None; // at least one base-only row
+            }
+            let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
+            let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05f32..0.05)).collect();
+            let w = Tensor::from_vec(wv, (n, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let wr = flat(&w);
+            let (xd, wd) = (x.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
+            let refs: Vec<&SignDelta> = deltas.iter().collect();
+            poison(&dev, m * n, DType::BF16);
+            let y = deltaserve_kernels::delta_linear(&xd, &wd, &row_slot, &refs).unwrap();
+            let base = xd.matmul(&wd.t().unwrap()).unwrap();
+            runs.push((y, base, xr, wr, cpu_deltas, row_slot, deltas));
+        }
+        for (y, base, xr, wr, cpu_deltas, row_slot, _deltas) in runs {
+            assert_eq!(y.dims(), [m, n]);
+            let delta = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+            let want = base_plus_delta_ref(&xr, &wr, &delta, m, n, k);
+            let got = flat(&y);
+            let err = rel_err(&got, &want);
+            assert!(
+                err < tol(DType::BF16),
+                "M={m} N={n} K={k} D={num_deltas} slots {row_slot:?}: {err:.2e}"
+            );
+            // A base-only row is the base product itself (plus an exact zero).
+            let base = flat(&base);
+            for (row, slot) in row_slot.iter().enumerate() {
+                if slot.is_none() {
+                    assert_eq!(
+                        got[row * n..(row + 1) * n],
+                        base[row * n..(row + 1) * n],
+                        "M={m} N={n} K={k}: base-only row {row}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn errors_name_the_misplaced_tensor() {
     let dev = gpu();

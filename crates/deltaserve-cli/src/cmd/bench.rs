@@ -20,7 +20,8 @@
 //!   unfused (base GEMV, delta, add: as the model runs it), with the add fused into the delta
 //!   kernel's store (base GEMV, then `tenant_delta_matmul_add`), and as one kernel
 //!   (`cuda::delta_linear_fused`: `W_base + scale · S` formed in registers, up to 8 tenants;
-//!   `delta_linear` takes it only where it wins).
+//!   `delta_linear` takes it only where it wins), and as `delta_linear` itself ("dl": what the
+//!   model runs; with several tenants, the base and delta products side by side on two streams).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -112,16 +113,24 @@ struct Row {
     /// (`cuda::delta_linear_fused`).
     step_add_us: Option<f64>,
     step_fused_us: Option<f64>,
+    /// `delta_linear` itself, the path the model takes (CUDA only): the fused kernel for one
+    /// tenant, the two products side by side on two streams otherwise.
+    step_dl_us: Option<f64>,
     step_floor_us: Option<f64>,
 }
 
 impl Row {
     /// The fastest decode step measured (fused when there is one).
     fn best_step_us(&self) -> Option<f64> {
-        [self.step_us, self.step_add_us, self.step_fused_us]
-            .into_iter()
-            .flatten()
-            .reduce(f64::min)
+        [
+            self.step_us,
+            self.step_add_us,
+            self.step_fused_us,
+            self.step_dl_us,
+        ]
+        .into_iter()
+        .flatten()
+        .reduce(f64::min)
     }
 }
 
@@ -229,9 +238,9 @@ fn kernels(args: KernelArgs) -> Result<()> {
         println!("\n## {n}x{k} (out x in): one delta = {:.2} MB of bits, dense bf16 = {:.1} MB; {} deltas and {} dense matrices rotated",
             delta_bits as f64 / 1e6, dense_bytes as f64 / 1e6, pool_len, dense.len());
         println!(
-            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "{:>4} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8} {:>6} {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
             "rows", "tenants", "bytes MB", "ours us", "GB/s", "%copy", "bf16 us", "%copy", "bf16/ours", "cudacore",
-            "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "floor us", "x best"
+            "cuBLAS us", "GB/s", "speedup", "base us", "step us", "+add", "fused", "dl", "floor us", "x best"
         );
         for &(rows, tenants) in &mixes {
             let x = Tensor::randn(0f32, 1f32, (rows, k), &device)?.to_dtype(DType::BF16)?;
@@ -257,7 +266,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
             // cuBLAS on merged weights: one matmul per tenant over its rows.
             let (mut dense_us, mut dense_gbps) = (None, None);
             let (mut base_us, mut step_us, mut step_floor_us) = (None, None, None);
-            let (mut step_add_us, mut step_fused_us) = (None, None);
+            let (mut step_add_us, mut step_fused_us, mut step_dl_us) = (None, None, None);
             if dense_ok {
                 let xs: Vec<Tensor> = (0..tenants)
                     .map(|t| {
@@ -300,6 +309,17 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 step_fused_us = fused_time(&mut clock, iters, rounds, &x, &slots, &set, &|i| {
                     &dense[i % bsets]
                 })?;
+                if on_cuda {
+                    step_dl_us = Some(clock.time(iters, rounds, |i| {
+                        let _y = deltaserve_kernels::delta_linear(
+                            &x,
+                            &dense[i % bsets],
+                            &slots,
+                            &set(i),
+                        )?;
+                        Ok(())
+                    })?);
+                }
             }
             let row = Row {
                 n,
@@ -318,10 +338,11 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 step_us,
                 step_add_us,
                 step_fused_us,
+                step_dl_us,
                 step_floor_us,
             };
             println!(
-                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>8} {:>5}% {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+                "{:>4} {:>7} | {:>9.2} {:>9.1} {:>7.0} {:>6.0}% | {:>8} {:>5}% {:>9} {:>8} | {:>10} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
                 rows,
                 tenants,
                 bytes as f64 / 1e6,
@@ -339,6 +360,7 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 opt(row.step_us, 1),
                 opt(row.step_add_us, 1),
                 opt(row.step_fused_us, 1),
+                opt(row.step_dl_us, 1),
                 opt(row.step_floor_us, 1),
                 opt(row.best_step_us().zip(row.step_floor_us).map(|(s, f)| s / f), 2),
             );
@@ -397,6 +419,7 @@ impl Report {
                     "dense_us": r.dense_us, "dense_gbps": r.dense_gbps, "base_us": r.base_us,
                     "step_us": r.step_us,
                     "step_add_us": r.step_add_us, "step_fused_us": r.step_fused_us,
+                    "step_dl_us": r.step_dl_us,
                     "step_floor_us": r.step_floor_us,
                 })
             })
