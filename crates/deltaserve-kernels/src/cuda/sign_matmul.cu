@@ -409,6 +409,10 @@ DS_TC_KERNEL(2, 2)
 DS_TC_KERNEL(4, 2)
 DS_TC_KERNEL(1, 4)
 DS_TC_KERNEL(2, 4)
+// K8 experiment: 2 warps splitting K (fewer registers per block).
+DS_TC_KERNEL1(4, 1, w2, true, 2, false)
+DS_TC_KERNEL1(2, 1, w2, true, 2, false)
+DS_TC_KERNEL1(1, 1, w2, true, 2, false)
 
 // ---------------------------------------------------------------------------------------------
 // cp.async helpers (the fused layer's per-warp ring).
