@@ -546,18 +546,23 @@ fn forward<T: CudaDType + DeviceRepr>(
                 .arg(&n_i)
                 .arg(&w_i)
                 .arg(&kp_i);
+            let k8_grid = k8_env("DS_K8_GRID").filter(|_| k8 && tiles >= 2);
             let cfg = LaunchConfig {
-                grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
+                grid_dim: match k8_grid {
+                    Some(g) => (to_u32(g.min(blocks))?, 1, 1),
+                    None => (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
+                },
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let p = if k8_grid.is_some() { "p" } else { "" };
             // SAFETY: arguments match the kernel; the table's rows are < m, its words [n, w]
             // (w % 4 == 0 and 16-byte aligned rows for the `v` and `w8` kernels); it waits for
             // the prep kernel before reading xp (`ds_wait_prerequisite`).
             unsafe {
                 launch(
                     dev,
-                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}"),
+                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}{p}"),
                     cfg,
                     &mut args,
                     on,
