@@ -316,14 +316,7 @@ unsafe fn launch(
         .into_cuda_function();
     let stream = match on {
         On::Main => dev.cuda_stream().cu_stream(),
-        On::Side => {
-            let s = side_stream(dev, !K8_NO_REFORK.get())?;
-            if let Some((x, w)) = K8_BASE.take() {
-                K8_BASE_OUT.set(Some(w.t().and_then(|wt| x.matmul(&wt))));
-                K8_NO_REFORK.set(true);
-            }
-            s
-        }
+        On::Side => side_stream(dev)?,
     };
     // SAFETY: a plain C union; the id selects the member set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -371,7 +364,7 @@ static SIDES: std::sync::Mutex<Vec<Side>> = std::sync::Mutex::new(Vec::new());
 
 /// The side stream of `dev`, made to wait for everything issued on candle's stream so far (so
 /// that it sees `x` and the buffers just allocated there).
-fn side_stream(dev: &CudaDevice, fork: bool) -> candle_core::Result<sys::CUstream> {
+fn side_stream(dev: &CudaDevice) -> candle_core::Result<sys::CUstream> {
     use candle_core::cuda_backend::cudarc::driver::result;
     let key = format!("{:?}", dev.location());
     let main = dev.cuda_stream();
@@ -390,9 +383,6 @@ fn side_stream(dev: &CudaDevice, fork: bool) -> candle_core::Result<sys::CUstrea
             sides.last().expect("just pushed. This is a bug.")
         }
     };
-    if !fork {
-        return Ok(side.stream);
-    }
     // SAFETY: live handles of this device's context.
     unsafe {
         result::event::record(side.fork, main.cu_stream()).w()?;
@@ -404,16 +394,6 @@ fn side_stream(dev: &CudaDevice, fork: bool) -> candle_core::Result<sys::CUstrea
         .w()?;
     }
     Ok(side.stream)
-}
-
-// K8 experiment switches (seventh pass), deleted before merging.
-fn k8_env(name: &str) -> Option<usize> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-thread_local! {
-    static K8_BASE: std::cell::RefCell<Option<(Tensor, Tensor)>> = const { std::cell::RefCell::new(None) };
-    static K8_BASE_OUT: std::cell::RefCell<Option<candle_core::Result<Tensor>>> = const { std::cell::RefCell::new(None) };
-    static K8_NO_REFORK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Makes candle's stream wait for everything issued on `dev`'s side stream so far.
@@ -515,21 +495,26 @@ fn forward<T: CudaDType + DeviceRepr>(
                 tiles = 2;
                 blocks = table.n_groups as usize * n.div_ceil(32);
             }
-
-            let k8 = rt == 1 && aligned && path == Bf16Path::TensorCore && table.n_groups > 1;
-            if let Some(t) = k8_env("DS_K8_TILES").filter(|_| k8) {
-                tiles = t;
-                blocks = table.n_groups as usize * n.div_ceil(16 * t);
+            // Beside cuBLAS on the side stream (`delta_linear_overlapped`), with one row tile per
+            // group and fewer than 8192 features: 2 feature tiles in blocks of 2 warps
+            // (`ds_tc_bf16_t2_r1_w2`, sign_matmul.cu says why). Measured on the H100 (BENCHMARKS.md,
+            // seventh pass, 32 rows x 8 tenants, whole step): 4096x11008 70.6 against 73.7 us,
+            // 4096x4096 30.8 against 30.4 (noise); on 11008x4096 it lost (69.5 against 66.6), so
+            // that shape keeps the tile rule above.
+            let side_w2 = matches!(on, On::Side)
+                && rt == 1
+                && aligned
+                && path == Bf16Path::TensorCore
+                && table.n_groups > 1
+                && n < 8192;
+            if side_w2 {
+                tiles = 2;
             }
-            let k8_nw = k8_env("DS_K8_NW").filter(|_| k8);
+
             // 8 warps splitting K where the grid leaves SMs short of warps (one tenant), on the
             // default path; the second pass's 4-warp kernel otherwise.
-            let (suffix, threads) = if let Some(nw) = k8_nw {
-                match nw {
-                    2 => ("w2", 64),
-                    8 => ("w8", 256),
-                    _ => ("v", 128),
-                }
+            let (suffix, threads) = if side_w2 {
+                ("w2", 64)
             } else if !aligned {
                 ("s", 128)
             } else if path == Bf16Path::TensorCore && blocks < 2 * sms {
@@ -546,27 +531,22 @@ fn forward<T: CudaDType + DeviceRepr>(
                 .arg(&n_i)
                 .arg(&w_i)
                 .arg(&kp_i);
-            let k8_grid = k8_env("DS_K8_GRID").filter(|_| k8 && tiles >= 2);
             let cfg = LaunchConfig {
-                grid_dim: match k8_grid {
-                    Some(g) => (to_u32(g.min(blocks))?, 1, 1),
-                    None => (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
-                },
+                grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let p = if k8_grid.is_some() { "p" } else { "" };
             // SAFETY: arguments match the kernel; the table's rows are < m, its words [n, w]
             // (w % 4 == 0 and 16-byte aligned rows for the `v` and `w8` kernels); it waits for
             // the prep kernel before reading xp (`ds_wait_prerequisite`).
             unsafe {
                 launch(
                     dev,
-                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}{p}"),
+                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}"),
                     cfg,
                     &mut args,
                     on,
-                    k8_env("DS_K8_NOPDL").is_none(),
+                    true,
                 )
             }?;
         }
@@ -1249,24 +1229,13 @@ pub(crate) fn delta_linear_overlapped(
         deltas,
         scratch: std::sync::Mutex::new(Scratch::default()),
     };
-    let base_first = k8_env("DS_K8_BASEFIRST").is_some();
-    if base_first {
-        K8_BASE.set(Some((x.clone(), w_base.clone())));
-        K8_NO_REFORK.set(false);
-    }
     let delta = x.apply_op1_no_bwd(&op);
-    K8_BASE.set(None);
-    K8_NO_REFORK.set(false);
-    let early = K8_BASE_OUT.take();
     // The base product is issued after the side stream's work, so that it runs beside it; the
     // join comes first whatever happened, so that no side work outlives this call.
-    let base = match early {
-        Some(b) => Some(b),
-        None => delta
-            .as_ref()
-            .ok()
-            .map(|_| w_base.t().and_then(|wt| x.matmul(&wt))),
-    };
+    let base = delta
+        .as_ref()
+        .ok()
+        .map(|_| w_base.t().and_then(|wt| x.matmul(&wt)));
     side_join(dev)?;
     drop(op); // the scratch, now that the side stream is done with it
     base.expect("present when delta is Ok. This is a bug.")?

@@ -223,14 +223,14 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
                                                 const float* __restrict__ corr_part,
                                                 const __nv_bfloat16* __restrict__ base,
                                                 __nv_bfloat16* __restrict__ y, int N, int W,
-                                                int Kp, int bx, int by) {
-    const int grp = by;
+                                                int Kp) {
+    const int grp = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const unsigned int rb = tab.row_begin[grp];
     const int R = (int)(tab.row_begin[grp + 1] - rb);
     const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
-    const int n0 = bx * 16 * T;
+    const int n0 = blockIdx.x * 16 * T;
 
     if (words == nullptr) {  // base-only rows: zeros
         ds_wait_prerequisite();
@@ -394,7 +394,7 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
         const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
         int Kp) {                                                                               \
-        ds_tc_bf16_body<T, RT, VEC, NW, CLAMP>(tab, xp, corr, base, y, N, W, Kp, blockIdx.x, blockIdx.y);               \
+        ds_tc_bf16_body<T, RT, VEC, NW, CLAMP>(tab, xp, corr, base, y, N, W, Kp);               \
     }
 #define DS_TC_KERNEL(T, RT)                                                                     \
     DS_TC_KERNEL1(T, RT, v, true, 4, false)                                                     \
@@ -409,27 +409,14 @@ DS_TC_KERNEL(2, 2)
 DS_TC_KERNEL(4, 2)
 DS_TC_KERNEL(1, 4)
 DS_TC_KERNEL(2, 4)
-// K8 experiment: 2 warps splitting K (fewer registers per block).
-DS_TC_KERNEL1(4, 1, w2, true, 2, false)
+// 2 warps splitting K, for the side stream of the overlapped decode step (src/cuda.rs): cuBLAS's
+// base product at 32 rows (nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT on the H100: 128 blocks
+// of 384 threads x 168 registers and 164 KB of shared memory, so one block fills an SM's register
+// file) cannot share an SM with anything, so the delta blocks only get SMs as cuBLAS's blocks
+// finish. Blocks of 64 threads x 2 feature tiles (~80 registers, 1 KB of shared memory) are many
+// small pieces that fill those SMs more evenly than 128-thread blocks of 4 tiles (BENCHMARKS.md,
+// seventh pass: 4096x11008 32 rows x 8 tenants 70.6 against 73.7 us).
 DS_TC_KERNEL1(2, 1, w2, true, 2, false)
-DS_TC_KERNEL1(1, 1, w2, true, 2, false)
-// K8 experiment: a capped grid whose blocks loop over the (feature tile, group) tiles.
-#define DS_TC_PKERNEL(T, RT, SUF, VEC, NW, CLAMP)                                               \
-    extern "C" __global__ void __launch_bounds__(32 * NW) ds_tc_bf16_t##T##_r##RT##_##SUF##p(    \
-        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
-        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
-        int Kp) {                                                                               \
-        const int nx = (N + 16 * T - 1) / (16 * T);                                             \
-        for (int v = blockIdx.x; v < nx * (int)tab.n_groups; v += gridDim.x) {                  \
-            ds_tc_bf16_body<T, RT, VEC, NW, CLAMP>(tab, xp, corr, base, y, N, W, Kp, v % nx,    \
-                                                   v / nx);                                     \
-            __syncthreads();                                                                    \
-        }                                                                                       \
-    }
-DS_TC_PKERNEL(4, 1, v, true, 4, false)
-DS_TC_PKERNEL(2, 1, v, true, 4, false)
-DS_TC_PKERNEL(4, 1, w2, true, 2, false)
-DS_TC_PKERNEL(2, 1, w2, true, 2, false)
 
 // ---------------------------------------------------------------------------------------------
 // cp.async helpers (the fused layer's per-warp ring).
