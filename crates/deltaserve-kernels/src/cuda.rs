@@ -495,10 +495,27 @@ fn forward<T: CudaDType + DeviceRepr>(
                 tiles = 2;
                 blocks = table.n_groups as usize * n.div_ceil(32);
             }
+            // Beside cuBLAS on the side stream (`delta_linear_overlapped`), with one row tile per
+            // group and fewer than 8192 features: 2 feature tiles in blocks of 2 warps
+            // (`ds_tc_bf16_t2_r1_w2`, sign_matmul.cu says why). Measured on the H100 (BENCHMARKS.md,
+            // seventh pass, 32 rows x 8 tenants, whole step): 4096x11008 70.6 against 73.7 us,
+            // 4096x4096 30.8 against 30.4 (noise); on 11008x4096 it lost (69.5 against 66.6), so
+            // that shape keeps the tile rule above.
+            let side_w2 = matches!(on, On::Side)
+                && rt == 1
+                && aligned
+                && path == Bf16Path::TensorCore
+                && table.n_groups > 1
+                && n < 8192;
+            if side_w2 {
+                tiles = 2;
+            }
 
             // 8 warps splitting K where the grid leaves SMs short of warps (one tenant), on the
             // default path; the second pass's 4-warp kernel otherwise.
-            let (suffix, threads) = if !aligned {
+            let (suffix, threads) = if side_w2 {
+                ("w2", 64)
+            } else if !aligned {
                 ("s", 128)
             } else if path == Bf16Path::TensorCore && blocks < 2 * sms {
                 ("w8", 256)

@@ -409,6 +409,14 @@ DS_TC_KERNEL(2, 2)
 DS_TC_KERNEL(4, 2)
 DS_TC_KERNEL(1, 4)
 DS_TC_KERNEL(2, 4)
+// 2 warps splitting K, for the side stream of the overlapped decode step (src/cuda.rs): cuBLAS's
+// base product at 32 rows (nvjet_sm90_tst_64x8_64x16_2x1_v_bz_splitK_TNT on the H100: 128 blocks
+// of 384 threads x 168 registers and 164 KB of shared memory, so one block fills an SM's register
+// file) cannot share an SM with anything, so the delta blocks only get SMs as cuBLAS's blocks
+// finish. Blocks of 64 threads x 2 feature tiles (110 registers: 7 K per block, 1 KB of shared
+// memory) are many small pieces that fill those SMs more evenly than 128-thread blocks of 4
+// tiles (BENCHMARKS.md, seventh pass: 4096x11008 32 rows x 8 tenants 70.6 against 73.7 us).
+DS_TC_KERNEL1(2, 1, w2, true, 2, false)
 
 // ---------------------------------------------------------------------------------------------
 // cp.async helpers (the fused layer's per-warp ring).
