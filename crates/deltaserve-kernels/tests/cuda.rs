@@ -372,6 +372,11 @@ fn int8_and_bf16_decode_kernels_match_reference() {
     }
     cases.push((32, 1100, 1000, 32));
     cases.push((32, 1100, 11008, 32));
+    // One-row groups with enough blocks for 4 feature tiles: K in whole multiples of 4 chunks
+    // (the 5-blocks-per-SM `t4_r1_w4`) and not (2 warps, `t4_r1_w2`), with awkward N and K.
+    cases.push((32, 1100, 4096, 32));
+    cases.push((24, 1500, 2040, 24));
+    cases.push((32, 700, 3000, 32));
     cases.push((64, 300, 4096, 32));
     let mut worst = [0f64; 2];
     for (m, n, k, d) in cases {

@@ -535,7 +535,7 @@ __device__ __forceinline__ void ds_mma_u8s8(int* d, uint32_t a0, uint32_t a1, ui
 // Thread (g, t): B column g = digit g & 3 (3: zero) of group row 2 rt + (g >> 2); its
 // accumulators c0, c1 (feature g) and c2, c3 (feature g + 8) are digits 2 (t & 1), 2 (t & 1) + 1
 // of group row 2 rt + (t >> 1).
-template <int T, int RT2, int NW>
+template <int T, int RT2, int NW, int PF = 0>
 __device__ __forceinline__ void ds_tci8_body(const GroupTable& tab, const uint32_t* __restrict__ xi8,
                                              const double* __restrict__ xsum,
                                              const double* __restrict__ rscale,
@@ -599,6 +599,20 @@ __device__ __forceinline__ void ds_tci8_body(const GroupTable& tab, const uint32
     };
     uint32_t a[T][2][4];
     load(warp, a);
+    // PF > 0: the next PF chunks of this warp go to L2 before the wait, so that the loads in
+    // flight during the prep kernel are not only the first chunk (the loop's own prefetch runs
+    // 2 NW chunks ahead and only starts after the wait).
+    if (PF > 0 && t == 0) {
+#pragma unroll
+        for (int f = 1; f <= PF; ++f)
+            if (16 * (warp + f * NW) < W) {
+#pragma unroll
+                for (int i = 0; i < T; ++i)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        asm volatile("prefetch.global.L2 [%0];" ::"l"(arow[i][h] + 16 * (warp + f * NW)));
+            }
+    }
     ds_wait_prerequisite();  // xi8, xsum and rscale come from ds_prepi8_bf16
     for (int sc = warp; sc < SC; sc += NW) {
         if (t == 0 && 16 * (sc + 2 * NW) < W) {
@@ -690,18 +704,31 @@ __device__ __forceinline__ void ds_tci8_body(const GroupTable& tab, const uint32
     }
 }
 
-#define DS_TCI8_KERNEL(T, RT2, NW)                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * NW) ds_tci8_bf16_t##T##_r##RT2##_w##NW(    \
-        const GroupTable tab, const uint32_t* __restrict__ xi8, const double* __restrict__ xsum, \
-        const double* __restrict__ rscale, const __nv_bfloat16* __restrict__ base,              \
-        __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {                                  \
-        ds_tci8_body<T, RT2, NW>(tab, xi8, xsum, rscale, base, y, N, W, Kp);                    \
+// MINB: __launch_bounds__'s minimum blocks per SM; PF: see ds_tci8_body.
+#define DS_TCI8_KERNEL_X(T, RT2, NW, MINB, PF)                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                 \
+        ds_tci8_bf16_t##T##_r##RT2##_w##NW(                                                     \
+            const GroupTable tab, const uint32_t* __restrict__ xi8,                             \
+            const double* __restrict__ xsum, const double* __restrict__ rscale,                 \
+            const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W, \
+            int Kp) {                                                                           \
+        ds_tci8_body<T, RT2, NW, PF>(tab, xi8, xsum, rscale, base, y, N, W, Kp);                \
     }
+#define DS_TCI8_KERNEL(T, RT2, NW) DS_TCI8_KERNEL_X(T, RT2, NW, 1, 0)
 #define DS_TCI8_KERNELS(T, RT2) DS_TCI8_KERNEL(T, RT2, 4) DS_TCI8_KERNEL(T, RT2, 8)
 
 DS_TCI8_KERNELS(1, 1)
 DS_TCI8_KERNELS(2, 1)
-DS_TCI8_KERNELS(4, 1)
+// One-row groups with many blocks (32 rows x 32 tenants; src/cuda.rs's rule), K9's measurements
+// (BENCHMARKS.md, eighth pass). 4 warps: at 110 registers only 4 blocks fit an SM (16 warps, 25%
+// occupancy, ~51% of DRAM bandwidth under Nsight Compute at 4096x4096); capping the registers at
+// 5 blocks per SM moved 4096x4096 from 38.5 to 36.7 us and 11008x4096 from 87.8 to 82.1 (6 blocks
+// was faster still there but slower at 8 x 8 and at K = 11008). 2 warps with the second chunk
+// prefetched into L2 before the wait: for K = 11008 (22 chunks of 512, which 4 warps split 6/6/5/5)
+// 100.0 -> 91.5 us, 8 x 8 unchanged.
+DS_TCI8_KERNEL_X(4, 1, 4, 5, 0)
+DS_TCI8_KERNEL(4, 1, 8)
+DS_TCI8_KERNEL_X(4, 1, 2, 1, 1)
 DS_TCI8_KERNELS(1, 2)
 DS_TCI8_KERNELS(2, 2)
 DS_TCI8_KERNELS(4, 2)
