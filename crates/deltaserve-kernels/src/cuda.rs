@@ -647,7 +647,7 @@ fn forward_int8(
         // eighth pass: 100.0 -> 91.5 us at 4096x11008, 32 rows x 32 tenants).
         let nw = if blocks < 2 * sms {
             8
-        } else if tiles == 4 && rt2 == 1 && (kp / TC_CHUNK) % 4 != 0 {
+        } else if tiles == 4 && rt2 == 1 && !(kp / TC_CHUNK).is_multiple_of(4) {
             2
         } else {
             4
