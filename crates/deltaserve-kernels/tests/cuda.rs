@@ -549,22 +549,9 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
         }
         let refs: Vec<&SignDelta> = deltas.iter().collect();
         let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
-        let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05f32..0.05)).collect();
-        let w = Tensor::from_vec(wv, (n, k), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let wr = flat(&w);
+        let (w, wr) = random_base(&mut rng, n, k);
         let delta = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
-        let mut want = vec![0f32; m * n];
-        for i in 0..m {
-            for o in 0..n {
-                let dot: f64 = (0..k)
-                    .map(|c| f64::from(xr[i * k + c]) * f64::from(wr[o * k + c]))
-                    .sum();
-                want[i * n + o] = (dot + f64::from(delta[i * n + o])) as f32;
-            }
-        }
+        let want = base_plus_delta_ref(&xr, &wr, &delta, m, n, k);
         let (xd, wd) = (x.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
         let fusable = fused_ok(&xd, &wd, &row_slot, &refs);
         let mut groups: Vec<Option<u32>> = row_slot.clone();
@@ -600,6 +587,17 @@ fn delta_linear_fused_matches_base_plus_reference_delta() {
         }
     }
     println!("worst relative error of the fused kernel: {worst:.1e}");
+}
+
+/// A random `(n, k)` base weight in bf16 on the CPU, and its values as f32.
+fn random_base(rng: &mut StdRng, n: usize, k: usize) -> (Tensor, Vec<f32>) {
+    let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05f32..0.05)).collect();
+    let w = Tensor::from_vec(wv, (n, k), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let wr = flat(&w);
+    (w, wr)
 }
 
 /// `x · wᵀ + Σ deltas` in f64 from the rounded inputs, `(m, n)`.
@@ -652,12 +650,7 @@ fn delta_linear_overlapped_streams_match_reference_and_keep_base_rows() {
                 row_slot[0] = None; // at least one base-only row
             }
             let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
-            let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05f32..0.05)).collect();
-            let w = Tensor::from_vec(wv, (n, k), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
-            let wr = flat(&w);
+            let (w, wr) = random_base(&mut rng, n, k);
             let (xd, wd) = (x.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
             let refs: Vec<&SignDelta> = deltas.iter().collect();
             poison(&dev, m * n, DType::BF16);
@@ -725,22 +718,9 @@ fn delta_linear_fused_two_slot_ring_on_wide_outputs() {
         let row_slot = vec![slot; m];
         let refs: Vec<&SignDelta> = deltas.iter().collect();
         let (x, xr) = random_x(&mut rng, &[m, k], DType::BF16);
-        let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05f32..0.05)).collect();
-        let w = Tensor::from_vec(wv, (n, k), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let wr = flat(&w);
+        let (w, wr) = random_base(&mut rng, n, k);
         let delta = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
-        let want: Vec<f32> = (0..m * n)
-            .map(|e| {
-                let (i, o) = (e / n, e % n);
-                let dot: f64 = (0..k)
-                    .map(|c| f64::from(xr[i * k + c]) * f64::from(wr[o * k + c]))
-                    .sum();
-                (dot + f64::from(delta[e])) as f32
-            })
-            .collect();
+        let want = base_plus_delta_ref(&xr, &wr, &delta, m, n, k);
         let (xd, wd) = (x.to_device(&dev).unwrap(), w.to_device(&dev).unwrap());
         assert!(fused_ok(&xd, &wd, &row_slot, &refs), "M={m} N={n} K={k}");
         poison(&dev, m * n, DType::BF16);
