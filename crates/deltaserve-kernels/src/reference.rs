@@ -152,3 +152,25 @@ pub fn tenant_delta_matmul_ref(
     }
     Ok(out)
 }
+
+/// `x · wᵀ + delta` for `x (M, K)`, a dense `w (N, K)` and a precomputed `delta (M, N)` (e.g.
+/// [`tenant_delta_matmul_ref`]'s): what `delta_linear` computes, the dot products in `f64`.
+pub fn base_plus_delta_ref(
+    x: &[f32],
+    w: &[f32],
+    delta: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for o in 0..n {
+            let dot: f64 = (0..k)
+                .map(|c| f64::from(x[i * k + c]) * f64::from(w[o * k + c]))
+                .sum();
+            out[i * n + o] = (dot + f64::from(delta[i * n + o])) as f32;
+        }
+    }
+    out
+}

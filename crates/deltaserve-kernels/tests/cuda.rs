@@ -22,7 +22,7 @@ use deltaserve_kernels::cuda::{
     tenant_delta_matmul_with, Bf16Path,
 };
 use deltaserve_kernels::reference::{
-    sign_matmul_n_ref, sign_matmul_t_ref, tenant_delta_matmul_ref,
+    base_plus_delta_ref, sign_matmul_n_ref, sign_matmul_t_ref, tenant_delta_matmul_ref,
 };
 use deltaserve_kernels::{
     sign_matmul_n, sign_matmul_t, tenant_delta_matmul, words_per_row, SignBits, SignDelta,
@@ -598,27 +598,6 @@ fn random_base(rng: &mut StdRng, n: usize, k: usize) -> (Tensor, Vec<f32>) {
         .unwrap();
     let wr = flat(&w);
     (w, wr)
-}
-
-/// `x · wᵀ + Σ deltas` in f64 from the rounded inputs, `(m, n)`.
-fn base_plus_delta_ref(
-    xr: &[f32],
-    wr: &[f32],
-    delta: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Vec<f32> {
-    let mut want = vec![0f32; m * n];
-    for i in 0..m {
-        for o in 0..n {
-            let dot: f64 = (0..k)
-                .map(|c| f64::from(xr[i * k + c]) * f64::from(wr[o * k + c]))
-                .sum();
-            want[i * n + o] = (dot + f64::from(delta[i * n + o])) as f32;
-        }
-    }
-    want
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! against autograd through a dense `x.matmul(Sᵀ)` and against finite differences.
 
 use candle_core::{DType, Device, Tensor, Var};
-use deltaserve_kernels::reference::{sign_matmul_t_ref, tenant_delta_matmul_ref, unpack_to_f32};
+use deltaserve_kernels::reference::{
+    base_plus_delta_ref, sign_matmul_t_ref, tenant_delta_matmul_ref, unpack_to_f32,
+};
 use deltaserve_kernels::{
     delta_linear, sign_matmul_n, sign_matmul_t, tenant_delta_matmul, tenant_delta_matmul_add,
     words_per_row, SignBits, SignDelta,
@@ -289,15 +291,7 @@ fn delta_linear_is_the_base_product_plus_the_delta() {
     let (xs, ws) = (flat(&x), flat(&w));
     let delta = tenant_delta_matmul_ref(&xs, &row_slot, &deltas, n, k).unwrap();
     // x · Wᵀ in f64 loops, independent of candle's matmul.
-    let mut want = vec![0f32; m * n];
-    for i in 0..m {
-        for o in 0..n {
-            let dot: f64 = (0..k)
-                .map(|c| f64::from(xs[i * k + c]) * f64::from(ws[o * k + c]))
-                .sum();
-            want[i * n + o] = (dot + f64::from(delta[i * n + o])) as f32;
-        }
-    }
+    let want = base_plus_delta_ref(&xs, &ws, &delta, m, n, k);
     let y = delta_linear(&x, &w, &row_slot, &refs).unwrap();
     let err = rel_err(&flat(&y), &want);
     assert!(err < F32_TOL, "relative error {err:.2e}");
