@@ -42,6 +42,9 @@ use half::{bf16, f16};
 use crate::error::KernelError;
 use crate::signs::{words_per_row, SignBits, SignDelta};
 
+mod base_gemm;
+pub use base_gemm::base_product;
+
 /// The PTX of `src/cuda/sign_matmul.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign_matmul.ptx"));
 /// The name candle caches the loaded module under.
@@ -1238,14 +1241,22 @@ pub(crate) fn delta_linear_overlapped(
         deltas,
         scratch: std::sync::Mutex::new(Scratch::default()),
     };
+    let first = base_gemm::variant().first;
+    let early = first.then(|| base_gemm::base_product_first(x, w_base));
     let delta = x.apply_op1_no_bwd(&op);
     // The base product is issued after the side stream's work, so that it runs beside it; the
     // join comes first whatever happened, so that no side work outlives this call.
-    let base = delta
-        .as_ref()
-        .ok()
-        .map(|_| w_base.t().and_then(|wt| x.matmul(&wt)));
+    let base = match early {
+        Some(b) => Some(b),
+        None => delta
+            .as_ref()
+            .ok()
+            .map(|_| base_gemm::base_product(x, w_base)),
+    };
     side_join(dev)?;
+    if first {
+        base_gemm::base_join(dev)?;
+    }
     drop(op); // the scratch, now that the side stream is done with it
     base.expect("present when delta is Ok. This is a bug.")?
         .add(&delta?)
