@@ -34,6 +34,10 @@ pub(crate) struct Variant {
     pub ws: usize,
     /// `(W · xᵀ)ᵀ`: A = x, B = W, D row-major.
     pub tr: bool,
+    /// Warps per block of the fused kernel run with no delta (`ds_fused_bf16_r*_1s*`; 0: cuBLASLt).
+    pub fz: usize,
+    /// Its ring slots per warp (2 or 3).
+    pub stages: usize,
 }
 
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -44,6 +48,7 @@ pub(crate) fn variant() -> &'static Variant {
         let spec = std::env::var("DS_K10_BASE").unwrap_or_default();
         let mut v = Variant {
             ws: WORKSPACE_BYTES,
+            stages: 3,
             ..Variant::default()
         };
         for (i, tok) in spec.split(':').filter(|t| !t.is_empty()).enumerate() {
@@ -54,6 +59,12 @@ pub(crate) fn variant() -> &'static Variant {
                     v.first = true
                 }
                 "tr" => v.tr = true,
+                t if t.starts_with("fz") => {
+                    v.lt = true;
+                    v.fz = t[2..].parse().unwrap_or(4)
+                }
+                "s2" => v.stages = 2,
+                "s3" => v.stages = 3,
                 t if t.starts_with("sm") => v.sm = t[2..].parse().unwrap_or(0),
                 t if t.starts_with("ws") => v.ws = t[2..].parse::<usize>().unwrap_or(32) << 20,
                 t if t.starts_with('a') => v.algo = t[1..].parse().unwrap_or(0),
@@ -299,6 +310,15 @@ fn matmul_on(
     (m, n, k): (usize, usize, usize),
 ) -> candle_core::Result<()> {
     let v = variant();
+    if v.fz > 0
+        && k.is_multiple_of(8)
+        && super::words_per_row(k).is_multiple_of(4)
+        && m <= super::GROUP_ROWS
+        && x % 16 == 0
+        && w % 16 == 0
+    {
+        return fused_base(dev, stream, x, w, y, (m, n, k), v);
+    }
     let mut lts = LTS.lock().unwrap_or_else(|e| e.into_inner());
     let key = stream as usize;
     let i = match lts.iter().position(|l| l.stream == key) {
@@ -353,6 +373,53 @@ fn matmul_on(
             "matmul",
         )
     }
+}
+
+/// EXPERIMENT: the base product on the fused decode kernel with no delta (one identity group with
+/// null words, so `W_base + 0` is W itself), `v.fz` warps per block, `v.stages` ring slots each.
+fn fused_base(
+    dev: &CudaDevice,
+    stream: sys::CUstream,
+    x: u64,
+    w: u64,
+    y: u64,
+    (m, n, k): (usize, usize, usize),
+    v: &Variant,
+) -> candle_core::Result<()> {
+    let rt = m.div_ceil(8).max(1);
+    let name = format!("ds_fused_bf16_r{rt}_1s{}", v.stages);
+    let f = dev.get_or_load_custom_func(&name, super::MODULE, super::PTX)?;
+    super::opt_in_smem(dev, &f, &name, 227 * 1024)?;
+    let table = super::identity_tables(m, 0, 0.0)?[0];
+    // One ring slot of 64 columns (`KS` = 2): W 32 rows, x 8 rt rows, bits of one group.
+    let slot_bytes = 16 * (128 * 2 + rt * 32 * 2 + 2 * 16);
+    let smem = v.fz * v.stages * slot_bytes;
+    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let wi = super::words_per_row(k) as i32;
+    let mut args = super::Args::default();
+    args.arg(&table)
+        .arg(&x)
+        .arg(&w)
+        .arg(&y)
+        .arg(&mi)
+        .arg(&ni)
+        .arg(&ki)
+        .arg(&wi);
+    let f = f.into_cuda_function();
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    // SAFETY: the arguments match `ds_fused_bf16_r*_1s*`; x (m, k), w (n, k), y (m, n), 16-byte
+    // aligned, K as `fused_ok` admits; null words: no bits are read.
+    unsafe {
+        result::launch_kernel(
+            f.cu_function(),
+            (n.div_ceil(32) as u32, 1, 1),
+            ((32 * v.fz) as u32, 1, 1),
+            smem as u32,
+            stream,
+            &mut args.0,
+        )
+    }
+    .w()
 }
 
 /// The base product as a candle op on a chosen stream.
