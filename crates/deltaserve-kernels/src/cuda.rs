@@ -42,9 +42,6 @@ use half::{bf16, f16};
 use crate::error::KernelError;
 use crate::signs::{words_per_row, SignBits, SignDelta};
 
-mod base_gemm;
-pub use base_gemm::base_product;
-
 /// The PTX of `src/cuda/sign_matmul.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign_matmul.ptx"));
 /// The name candle caches the loaded module under.
@@ -1226,6 +1223,16 @@ pub const OVERLAP_MAX_TENANTS: usize = 16;
 /// BENCHMARKS.md, fifth pass), so run together they share the memory system instead of
 /// taking turns. The delta product is rounded to bf16 before the add (one more rounding than the
 /// fused store of [`crate::tenant_delta_matmul_add`], `2⁻⁹` of the delta term). bf16 `x` on CUDA.
+///
+/// The base product stays candle's matmul (cuBLAS). On the H100 at 4096x4096, 32 rows of 8
+/// tenants (BENCHMARKS.md, ninth pass), no other base product made this step faster: the 8
+/// cuBLASLt heuristic algorithms, `CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET` 64-112, the transposed
+/// call `(W · xᵀ)ᵀ`, the base issued first on a stream of its own, and the fused kernel run with
+/// no delta at 1-8 warps per block (which leaves room on each SM for the delta's blocks) measured
+/// 30.1-64.2 µs against 30.1-30.3 µs, equal within noise at best. The likely reason (not
+/// profiled): the delta product is latency-bound, and a base product that keeps DRAM busy beside
+/// it lengthens exactly the waits that bound it. So the 4096x4096 32x8 step has to get faster
+/// from the delta's side.
 pub(crate) fn delta_linear_overlapped(
     x: &Tensor,
     w_base: &Tensor,
@@ -1241,22 +1248,14 @@ pub(crate) fn delta_linear_overlapped(
         deltas,
         scratch: std::sync::Mutex::new(Scratch::default()),
     };
-    let first = base_gemm::variant().first;
-    let early = first.then(|| base_gemm::base_product_first(x, w_base));
     let delta = x.apply_op1_no_bwd(&op);
     // The base product is issued after the side stream's work, so that it runs beside it; the
     // join comes first whatever happened, so that no side work outlives this call.
-    let base = match early {
-        Some(b) => Some(b),
-        None => delta
-            .as_ref()
-            .ok()
-            .map(|_| base_gemm::base_product(x, w_base)),
-    };
+    let base = delta
+        .as_ref()
+        .ok()
+        .map(|_| w_base.t().and_then(|wt| x.matmul(&wt)));
     side_join(dev)?;
-    if first {
-        base_gemm::base_join(dev)?;
-    }
     drop(op); // the scratch, now that the side stream is done with it
     base.expect("present when delta is Ok. This is a bug.")?
         .add(&delta?)

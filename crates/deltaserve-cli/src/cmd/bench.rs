@@ -290,9 +290,6 @@ fn kernels(args: KernelArgs) -> Result<()> {
                 // A decode step of one linear layer: base GEMV for the whole batch + delta part.
                 let bsets = dense.len();
                 base_us = Some(clock.time(iters, bsets, |i| {
-                    #[cfg(feature = "cuda")]
-                    let _y = deltaserve_kernels::cuda::base_product(&x, &dense[i % bsets])?;
-                    #[cfg(not(feature = "cuda"))]
                     let _y = x.matmul(&dense[i % bsets].t()?)?;
                     Ok(())
                 })?);
