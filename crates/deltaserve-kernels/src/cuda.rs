@@ -1223,6 +1223,16 @@ pub const OVERLAP_MAX_TENANTS: usize = 16;
 /// BENCHMARKS.md, fifth pass), so run together they share the memory system instead of
 /// taking turns. The delta product is rounded to bf16 before the add (one more rounding than the
 /// fused store of [`crate::tenant_delta_matmul_add`], `2⁻⁹` of the delta term). bf16 `x` on CUDA.
+///
+/// The base product stays candle's matmul (cuBLAS). On the H100 at 4096x4096, 32 rows of 8
+/// tenants (BENCHMARKS.md, ninth pass), no other base product made this step faster: the 8
+/// cuBLASLt heuristic algorithms, `CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET` 64-112, the transposed
+/// call `(W · xᵀ)ᵀ`, the base issued first on a stream of its own, and the fused kernel run with
+/// no delta at 1-8 warps per block (which leaves room on each SM for the delta's blocks) measured
+/// 30.1-64.2 µs against 30.1-30.3 µs, equal within noise at best. The likely reason (not
+/// profiled): the delta product is latency-bound, and a base product that keeps DRAM busy beside
+/// it lengthens exactly the waits that bound it. So the 4096x4096 32x8 step has to get faster
+/// from the delta's side.
 pub(crate) fn delta_linear_overlapped(
     x: &Tensor,
     w_base: &Tensor,
