@@ -471,6 +471,16 @@ fn forward<T: CudaDType + DeviceRepr>(
             scratch = forward_int8(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
             return Ok((y, scratch));
         }
+        if path == Bf16Path::TensorCore
+            && k11_env("DS_K11_FOLD") > 0
+            && tables
+                .iter()
+                .all(|t| aligned(t) && t.max_group_rows() <= 8)
+        {
+            let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
+            forward_folded(dev, xv_ptr, n, k, tables, base, y_ptr, on)?;
+            return Ok((y, scratch));
+        }
         let (xp, corr, kp) = prep(dev, view_ptr(&xv, dev), m, k, on)?;
         let (xp_ptr, corr_ptr, y_ptr) = (
             slice_ptr(&xp, dev),
@@ -576,6 +586,92 @@ fn forward<T: CudaDType + DeviceRepr>(
     Ok((y, scratch))
 }
 
+/// An experiment switch of this pass (0 when unset).
+fn k11_env(name: &str) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The bf16 product with the prep folded in (`ds_tcx_bf16_*`): every group of `tables` has at
+/// most 8 rows, sign rows are 16-byte aligned. `x` and `y` are device addresses of (m, k) and
+/// (m, n) bf16.
+#[allow(clippy::too_many_arguments)]
+fn forward_folded(
+    dev: &CudaDevice,
+    x: u64,
+    n: usize,
+    k: usize,
+    tables: &[GroupTable],
+    base: u64,
+    y: u64,
+    on: On,
+) -> candle_core::Result<()> {
+    let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
+    let (n_i, k_i, kp_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(kp, "padded K")?);
+    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
+    let xsuf = if k.is_multiple_of(8) && x.is_multiple_of(16) {
+        "v"
+    } else {
+        "s"
+    };
+    let sms = multiprocessors(dev);
+    for table in tables {
+        let groups = table.n_groups as usize;
+        let (mut tiles, blocks) = feature_tiles(groups, n, 1, sms);
+        if tiles == 4 && k <= 4096 && n >= 8192 {
+            tiles = 2;
+        }
+        let blocks = if tiles == 2 { groups * n.div_ceil(32) } else { blocks };
+        let side_w2 = matches!(on, On::Side) && groups > 1 && n < 8192;
+        let mut nw = if side_w2 {
+            tiles = 2;
+            2
+        } else if blocks < 2 * sms {
+            8
+        } else {
+            4
+        };
+        match k11_env("DS_K11_T") {
+            t @ (1 | 2 | 4) => tiles = t,
+            _ => {}
+        }
+        match k11_env(if matches!(on, On::Side) { "DS_K11_NWS" } else { "DS_K11_NW" }) {
+            w @ (2 | 4 | 8) => nw = w,
+            _ => {}
+        }
+        let mut args = Args::default();
+        args.arg(table)
+            .arg(&x)
+            .arg(&base)
+            .arg(&y)
+            .arg(&n_i)
+            .arg(&w_i)
+            .arg(&kp_i)
+            .arg(&k_i);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
+            block_dim: (32 * nw as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
+        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; `_v`: k % 8 == 0 and x
+        // 16-byte aligned; base is 0 or m * n bf16.
+        unsafe {
+            launch(
+                dev,
+                &format!("ds_tcx_bf16_t{tiles}_w{nw}_{xsuf}"),
+                cfg,
+                &mut args,
+                on,
+                false,
+            )
+        }?;
+    }
+    Ok(())
+}
+
 /// The widest feature tile (1, 2 or 4 tiles of 16 features per warp, with `rt * tiles <= 8` row
 /// tiles x feature tiles of accumulators) that still gives every SM two blocks, and the grid's
 /// block count.
@@ -626,13 +722,23 @@ fn forward_int8(
         .arg(&rscale_ptr)
         .arg(&k_i)
         .arg(&kp_i);
+    let split = k11_env("DS_K11_I8P") > 0;
     let cfg = LaunchConfig {
-        grid_dim: (to_u32(m)?, 1, 1),
+        grid_dim: (
+            to_u32(m)?,
+            if split { to_u32(kp.div_ceil(1024))? } else { 1 },
+            1,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    let prep_name = if split {
+        "ds_prepi8s_bf16"
+    } else {
+        "ds_prepi8_bf16"
+    };
     // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values.
-    unsafe { launch(dev, "ds_prepi8_bf16", cfg, &mut args, on, false) }?;
+    unsafe { launch(dev, prep_name, cfg, &mut args, on, false) }?;
     let sms = multiprocessors(dev);
     for table in tables {
         // Two rows per n-tile (three digit columns and a zero one each).
