@@ -465,7 +465,11 @@ fn forward<T: CudaDType + DeviceRepr>(
             && k < INT8_MAX_K
             && tables
                 .iter()
-                .all(|t| aligned(t) && t.max_delta_group_rows() <= INT8_MAX_GROUP_ROWS)
+                .all(|t| {
+                    aligned(t)
+                        && t.max_delta_group_rows()
+                            <= INT8_MAX_GROUP_ROWS.max(k11_env("DS_K11_I8ROWS").min(8))
+                })
         {
             let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
             scratch = forward_int8(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
@@ -751,13 +755,36 @@ fn forward_int8(
         // Few blocks: 8 warps split K. Otherwise 4, or, for one-row groups whose 512-column chunks
         // 4 warps would split unevenly (K = 11008: 22 chunks), 2 (`ds_tci8_bf16_t4_r1_w2`, the
         // eighth pass: 100.0 -> 91.5 us at 4096x11008, 32 rows x 32 tenants).
-        let nw = if blocks < 2 * sms {
-            8
+        let (mut tiles, mut nw) = if blocks < 2 * sms {
+            (tiles, 8)
         } else if tiles == 4 && rt2 == 1 && !(kp / TC_CHUNK).is_multiple_of(4) {
-            2
+            (tiles, 2)
         } else {
-            4
+            (tiles, 4)
         };
+        let mut suffix = "";
+        if k11_env("DS_K11_B6") > 0 && tiles == 4 && rt2 == 1 && nw == 4 && table.n_groups > 8 {
+            suffix = "_b6";
+        }
+        if k11_env("DS_K11_I8SIDE") > 0
+            && matches!(on, On::Side)
+            && table.n_groups > 1
+            && n < 8192
+            && rt2 <= 2
+        {
+            tiles = 2;
+            nw = 2;
+        }
+        if rt2 == 2 && !matches!(on, On::Side) {
+            match k11_env("DS_K11_I8T") {
+                t @ (1 | 2 | 4) => tiles = t,
+                _ => {}
+            }
+            match k11_env("DS_K11_I8NW") {
+                w @ (4 | 8) => nw = w,
+                _ => {}
+            }
+        }
         let mut args = Args::default();
         args.arg(table)
             .arg(&xi8_ptr)
@@ -770,7 +797,7 @@ fn forward_int8(
             .arg(&kp_i);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
-            block_dim: (32 * nw, 1, 1),
+            block_dim: (32 * nw as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
@@ -779,7 +806,7 @@ fn forward_int8(
         unsafe {
             launch(
                 dev,
-                &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}"),
+                &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}{suffix}"),
                 cfg,
                 &mut args,
                 on,

@@ -918,6 +918,15 @@ DS_TCI8_KERNELS(2, 1)
 DS_TCI8_KERNEL_X(4, 1, 4, 5, 0)
 DS_TCI8_KERNEL(4, 1, 8)
 DS_TCI8_KERNEL_X(4, 1, 2, 1, 1)
+// K11 experiments: 6 blocks per SM for many-group launches; 2 tiles x 2 warps for the side stream.
+extern "C" __global__ void __launch_bounds__(128, 6) ds_tci8_bf16_t4_r1_w4_b6(
+    const GroupTable tab, const uint32_t* __restrict__ xi8, const double* __restrict__ xsum,
+    const double* __restrict__ rscale, const __nv_bfloat16* __restrict__ base,
+    __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {
+    ds_tci8_body<4, 1, 4, 0>(tab, xi8, xsum, rscale, base, y, N, W, Kp);
+}
+DS_TCI8_KERNEL(2, 2, 2)
+DS_TCI8_KERNEL(2, 1, 2)
 DS_TCI8_KERNELS(1, 2)
 DS_TCI8_KERNELS(2, 2)
 DS_TCI8_KERNELS(4, 2)
