@@ -465,24 +465,10 @@ fn forward<T: CudaDType + DeviceRepr>(
             && k < INT8_MAX_K
             && tables
                 .iter()
-                .all(|t| {
-                    aligned(t)
-                        && t.max_delta_group_rows()
-                            <= INT8_MAX_GROUP_ROWS.max(k11_env("DS_K11_I8ROWS").min(8))
-                })
+                .all(|t| aligned(t) && t.max_delta_group_rows() <= INT8_MAX_GROUP_ROWS)
         {
             let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
             scratch = forward_int8(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
-            return Ok((y, scratch));
-        }
-        if path == Bf16Path::TensorCore
-            && k11_env("DS_K11_FOLD") > 0
-            && tables
-                .iter()
-                .all(|t| aligned(t) && t.max_group_rows() <= 8)
-        {
-            let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
-            forward_folded(dev, xv_ptr, n, k, tables, base, y_ptr, on)?;
             return Ok((y, scratch));
         }
         let (xp, corr, kp) = prep(dev, view_ptr(&xv, dev), m, k, on)?;
@@ -536,6 +522,12 @@ fn forward<T: CudaDType + DeviceRepr>(
             } else {
                 ("v", 128)
             };
+            let bpf = match k11_env("DS_K11_BPF") {
+                1 if rt == 1 && suffix != "s" => "p",
+                2 if rt == 1 && suffix != "s" => "q",
+                3 if rt == 1 && suffix != "s" => "pq",
+                _ => "",
+            };
             let mut args = Args::default();
             args.arg(table)
                 .arg(&xp_ptr)
@@ -556,7 +548,7 @@ fn forward<T: CudaDType + DeviceRepr>(
             unsafe {
                 launch(
                     dev,
-                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}"),
+                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}{bpf}"),
                     cfg,
                     &mut args,
                     on,
@@ -596,84 +588,6 @@ fn k11_env(name: &str) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// The bf16 product with the prep folded in (`ds_tcx_bf16_*`): every group of `tables` has at
-/// most 8 rows, sign rows are 16-byte aligned. `x` and `y` are device addresses of (m, k) and
-/// (m, n) bf16.
-#[allow(clippy::too_many_arguments)]
-fn forward_folded(
-    dev: &CudaDevice,
-    x: u64,
-    n: usize,
-    k: usize,
-    tables: &[GroupTable],
-    base: u64,
-    y: u64,
-    on: On,
-) -> candle_core::Result<()> {
-    let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
-    let (n_i, k_i, kp_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(kp, "padded K")?);
-    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
-    let xsuf = if k.is_multiple_of(8) && x.is_multiple_of(16) {
-        "v"
-    } else {
-        "s"
-    };
-    let sms = multiprocessors(dev);
-    for table in tables {
-        let groups = table.n_groups as usize;
-        let (mut tiles, blocks) = feature_tiles(groups, n, 1, sms);
-        if tiles == 4 && k <= 4096 && n >= 8192 {
-            tiles = 2;
-        }
-        let blocks = if tiles == 2 { groups * n.div_ceil(32) } else { blocks };
-        let side_w2 = matches!(on, On::Side) && groups > 1 && n < 8192;
-        let mut nw = if side_w2 {
-            tiles = 2;
-            2
-        } else if blocks < 2 * sms {
-            8
-        } else {
-            4
-        };
-        match k11_env("DS_K11_T") {
-            t @ (1 | 2 | 4) => tiles = t,
-            _ => {}
-        }
-        match k11_env(if matches!(on, On::Side) { "DS_K11_NWS" } else { "DS_K11_NW" }) {
-            w @ (2 | 4 | 8) => nw = w,
-            _ => {}
-        }
-        let mut args = Args::default();
-        args.arg(table)
-            .arg(&x)
-            .arg(&base)
-            .arg(&y)
-            .arg(&n_i)
-            .arg(&w_i)
-            .arg(&kp_i)
-            .arg(&k_i);
-        let cfg = LaunchConfig {
-            grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
-            block_dim: (32 * nw as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
-        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; `_v`: k % 8 == 0 and x
-        // 16-byte aligned; base is 0 or m * n bf16.
-        unsafe {
-            launch(
-                dev,
-                &format!("ds_tcx_bf16_t{tiles}_w{nw}_{xsuf}"),
-                cfg,
-                &mut args,
-                on,
-                false,
-            )
-        }?;
-    }
-    Ok(())
 }
 
 /// The widest feature tile (1, 2 or 4 tiles of 16 features per warp, with `rt * tiles <= 8` row
@@ -726,23 +640,13 @@ fn forward_int8(
         .arg(&rscale_ptr)
         .arg(&k_i)
         .arg(&kp_i);
-    let split = k11_env("DS_K11_I8P") > 0;
     let cfg = LaunchConfig {
-        grid_dim: (
-            to_u32(m)?,
-            if split { to_u32(kp.div_ceil(1024))? } else { 1 },
-            1,
-        ),
+        grid_dim: (to_u32(m)?, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let prep_name = if split {
-        "ds_prepi8s_bf16"
-    } else {
-        "ds_prepi8_bf16"
-    };
     // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values.
-    unsafe { launch(dev, prep_name, cfg, &mut args, on, false) }?;
+    unsafe { launch(dev, "ds_prepi8_bf16", cfg, &mut args, on, false) }?;
     let sms = multiprocessors(dev);
     for table in tables {
         // Two rows per n-tile (three digit columns and a zero one each).
@@ -755,36 +659,21 @@ fn forward_int8(
         // Few blocks: 8 warps split K. Otherwise 4, or, for one-row groups whose 512-column chunks
         // 4 warps would split unevenly (K = 11008: 22 chunks), 2 (`ds_tci8_bf16_t4_r1_w2`, the
         // eighth pass: 100.0 -> 91.5 us at 4096x11008, 32 rows x 32 tenants).
-        let (mut tiles, mut nw) = if blocks < 2 * sms {
-            (tiles, 8)
+        let nw = if blocks < 2 * sms {
+            8
         } else if tiles == 4 && rt2 == 1 && !(kp / TC_CHUNK).is_multiple_of(4) {
-            (tiles, 2)
+            2
         } else {
-            (tiles, 4)
+            4
         };
-        let mut suffix = "";
-        if k11_env("DS_K11_B6") > 0 && tiles == 4 && rt2 == 1 && nw == 4 && table.n_groups > 8 {
-            suffix = "_b6";
-        }
-        if k11_env("DS_K11_I8SIDE") > 0
-            && matches!(on, On::Side)
-            && table.n_groups > 1
-            && n < 8192
-            && rt2 <= 2
-        {
-            tiles = 2;
-            nw = 2;
-        }
-        if rt2 == 2 && !matches!(on, On::Side) {
-            match k11_env("DS_K11_I8T") {
-                t @ (1 | 2 | 4) => tiles = t,
-                _ => {}
-            }
-            match k11_env("DS_K11_I8NW") {
-                w @ (4 | 8) => nw = w,
-                _ => {}
-            }
-        }
+        // More than 8 one-row groups on 4 warps: the 6-blocks-per-SM form
+        // (`ds_tci8_bf16_t4_r1_w4_b6`; the ninth pass: 4096x4096 32 rows x 32 tenants 36.4 -> 35.4
+        // us). 8 groups (8 rows x 8 tenants) keep 5 blocks per SM, where K9 measured 6 slower.
+        let suffix = if tiles == 4 && rt2 == 1 && nw == 4 && table.n_groups > 8 {
+            "_b6"
+        } else {
+            ""
+        };
         let mut args = Args::default();
         args.arg(table)
             .arg(&xi8_ptr)
@@ -797,7 +686,7 @@ fn forward_int8(
             .arg(&kp_i);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
-            block_dim: (32 * nw as u32, 1, 1),
+            block_dim: (32 * nw, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,

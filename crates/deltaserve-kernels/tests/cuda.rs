@@ -424,13 +424,13 @@ fn int8_and_bf16_decode_kernels_match_reference() {
     );
 }
 
-/// Decode groups of 3-8 rows on the default path, where the bf16 product forms its B fragments
-/// from x itself (`ds_tcx_bf16_*`, no prep kernel): 16-byte x loads (K % 8 == 0) and 2-byte ones
-/// (K = 4091, 3050, 1000 + 2 and a misaligned x view), 1, 2 and 4 feature tiles with 8 or 4
-/// warps, groups of exactly 8 rows, base-only rows in their own group, awkward N, and the
+/// Decode groups of 3-8 rows on the default path (the bf16 kernel with one row tile: `x` through
+/// `ds_prep_bf16`'s xp, whose B-fragment loads run ahead of their mma, ninth pass): K % 8 == 0 and
+/// not (4091, 3050, 1002), x starting one element into its buffer, 1, 2 and 4 feature tiles with
+/// 8 or 4 warps, groups of exactly 8 rows, base-only rows in their own group, awkward N, and the
 /// `+ base` store; each against the f64 reference.
 #[test]
-fn folded_prep_decode_kernels_match_reference() {
+fn decode_groups_of_3_to_8_rows_match_reference() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(12);
     // (rows, features, K, tenants); rows r % 5 == 4 stay on the base unless tenants = 4.

@@ -204,60 +204,6 @@ __device__ __forceinline__ void ds_load4(const uint32_t* __restrict__ row, int w
     }
 }
 
-// Folded prep (the `ds_tcx_bf16_*` kernels): the B fragments of one word's 32 columns of a row of
-// x formed in registers from x itself, as ds_prep_bf16 forms xp: register r (b[r / 2][r % 2])
-// holds (alpha x[a(r)], alpha x[a(r) + 16]) of columns 32 wi .. 32 wi + 31 (k0 = 32 wi), zeros
-// past K. XV: K % 8 == 0 and 16-byte aligned rows (four 16-byte loads); else 2-byte loads.
-// One PRMT and one bf16x2 multiply per register (alpha is a power of two or -1, so exact).
-__device__ __forceinline__ uint32_t ds_mul_bf16x2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-// Two bf16 copies of 2^e.
-__device__ __forceinline__ constexpr uint32_t ds_pow2_bf16x2(int e) {
-    return ((uint32_t)(127 + e) << 7) * 0x00010001u;
-}
-// The column a (0..15) of a word that register r of the unpacking reads (ds_unpack).
-__device__ __forceinline__ constexpr int ds_reg_col(int r) { return r < 8 ? r : (r == 8 ? 15 : r - 1); }
-// alpha(a) of the header as two bf16 copies: 2^(8-a) (a < 7), 4 (a = 7), -1 (a = 15), 2^(16-a).
-__device__ __forceinline__ constexpr uint32_t ds_alpha_bf16x2(int a) {
-    return a < 7 ? ds_pow2_bf16x2(8 - a)
-                 : (a == 7 ? ds_pow2_bf16x2(2) : (a == 15 ? 0xBF80BF80u : ds_pow2_bf16x2(16 - a)));
-}
-// 1 / alpha(a), two bf16 copies (for the correction mma, ds_tc_bf16_body).
-__device__ __forceinline__ constexpr uint32_t ds_inv_alpha_bf16x2(int a) {
-    return a < 7 ? ds_pow2_bf16x2(a - 8)
-                 : (a == 7 ? ds_pow2_bf16x2(-2) : (a == 15 ? 0xBF80BF80u : ds_pow2_bf16x2(a - 16)));
-}
-template <bool XV>
-__device__ __forceinline__ void ds_xfrag(const __nv_bfloat16* __restrict__ xr, int k0, int K,
-                                         uint32_t (&b)[8][2]) {
-    uint32_t u[16];  // u[i]: columns k0 + 2 i (low half), k0 + 2 i + 1
-    if (XV) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (k0 + 8 * q < K) v = __ldg(reinterpret_cast<const uint4*>(xr + k0) + q);
-            u[4 * q] = v.x; u[4 * q + 1] = v.y; u[4 * q + 2] = v.z; u[4 * q + 3] = v.w;
-        }
-    } else {
-        const unsigned short* xs = reinterpret_cast<const unsigned short*>(xr);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const uint32_t lo = k0 + 2 * i < K ? __ldg(xs + k0 + 2 * i) : 0u;
-            const uint32_t hi = k0 + 2 * i + 1 < K ? __ldg(xs + k0 + 2 * i + 1) : 0u;
-            u[i] = lo | (hi << 16);
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-        const int a = ds_reg_col(r);
-        const uint32_t pair = __byte_perm(u[a >> 1], u[8 + (a >> 1)], (a & 1) ? 0x7632 : 0x5410);
-        b[r >> 1][r & 1] = ds_mul_bf16x2(pair, ds_alpha_bf16x2(a));
-    }
-}
-
 // Block: NW warps splitting K (warp w takes 512-column chunks w, w + NW, ...), each warp T tiles
 // of 16 output features and RT tiles of 8 rows of x; the NW partial sums meet in shared memory.
 // NW = 8 (`_w8` kernels) halves each warp's serial chain of chunks (HBM latency + compute) and
@@ -272,16 +218,14 @@ __device__ __forceinline__ void ds_xfrag(const __nv_bfloat16* __restrict__ xr, i
 // overlapped; unconditional loads moved to ~65% (still not the top: ptxas sinks them to save
 // registers). On full grids the guarded NW = 4 kernel was as fast or faster (fewer registers,
 // more blocks per SM), so it stays there.
-// XF (the `ds_tcx_bf16_*` kernels, no prep kernel before them): 1 or 2 = the B fragments come
-// from x ((M, K) bf16, rows gathered through the table) by ds_xfrag<XF == 1>, and corr from one
-// more mma per k-step whose A is constant (see the comment at cacc); xp and corr_part unused.
-template <int T, int RT, bool VEC, int NW, bool CLAMP, int XF = 0>
+// BPF: the B fragments (xp, from L2) of the next 128-column step are loaded while this one is
+// computed, instead of just before their mma.
+template <int T, int RT, bool VEC, int NW, bool CLAMP, int BPF = 0>
 __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
                                                 const float* __restrict__ corr_part,
                                                 const __nv_bfloat16* __restrict__ base,
                                                 __nv_bfloat16* __restrict__ y, int N, int W,
-                                                int Kp, const __nv_bfloat16* __restrict__ x = nullptr,
-                                                int K = 0) {
+                                                int Kp) {
     const int grp = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -311,25 +255,13 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
     }
     const int row_u4 = Kp / 8;  // uint4 per row of xp
     const uint4* brow[RT];
-    const __nv_bfloat16* xrow[RT];
     bool bact[RT];
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
         const int j = 8 * rt + g;
         bact[rt] = j < R;
-        const int row = bact[rt] ? group_row(tab, rb, j) : 0;
-        if (XF) xrow[rt] = x + (size_t)row * K;
-        else brow[rt] = xp + (size_t)row * row_u4;
+        brow[rt] = xp + (size_t)(bact[rt] ? group_row(tab, rb, j) : 0) * row_u4;
     }
-    // XF: corr of the group's rows from the B fragments themselves. With v0(a) the value a clear
-    // bit unpacks to (1, or 0.5 at a = 7), beta = alpha v0 + 1, so corr = sum xp v0 + sum xp /
-    // alpha: one mma whose A rows 0..7 hold v0 and rows 8..15 1 / alpha (both constants, exact
-    // bf16) gives, per row j of x, sum xp v0 in accumulators 0, 1 and sum x in 2, 3 (f32).
-    float cacc[RT][4];
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) cacc[rt][q] = 0.f;
 
     float acc[T][RT][4];
 #pragma unroll
@@ -363,13 +295,47 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
     ds_wait_prerequisite();  // xp and corr_part come from ds_prep_bf16
     // corr of each row of the group: the sum of its SC partial sums (read before the loop, used
     // after the barrier below).
-    __shared__ float corr_s[XF ? 1 : DS_GROUP_ROWS];
-    if (!XF && (int)threadIdx.x < R) {
+    __shared__ float corr_s[DS_GROUP_ROWS];
+    if ((int)threadIdx.x < R) {
         const float* part = corr_part + (size_t)group_row(tab, rb, threadIdx.x) * SC;
         double total = 0.0;
         for (int i = 0; i < SC; ++i) total += (double)part[i];
         corr_s[threadIdx.x] = (float)total;
     }
+
+    // BPF: bq holds the B fragments of step (sc, c), loaded one step ahead. The loads are
+    // unconditional (a guarded load is scheduled late, see CLAMP): rows past the group read row 0
+    // of xp (brow) into mma columns whose outputs are never stored, and past the warp's last chunk
+    // the index is clamped into the row and the values are never used.
+    auto load_b = [&](int sc, int c, uint32_t (&dst)[RT][4][4]) {
+        const int scc = min(sc, SC - 1);
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) {
+                const uint4 v = __ldg(brow[rt] + ((scc * 4 + c) * 4 + sp) * 4 + t);
+                dst[rt][sp][0] = v.x; dst[rt][sp][1] = v.y; dst[rt][sp][2] = v.z; dst[rt][sp][3] = v.w;
+            }
+    };
+    // BPF & 2: each chunk's B fragments (per row of the group 1 KB, 8 lines) are sent to L1 one
+    // chunk ahead (the current one before the loop), so the loads just before their mma hit L1.
+    auto prefetch_b = [&](int sc) {
+        if (sc < SC) {
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt)
+                if (bact[rt]) {
+                    const uint4* p = brow[rt] + sc * 64 + 16 * t;
+                    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+                    asm volatile("prefetch.global.L1 [%0];" ::"l"(p + 8));
+                }
+        }
+    };
+    if (BPF & 2) {
+        prefetch_b(warp);
+        prefetch_b(warp + NW);
+    }
+    uint32_t bq[RT][4][4];
+    if (BPF & 1) load_b(warp, 0, bq);
 
     for (int sc = warp; sc < SC; sc += NW) {
         // Ask L2 for the words two chunks ahead (no registers held), then load the next chunk's
@@ -383,24 +349,26 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         }
         uint32_t an[T][2][4];
         load(sc + NW, an);
+        if (BPF & 2) prefetch_b(sc + 2 * NW);
 
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             uint32_t b[RT][8][2];
+            if (BPF & 1) {
 #pragma unroll
-            for (int rt = 0; rt < RT; ++rt) {
-                if (XF) {
-                    // Columns of rows past the group are zeros (a K of 0 skips their loads).
-                    ds_xfrag<XF == 1>(xrow[rt], 32 * (16 * sc + 4 * t + c), bact[rt] ? K : 0,
-                                      b[rt]);
-                    // Register 2 s + 1 = 7 (s = 3) is the one whose clear bit unpacks to 0.5.
+                for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-                    for (int s = 0; s < 8; ++s)
-                        ds_mma_bf16(cacc[rt], one, ds_inv_alpha_bf16x2(ds_reg_col(2 * s)),
-                                    s == 3 ? half : one,
-                                    ds_inv_alpha_bf16x2(ds_reg_col(2 * s + 1)), b[rt][s][0],
-                                    b[rt][s][1]);
-                } else {
+                    for (int sp = 0; sp < 4; ++sp) {
+                        b[rt][2 * sp][0] = bq[rt][sp][0];
+                        b[rt][2 * sp][1] = bq[rt][sp][1];
+                        b[rt][2 * sp + 1][0] = bq[rt][sp][2];
+                        b[rt][2 * sp + 1][1] = bq[rt][sp][3];
+                    }
+                if (c < 3) load_b(sc, c + 1, bq);
+                else load_b(sc + NW, 0, bq);
+            } else {
+#pragma unroll
+                for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
                     for (int sp = 0; sp < 4; ++sp) {
                         uint4 v = make_uint4(0, 0, 0, 0);
@@ -437,8 +405,7 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
     }
 
     // Split-K reduction: warps 1..NW-1 hand their partial sums to warp 0.
-    // (XF: cacc rides along as tile T.)
-    __shared__ float red[NW - 1][T + (XF ? 1 : 0)][RT][4][32];
+    __shared__ float red[NW - 1][T][RT][4][32];
     if (warp > 0) {
 #pragma unroll
         for (int i = 0; i < T; ++i)
@@ -446,24 +413,10 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
             for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
                 for (int q = 0; q < 4; ++q) red[warp - 1][i][rt][q][lane] = acc[i][rt][q];
-        if (XF) {
-#pragma unroll
-            for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) red[warp - 1][XF ? T : 0][rt][q][lane] = cacc[rt][q];
-        }
     }
     __syncthreads();
     if (warp != 0) return;
     const float scale = tab.scale[grp];
-    if (XF) {
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q)
-#pragma unroll
-                for (int w = 0; w < NW - 1; ++w) cacc[rt][q] += red[w][XF ? T : 0][rt][q][lane];
-    }
 #pragma unroll
     for (int i = 0; i < T; ++i) {
 #pragma unroll
@@ -478,10 +431,7 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
                 const int j = 8 * rt + 2 * t + (q & 1);
                 if (n < N && j < R) {
                     const size_t o = (size_t)group_row(tab, rb, j) * N + n;
-                    // XF: the same columns 2t, 2t+1 of cacc: sum xp v0 (q & 1) + sum x (2 + q & 1).
-                    const float corr =
-                        XF ? cacc[rt][q & 1] + cacc[rt][2 + (q & 1)] : corr_s[XF ? 0 : j];
-                    float out = scale * (v - corr);
+                    float out = scale * (v - corr_s[j]);
                     if (base) out += __bfloat162float(base[o]);
                     y[o] = __float2bfloat16(out);
                 }
@@ -496,6 +446,13 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
         int Kp) {                                                                               \
         ds_tc_bf16_body<T, RT, VEC, NW, CLAMP>(tab, xp, corr, base, y, N, W, Kp);               \
+    }
+#define DS_TC_KERNEL_BPF(T, RT, SUF, VEC, NW, CLAMP, BPF, MINB)                                 \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) ds_tc_bf16_t##T##_r##RT##_##SUF( \
+        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
+        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
+        int Kp) {                                                                               \
+        ds_tc_bf16_body<T, RT, VEC, NW, CLAMP, BPF>(tab, xp, corr, base, y, N, W, Kp);          \
     }
 #define DS_TC_KERNEL(T, RT)                                                                     \
     DS_TC_KERNEL1(T, RT, v, true, 4, false)                                                     \
@@ -518,30 +475,21 @@ DS_TC_KERNEL(2, 4)
 // memory) are many small pieces that fill those SMs more evenly than 128-thread blocks of 4
 // tiles (BENCHMARKS.md, seventh pass: 4096x11008 32 rows x 8 tenants 70.6 against 73.7 us).
 DS_TC_KERNEL1(2, 1, w2, true, 2, false)
-
-// The same with the prep folded in (XF, ds_tc_bf16_body): one launch and no xp round trip for
-// decode groups of at most 8 rows; `_v`: K % 8 == 0 (16-byte x loads), `_s`: any K. Sign rows
-// 16-byte aligned (VEC).
-// MINB: __launch_bounds__'s minimum blocks per SM (a register cap).
-#define DS_TCX_KERNEL1(T, NW, CLAMP, MINB, XF, SUF)                                             \
-    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) ds_tcx_bf16_t##T##_w##NW##_##SUF( \
-        const GroupTable tab, const __nv_bfloat16* __restrict__ x,                              \
-        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
-        int Kp, int K) {                                                                        \
-        ds_tc_bf16_body<T, 1, true, NW, CLAMP, XF>(tab, nullptr, nullptr, base, y, N, W, Kp, x, \
-                                                   K);                                          \
-    }
-#define DS_TCX_KERNEL(T, NW, CLAMP, MINB)                                                       \
-    DS_TCX_KERNEL1(T, NW, CLAMP, MINB, 1, v) DS_TCX_KERNEL1(T, NW, CLAMP, MINB, 2, s)
-DS_TCX_KERNEL(1, 4, false, 1)
-DS_TCX_KERNEL(2, 4, false, 4)
-DS_TCX_KERNEL(4, 4, false, 4)
-DS_TCX_KERNEL(1, 8, true, 1)
-DS_TCX_KERNEL(2, 8, true, 2)
-DS_TCX_KERNEL(4, 8, true, 1)
-DS_TCX_KERNEL(1, 2, false, 1)
-DS_TCX_KERNEL(2, 2, false, 8)
-DS_TCX_KERNEL(4, 2, false, 8)
+// K11 experiment (DS_K11_BPF = 1, 2, 3: suffix p, q, pq): B fragments one step ahead in
+// registers (1), one chunk ahead in L1 (2), both (3).
+#define DS_TC_KERNELS_BPF(T, BPF, P)                                                            \
+    DS_TC_KERNEL_BPF(T, 1, v##P, true, 4, false, BPF, 4)                                        \
+    DS_TC_KERNEL_BPF(T, 1, w8##P, true, 8, true, BPF, 2)                                        \
+    DS_TC_KERNEL_BPF(T, 1, w2##P, true, 2, false, BPF, 8)
+DS_TC_KERNELS_BPF(1, 1, p)
+DS_TC_KERNELS_BPF(2, 1, p)
+DS_TC_KERNELS_BPF(4, 1, p)
+DS_TC_KERNELS_BPF(1, 2, q)
+DS_TC_KERNELS_BPF(2, 2, q)
+DS_TC_KERNELS_BPF(4, 2, q)
+DS_TC_KERNELS_BPF(1, 3, pq)
+DS_TC_KERNELS_BPF(2, 3, pq)
+DS_TC_KERNELS_BPF(4, 3, pq)
 
 // ---------------------------------------------------------------------------------------------
 // cp.async helpers (the fused layer's per-warp ring).
@@ -635,70 +583,6 @@ extern "C" __global__ void __launch_bounds__(256) ds_prepi8_bf16(const __nv_bflo
 #pragma unroll
         for (int i = 0; i < 3; ++i) xi8[((size_t)row * 3 + i) * regs + q] = d[i];
     }
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if ((tid & 31) == 0) red_s[tid >> 5] = sum;
-    __syncthreads();
-    if (tid == 0) {
-        double total = 0.0;
-        for (int i = 0; i < 8; ++i) total += red_s[i];
-        xsum[row] = total;
-        rscale[row] = ldexp(1.0, -E);
-    }
-}
-
-// The same output from a grid of (row, slice) blocks: block (row, y) writes the 256 registers
-// q = 256 y .. 256 y + 255 of each plane (one per thread). Every block finds the row's largest
-// |x| itself (the row is 8-22 KB, read from L2), so no second pass or atomic is needed; block
-// y = 0 also sums the rounded row for xsum (exact in f64 in any order: multiples of 2^-E, below
-// 2^15 of them each, fewer than 2^17 terms).
-extern "C" __global__ void __launch_bounds__(256) ds_prepi8s_bf16(const __nv_bfloat16* __restrict__ x,
-                                                                  uint32_t* __restrict__ xi8,
-                                                                  double* __restrict__ xsum,
-                                                                  double* __restrict__ rscale,
-                                                                  int K, int Kp) {
-    const int row = blockIdx.x, tid = threadIdx.x;
-    ds_launch_dependents();
-    const __nv_bfloat16* xr = x + (size_t)row * K;
-    __shared__ float red_m[8];
-    __shared__ double red_s[8];
-    float m = 0.f;
-#pragma unroll 4
-    for (int k = tid; k < K; k += 256) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if ((tid & 31) == 0) red_m[tid >> 5] = m;
-    __syncthreads();
-    m = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) m = fmaxf(m, red_m[i]);
-    int em = 0;
-    if (m > 0.f) frexpf(m, &em);
-    const int E = m > 0.f ? 15 - em : 0;
-    const int regs = Kp / 4;
-    const int q = blockIdx.y * 256 + tid;
-    if (q < regs) {
-        const int h = q & 1, s = (q >> 1) & 3, t = (q >> 3) & 3, c = (q >> 5) & 3, sc = q >> 7;
-        const int wi = 16 * sc + 4 * t + c, p = 2 * s + h;
-        uint32_t d[3] = {0, 0, 0};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = 32 * wi + 8 * j + p;
-            const float xv = k < K ? __bfloat162float(xr[k]) : 0.f;
-            int v = __float2int_rn(ldexpf(xv, E)) * (1 << (7 - p));
-#pragma unroll
-            for (int i = 0; i < 3; ++i) {
-                const int di = (int)(int8_t)(v & 0xFF);
-                d[i] |= (uint32_t)(uint8_t)di << (8 * j);
-                v = (v - di) >> 8;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < 3; ++i) xi8[((size_t)row * 3 + i) * regs + q] = d[i];
-    }
-    if (blockIdx.y != 0) return;
-    double sum = 0.0;
-#pragma unroll 4
-    for (int k = tid; k < K; k += 256)
-        sum += ldexp((double)__float2int_rn(ldexpf(__bfloat162float(xr[k]), E)), -E);
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if ((tid & 31) == 0) red_s[tid >> 5] = sum;
     __syncthreads();
@@ -895,8 +779,9 @@ __device__ __forceinline__ void ds_tci8_body(const GroupTable& tab, const uint32
 
 // MINB: __launch_bounds__'s minimum blocks per SM; PF: see ds_tci8_body.
 #define DS_TCI8_KERNEL_X(T, RT2, NW, MINB, PF)                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                 \
-        ds_tci8_bf16_t##T##_r##RT2##_w##NW(                                                     \
+    DS_TCI8_KERNEL_NAMED(T, RT2, NW, MINB, PF, ds_tci8_bf16_t##T##_r##RT2##_w##NW)
+#define DS_TCI8_KERNEL_NAMED(T, RT2, NW, MINB, PF, NAME)                                        \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) NAME(                           \
             const GroupTable tab, const uint32_t* __restrict__ xi8,                             \
             const double* __restrict__ xsum, const double* __restrict__ rscale,                 \
             const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W, \
@@ -918,15 +803,11 @@ DS_TCI8_KERNELS(2, 1)
 DS_TCI8_KERNEL_X(4, 1, 4, 5, 0)
 DS_TCI8_KERNEL(4, 1, 8)
 DS_TCI8_KERNEL_X(4, 1, 2, 1, 1)
-// K11 experiments: 6 blocks per SM for many-group launches; 2 tiles x 2 warps for the side stream.
-extern "C" __global__ void __launch_bounds__(128, 6) ds_tci8_bf16_t4_r1_w4_b6(
-    const GroupTable tab, const uint32_t* __restrict__ xi8, const double* __restrict__ xsum,
-    const double* __restrict__ rscale, const __nv_bfloat16* __restrict__ base,
-    __nv_bfloat16* __restrict__ y, int N, int W, int Kp) {
-    ds_tci8_body<4, 1, 4, 0>(tab, xi8, xsum, rscale, base, y, N, W, Kp);
-}
-DS_TCI8_KERNEL(2, 2, 2)
-DS_TCI8_KERNEL(2, 1, 2)
+// 6 blocks per SM (at most 80 registers) for launches of more than 8 groups (32 rows x 32
+// tenants), where K9 measured it 1.2 us faster than 5 at 4096x4096 but slower at 8 x 8 (8
+// groups), which keeps `t4_r1_w4`. Measured on the H100 (BENCHMARKS.md, ninth pass, two processes
+// each): 4096x4096 36.4-36.5 -> 35.4 us, 11008x4096 82.3-82.9 -> 81.4-81.5 us.
+DS_TCI8_KERNEL_NAMED(4, 1, 4, 6, 0, ds_tci8_bf16_t4_r1_w4_b6)
 DS_TCI8_KERNELS(1, 2)
 DS_TCI8_KERNELS(2, 2)
 DS_TCI8_KERNELS(4, 2)
