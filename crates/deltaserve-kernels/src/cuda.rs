@@ -522,12 +522,6 @@ fn forward<T: CudaDType + DeviceRepr>(
             } else {
                 ("v", 128)
             };
-            let bpf = match k11_env("DS_K11_BPF") {
-                1 if rt == 1 && suffix != "s" => "p",
-                2 if rt == 1 && suffix != "s" => "q",
-                3 if rt == 1 && suffix != "s" => "pq",
-                _ => "",
-            };
             let mut args = Args::default();
             args.arg(table)
                 .arg(&xp_ptr)
@@ -548,7 +542,7 @@ fn forward<T: CudaDType + DeviceRepr>(
             unsafe {
                 launch(
                     dev,
-                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}{bpf}"),
+                    &format!("ds_tc_bf16_t{tiles}_r{rt}_{suffix}"),
                     cfg,
                     &mut args,
                     on,
@@ -580,14 +574,6 @@ fn forward<T: CudaDType + DeviceRepr>(
         }
     }
     Ok((y, scratch))
-}
-
-/// An experiment switch of this pass (0 when unset).
-fn k11_env(name: &str) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The widest feature tile (1, 2 or 4 tiles of 16 features per warp, with `rt * tiles <= 8` row
@@ -666,9 +652,9 @@ fn forward_int8(
         } else {
             4
         };
-        // More than 8 one-row groups on 4 warps: the 6-blocks-per-SM form
-        // (`ds_tci8_bf16_t4_r1_w4_b6`; the ninth pass: 4096x4096 32 rows x 32 tenants 36.4 -> 35.4
-        // us). 8 groups (8 rows x 8 tenants) keep 5 blocks per SM, where K9 measured 6 slower.
+        // More than 8 groups on that 4-warp kernel (32 rows x 32 tenants): its 6-blocks-per-SM
+        // form, `ds_tci8_bf16_t4_r1_w4_b6` (the ninth pass: 4096x4096 36.4 -> 35.4 us). 8 groups
+        // (8 rows x 8 tenants) keep 5 blocks per SM, where K9 measured 6 slower.
         let suffix = if tiles == 4 && rt2 == 1 && nw == 4 && table.n_groups > 8 {
             "_b6"
         } else {

@@ -424,11 +424,11 @@ fn int8_and_bf16_decode_kernels_match_reference() {
     );
 }
 
-/// Decode groups of 3-8 rows on the default path (the bf16 kernel with one row tile: `x` through
-/// `ds_prep_bf16`'s xp, whose B-fragment loads run ahead of their mma, ninth pass): K % 8 == 0 and
-/// not (4091, 3050, 1002), x starting one element into its buffer, 1, 2 and 4 feature tiles with
-/// 8 or 4 warps, groups of exactly 8 rows, base-only rows in their own group, awkward N, and the
-/// `+ base` store; each against the f64 reference.
+/// Decode groups of 3-8 rows on the default path (`ds_prep_bf16`, then the bf16 kernel with one
+/// row tile; the 32 rows x 8 tenants shape of issue 5): K % 8 == 0 and not (4091, 3050, 1002), x
+/// starting one element into its buffer, 1, 2 and 4 feature tiles with 8 or 4 warps, groups of
+/// exactly 8 rows, base-only rows in their own group, awkward N, and the `+ base` store; each
+/// against the f64 reference.
 #[test]
 fn decode_groups_of_3_to_8_rows_match_reference() {
     let dev = gpu();

@@ -218,9 +218,7 @@ __device__ __forceinline__ void ds_load4(const uint32_t* __restrict__ row, int w
 // overlapped; unconditional loads moved to ~65% (still not the top: ptxas sinks them to save
 // registers). On full grids the guarded NW = 4 kernel was as fast or faster (fewer registers,
 // more blocks per SM), so it stays there.
-// BPF: the B fragments (xp, from L2) of the next 128-column step are loaded while this one is
-// computed, instead of just before their mma.
-template <int T, int RT, bool VEC, int NW, bool CLAMP, int BPF = 0>
+template <int T, int RT, bool VEC, int NW, bool CLAMP>
 __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uint4* __restrict__ xp,
                                                 const float* __restrict__ corr_part,
                                                 const __nv_bfloat16* __restrict__ base,
@@ -303,40 +301,6 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         corr_s[threadIdx.x] = (float)total;
     }
 
-    // BPF: bq holds the B fragments of step (sc, c), loaded one step ahead. The loads are
-    // unconditional (a guarded load is scheduled late, see CLAMP): rows past the group read row 0
-    // of xp (brow) into mma columns whose outputs are never stored, and past the warp's last chunk
-    // the index is clamped into the row and the values are never used.
-    auto load_b = [&](int sc, int c, uint32_t (&dst)[RT][4][4]) {
-        const int scc = min(sc, SC - 1);
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-            for (int sp = 0; sp < 4; ++sp) {
-                const uint4 v = __ldg(brow[rt] + ((scc * 4 + c) * 4 + sp) * 4 + t);
-                dst[rt][sp][0] = v.x; dst[rt][sp][1] = v.y; dst[rt][sp][2] = v.z; dst[rt][sp][3] = v.w;
-            }
-    };
-    // BPF & 2: each chunk's B fragments (per row of the group 1 KB, 8 lines) are sent to L1 one
-    // chunk ahead (the current one before the loop), so the loads just before their mma hit L1.
-    auto prefetch_b = [&](int sc) {
-        if (sc < SC) {
-#pragma unroll
-            for (int rt = 0; rt < RT; ++rt)
-                if (bact[rt]) {
-                    const uint4* p = brow[rt] + sc * 64 + 16 * t;
-                    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-                    asm volatile("prefetch.global.L1 [%0];" ::"l"(p + 8));
-                }
-        }
-    };
-    if (BPF & 2) {
-        prefetch_b(warp);
-        prefetch_b(warp + NW);
-    }
-    uint32_t bq[RT][4][4];
-    if (BPF & 1) load_b(warp, 0, bq);
-
     for (int sc = warp; sc < SC; sc += NW) {
         // Ask L2 for the words two chunks ahead (no registers held), then load the next chunk's
         // words while this one is computed.
@@ -349,35 +313,20 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         }
         uint32_t an[T][2][4];
         load(sc + NW, an);
-        if (BPF & 2) prefetch_b(sc + 2 * NW);
 
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             uint32_t b[RT][8][2];
-            if (BPF & 1) {
 #pragma unroll
-                for (int rt = 0; rt < RT; ++rt)
+            for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
-                    for (int sp = 0; sp < 4; ++sp) {
-                        b[rt][2 * sp][0] = bq[rt][sp][0];
-                        b[rt][2 * sp][1] = bq[rt][sp][1];
-                        b[rt][2 * sp + 1][0] = bq[rt][sp][2];
-                        b[rt][2 * sp + 1][1] = bq[rt][sp][3];
-                    }
-                if (c < 3) load_b(sc, c + 1, bq);
-                else load_b(sc + NW, 0, bq);
-            } else {
-#pragma unroll
-                for (int rt = 0; rt < RT; ++rt) {
-#pragma unroll
-                    for (int sp = 0; sp < 4; ++sp) {
-                        uint4 v = make_uint4(0, 0, 0, 0);
-                        if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + sp) * 4 + t);
-                        b[rt][2 * sp][0] = v.x;
-                        b[rt][2 * sp][1] = v.y;
-                        b[rt][2 * sp + 1][0] = v.z;
-                        b[rt][2 * sp + 1][1] = v.w;
-                    }
+                for (int sp = 0; sp < 4; ++sp) {
+                    uint4 v = make_uint4(0, 0, 0, 0);
+                    if (bact[rt]) v = __ldg(brow[rt] + ((sc * 4 + c) * 4 + sp) * 4 + t);
+                    b[rt][2 * sp][0] = v.x;
+                    b[rt][2 * sp][1] = v.y;
+                    b[rt][2 * sp + 1][0] = v.z;
+                    b[rt][2 * sp + 1][1] = v.w;
                 }
             }
 #pragma unroll
@@ -447,13 +396,6 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
         int Kp) {                                                                               \
         ds_tc_bf16_body<T, RT, VEC, NW, CLAMP>(tab, xp, corr, base, y, N, W, Kp);               \
     }
-#define DS_TC_KERNEL_BPF(T, RT, SUF, VEC, NW, CLAMP, BPF, MINB)                                 \
-    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) ds_tc_bf16_t##T##_r##RT##_##SUF( \
-        const GroupTable tab, const uint4* __restrict__ xp, const float* __restrict__ corr,     \
-        const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W,    \
-        int Kp) {                                                                               \
-        ds_tc_bf16_body<T, RT, VEC, NW, CLAMP, BPF>(tab, xp, corr, base, y, N, W, Kp);          \
-    }
 #define DS_TC_KERNEL(T, RT)                                                                     \
     DS_TC_KERNEL1(T, RT, v, true, 4, false)                                                     \
     DS_TC_KERNEL1(T, RT, s, false, 4, false)                                                    \
@@ -475,21 +417,6 @@ DS_TC_KERNEL(2, 4)
 // memory) are many small pieces that fill those SMs more evenly than 128-thread blocks of 4
 // tiles (BENCHMARKS.md, seventh pass: 4096x11008 32 rows x 8 tenants 70.6 against 73.7 us).
 DS_TC_KERNEL1(2, 1, w2, true, 2, false)
-// K11 experiment (DS_K11_BPF = 1, 2, 3: suffix p, q, pq): B fragments one step ahead in
-// registers (1), one chunk ahead in L1 (2), both (3).
-#define DS_TC_KERNELS_BPF(T, BPF, P)                                                            \
-    DS_TC_KERNEL_BPF(T, 1, v##P, true, 4, false, BPF, 4)                                        \
-    DS_TC_KERNEL_BPF(T, 1, w8##P, true, 8, true, BPF, 2)                                        \
-    DS_TC_KERNEL_BPF(T, 1, w2##P, true, 2, false, BPF, 8)
-DS_TC_KERNELS_BPF(1, 1, p)
-DS_TC_KERNELS_BPF(2, 1, p)
-DS_TC_KERNELS_BPF(4, 1, p)
-DS_TC_KERNELS_BPF(1, 2, q)
-DS_TC_KERNELS_BPF(2, 2, q)
-DS_TC_KERNELS_BPF(4, 2, q)
-DS_TC_KERNELS_BPF(1, 3, pq)
-DS_TC_KERNELS_BPF(2, 3, pq)
-DS_TC_KERNELS_BPF(4, 3, pq)
 
 // ---------------------------------------------------------------------------------------------
 // cp.async helpers (the fused layer's per-warp ring).
@@ -803,10 +730,11 @@ DS_TCI8_KERNELS(2, 1)
 DS_TCI8_KERNEL_X(4, 1, 4, 5, 0)
 DS_TCI8_KERNEL(4, 1, 8)
 DS_TCI8_KERNEL_X(4, 1, 2, 1, 1)
-// 6 blocks per SM (at most 80 registers) for launches of more than 8 groups (32 rows x 32
-// tenants), where K9 measured it 1.2 us faster than 5 at 4096x4096 but slower at 8 x 8 (8
-// groups), which keeps `t4_r1_w4`. Measured on the H100 (BENCHMARKS.md, ninth pass, two processes
-// each): 4096x4096 36.4-36.5 -> 35.4 us, 11008x4096 82.3-82.9 -> 81.4-81.5 us.
+// The same 4-warp kernel capped at 6 blocks per SM (at most 80 registers), for launches of more
+// than 8 groups (src/cuda.rs): K9 measured 6 blocks 1.2 us faster than 5 at 4096x4096 32 x 32 but
+// slower at 8 x 8 (8 groups), which keeps `t4_r1_w4`. Measured on the H100 (BENCHMARKS.md, ninth
+// pass, two processes each, same call): 4096x4096 32 x 32 36.4-36.5 -> 35.4 us, 11008x4096
+// 82.3-82.9 -> 81.4-81.5 us.
 DS_TCI8_KERNEL_NAMED(4, 1, 4, 6, 0, ds_tci8_bf16_t4_r1_w4_b6)
 DS_TCI8_KERNELS(1, 2)
 DS_TCI8_KERNELS(2, 2)
