@@ -652,6 +652,14 @@ fn forward_int8(
         } else {
             4
         };
+        // More than 8 groups on that 4-warp kernel (32 rows x 32 tenants): its 6-blocks-per-SM
+        // form, `ds_tci8_bf16_t4_r1_w4_b6` (the ninth pass: 4096x4096 36.4 -> 35.4 us). 8 groups
+        // (8 rows x 8 tenants) keep 5 blocks per SM, where K9 measured 6 slower.
+        let suffix = if tiles == 4 && rt2 == 1 && nw == 4 && table.n_groups > 8 {
+            "_b6"
+        } else {
+            ""
+        };
         let mut args = Args::default();
         args.arg(table)
             .arg(&xi8_ptr)
@@ -673,7 +681,7 @@ fn forward_int8(
         unsafe {
             launch(
                 dev,
-                &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}"),
+                &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}{suffix}"),
                 cfg,
                 &mut args,
                 on,

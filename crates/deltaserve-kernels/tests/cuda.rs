@@ -424,6 +424,81 @@ fn int8_and_bf16_decode_kernels_match_reference() {
     );
 }
 
+/// Decode groups of 3-8 rows on the default path (`ds_prep_bf16`, then the bf16 kernel with one
+/// row tile; the 32 rows x 8 tenants shape of issue 5): K % 8 == 0 and not (4091, 3050, 1002), x
+/// starting one element into its buffer, 1, 2 and 4 feature tiles with 8 or 4 warps, groups of
+/// exactly 8 rows, base-only rows in their own group, awkward N, and the `+ base` store; each
+/// against the f64 reference.
+#[test]
+fn decode_groups_of_3_to_8_rows_match_reference() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(12);
+    // (rows, features, K, tenants); rows r % 5 == 4 stay on the base unless tenants = 4.
+    let cases = [
+        (32usize, 1100usize, 4096usize, 8usize),
+        (32, 4000, 4088, 8),
+        (8, 300, 4091, 1),
+        (6, 65, 1002, 2),
+        (17, 700, 3050, 3),
+        (24, 2000, 11008, 6),
+        (32, 500, 4096, 4),
+    ];
+    let mut worst = 0f64;
+    for (m, n, k, d) in cases {
+        let (deltas, cpu_deltas, _) = tenant_case(&mut rng, &dev, 0, n, k, d);
+        let row_slot: Vec<Option<u32>> = (0..m)
+            .map(|r| (d == 4 || r % 5 != 4).then_some((r % d) as u32))
+            .collect();
+        let refs: Vec<&SignDelta> = deltas.iter().collect();
+        // offset 1: x is a contiguous view starting one element into its buffer (2-byte aligned).
+        for offset in [0usize, 1] {
+            let (x, xr) = random_x(&mut rng, &[m * k + offset], DType::BF16);
+            let x = x
+                .to_device(&dev)
+                .unwrap()
+                .narrow(0, offset, m * k)
+                .unwrap()
+                .reshape((m, k))
+                .unwrap();
+            let xr = xr[offset..].to_vec();
+            let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
+            poison(&dev, m * n, DType::BF16);
+            let y = tenant_delta_matmul_with(&x, &row_slot, &refs, Bf16Path::TensorCore).unwrap();
+            let got = flat(&y);
+            let err = rel_err(&got, &want);
+            worst = worst.max(err);
+            assert!(
+                err < tol(DType::BF16),
+                "M={m} N={n} K={k} D={d} offset {offset}: {err:.2e}"
+            );
+            for (row, slot) in row_slot.iter().enumerate() {
+                if slot.is_none() {
+                    assert!(
+                        got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0),
+                        "base-only row {row} not zero"
+                    );
+                }
+            }
+            let (b, br) = random_x(&mut rng, &[m, n], DType::BF16);
+            let y = tenant_delta_matmul_add_with(
+                &b.to_device(&dev).unwrap(),
+                &x,
+                &row_slot,
+                &refs,
+                Bf16Path::TensorCore,
+            )
+            .unwrap();
+            let want_add: Vec<f32> = want.iter().zip(&br).map(|(d, b)| d + b).collect();
+            let err = rel_err(&flat(&y), &want_add);
+            assert!(
+                err < tol(DType::BF16),
+                "+ base M={m} N={n} K={k} D={d} offset {offset}: {err:.2e}"
+            );
+        }
+    }
+    println!("worst relative error: {worst:.1e}");
+}
+
 #[test]
 fn tenant_delta_matmul_many_rows_per_tenant_and_many_tenants() {
     let dev = gpu();

@@ -706,8 +706,9 @@ __device__ __forceinline__ void ds_tci8_body(const GroupTable& tab, const uint32
 
 // MINB: __launch_bounds__'s minimum blocks per SM; PF: see ds_tci8_body.
 #define DS_TCI8_KERNEL_X(T, RT2, NW, MINB, PF)                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                 \
-        ds_tci8_bf16_t##T##_r##RT2##_w##NW(                                                     \
+    DS_TCI8_KERNEL_NAMED(T, RT2, NW, MINB, PF, ds_tci8_bf16_t##T##_r##RT2##_w##NW)
+#define DS_TCI8_KERNEL_NAMED(T, RT2, NW, MINB, PF, NAME)                                        \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) NAME(                           \
             const GroupTable tab, const uint32_t* __restrict__ xi8,                             \
             const double* __restrict__ xsum, const double* __restrict__ rscale,                 \
             const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W, \
@@ -729,6 +730,12 @@ DS_TCI8_KERNELS(2, 1)
 DS_TCI8_KERNEL_X(4, 1, 4, 5, 0)
 DS_TCI8_KERNEL(4, 1, 8)
 DS_TCI8_KERNEL_X(4, 1, 2, 1, 1)
+// The same 4-warp kernel capped at 6 blocks per SM (at most 80 registers), for launches of more
+// than 8 groups (src/cuda.rs): K9 measured 6 blocks 1.2 us faster than 5 at 4096x4096 32 x 32 but
+// slower at 8 x 8 (8 groups), which keeps `t4_r1_w4`. Measured on the H100 (BENCHMARKS.md, ninth
+// pass, two processes each, same call): 4096x4096 32 x 32 36.4-36.5 -> 35.4 us, 11008x4096
+// 82.3-82.9 -> 81.4-81.5 us.
+DS_TCI8_KERNEL_NAMED(4, 1, 4, 6, 0, ds_tci8_bf16_t4_r1_w4_b6)
 DS_TCI8_KERNELS(1, 2)
 DS_TCI8_KERNELS(2, 2)
 DS_TCI8_KERNELS(4, 2)
