@@ -100,6 +100,29 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     }
 }
 
+/// Asserts that `got` is within `tol` of `want` (relative error) and that every base-only row (a
+/// `None` slot) is exactly zero; returns the error. `what` names the case in the messages.
+fn check_delta_rows(
+    got: &[f32],
+    want: &[f32],
+    row_slot: &[Option<u32>],
+    n: usize,
+    tol: f64,
+    what: &str,
+) -> f64 {
+    let err = rel_err(got, want);
+    assert!(err < tol, "{what}: {err:.2e}");
+    for (row, slot) in row_slot.iter().enumerate() {
+        if slot.is_none() {
+            assert!(
+                got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0),
+                "{what}: base-only row {row} not zero"
+            );
+        }
+    }
+    err
+}
+
 /// Allocates and frees a NaN buffer of `len` values of `dtype` on the GPU, so that the next
 /// allocation of that size likely reuses it: an output element a kernel forgets to write then
 /// reads as NaN and fails `rel_err`.
@@ -329,20 +352,14 @@ fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
                     .unwrap();
                     assert_eq!(y.dims(), [m, n]);
                     let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
-                    let got = flat(&y);
-                    let err = rel_err(&got, &want);
-                    assert!(
-                        err < tol(dtype),
-                        "{dtype:?} {path:?} M={m} N={n} K={k} slots {row_slot:?}: {err:.2e}"
+                    check_delta_rows(
+                        &flat(&y),
+                        &want,
+                        &row_slot,
+                        n,
+                        tol(dtype),
+                        &format!("{dtype:?} {path:?} M={m} N={n} K={k} slots {row_slot:?}"),
                     );
-                    for (row, slot) in row_slot.iter().enumerate() {
-                        if slot.is_none() {
-                            assert!(
-                                got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0),
-                                "base-only row {row} not zero"
-                            );
-                        }
-                    }
                 }
             }
         }
@@ -393,21 +410,15 @@ fn int8_and_bf16_decode_kernels_match_reference() {
         {
             poison(&dev, m * n, DType::BF16);
             let y = tenant_delta_matmul_with(&x, &row_slot, &refs, path).unwrap();
-            let got = flat(&y);
-            let err = rel_err(&got, &want);
-            worst[i] = worst[i].max(err);
-            assert!(
-                err < tol(DType::BF16),
-                "{path:?} M={m} N={n} K={k} D={d}: {err:.2e}"
+            let err = check_delta_rows(
+                &flat(&y),
+                &want,
+                &row_slot,
+                n,
+                tol(DType::BF16),
+                &format!("{path:?} M={m} N={n} K={k} D={d}"),
             );
-            for (row, slot) in row_slot.iter().enumerate() {
-                if slot.is_none() {
-                    assert!(
-                        got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0),
-                        "{path:?}: base-only row {row} not zero"
-                    );
-                }
-            }
+            worst[i] = worst[i].max(err);
             // base + delta in the store: against the f64 sum of the rounded base and reference.
             let y = tenant_delta_matmul_add_with(&b, &x, &row_slot, &refs, path).unwrap();
             let want_add: Vec<f32> = want.iter().zip(&br).map(|(d, b)| d + b).collect();
@@ -464,21 +475,15 @@ fn decode_groups_of_3_to_8_rows_match_reference() {
             let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
             poison(&dev, m * n, DType::BF16);
             let y = tenant_delta_matmul_with(&x, &row_slot, &refs, Bf16Path::TensorCore).unwrap();
-            let got = flat(&y);
-            let err = rel_err(&got, &want);
-            worst = worst.max(err);
-            assert!(
-                err < tol(DType::BF16),
-                "M={m} N={n} K={k} D={d} offset {offset}: {err:.2e}"
+            let err = check_delta_rows(
+                &flat(&y),
+                &want,
+                &row_slot,
+                n,
+                tol(DType::BF16),
+                &format!("M={m} N={n} K={k} D={d} offset {offset}"),
             );
-            for (row, slot) in row_slot.iter().enumerate() {
-                if slot.is_none() {
-                    assert!(
-                        got[row * n..(row + 1) * n].iter().all(|v| *v == 0.0),
-                        "base-only row {row} not zero"
-                    );
-                }
-            }
+            worst = worst.max(err);
             let (b, br) = random_x(&mut rng, &[m, n], DType::BF16);
             let y = tenant_delta_matmul_add_with(
                 &b.to_device(&dev).unwrap(),
