@@ -652,10 +652,13 @@ fn forward_int8(
         } else {
             4
         };
-        // More than 8 groups on that 4-warp kernel (32 rows x 32 tenants): its 6-blocks-per-SM
+        // More than 16 groups on that 4-warp kernel (32 rows x 32 tenants): its 6-blocks-per-SM
         // form, `ds_tci8_bf16_t4_r1_w4_b6` (the ninth pass: 4096x4096 36.4 -> 35.4 us). 8 groups
-        // (8 rows x 8 tenants) keep 5 blocks per SM, where K9 measured 6 slower.
-        let suffix = if tiles == 4 && rt2 == 1 && nw == 4 && table.n_groups > 8 {
+        // (8 rows x 8 tenants) keep 5 blocks per SM, where K9 measured 6 slower, and so do 16,
+        // which `delta_linear` runs beside cuBLAS: there the 6-block form made the whole step
+        // slower (session 6, lead, three processes each: 4096x4096 32 rows x 16 tenants 36.4
+        // against 33.8-33.9 us, 11008x4096 16 x 16 78.9-79.0 against 76.1-76.2).
+        let suffix = if tiles == 4 && rt2 == 1 && nw == 4 && table.n_groups > 16 {
             "_b6"
         } else {
             ""
