@@ -120,7 +120,8 @@ pub fn tenant_delta_matmul_add(
 /// kernel takes up to 8 tenants, but on the H100 it beat the unfused step only for one tenant
 /// (BENCHMARKS.md, fourth and fifth passes), so other batches take candle's matmul and the delta
 /// product: for decode batches of at most 32 rows and 16 tenants side by side on two CUDA
-/// streams, then added (`cuda::delta_linear_overlapped`, BENCHMARKS.md, sixth pass), otherwise
+/// streams, then added (`cuda::delta_linear_overlapped`, BENCHMARKS.md, sixth pass; not for more
+/// than 16 rows of at most 2 rows per tenant at K >= 8192, where it measured slower), otherwise
 /// one after the other with the add in the delta kernel's store ([`tenant_delta_matmul_add`]).
 /// Forward only.
 pub fn delta_linear(
