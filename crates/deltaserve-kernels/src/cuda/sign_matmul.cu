@@ -731,9 +731,10 @@ DS_TCI8_KERNEL_X(4, 1, 4, 5, 0)
 DS_TCI8_KERNEL(4, 1, 8)
 DS_TCI8_KERNEL_X(4, 1, 2, 1, 1)
 // The same 4-warp kernel capped at 6 blocks per SM (at most 80 registers), for launches of more
-// than 8 groups (src/cuda.rs): K9 measured 6 blocks 1.2 us faster than 5 at 4096x4096 32 x 32 but
-// slower at 8 x 8 (8 groups), which keeps `t4_r1_w4`. Measured on the H100 (BENCHMARKS.md, ninth
-// pass, two processes each, same call): 4096x4096 32 x 32 36.4-36.5 -> 35.4 us, 11008x4096
+// than 16 groups (src/cuda.rs): K9 measured 6 blocks 1.2 us faster than 5 at 4096x4096 32 x 32 but
+// slower at 8 x 8 (8 groups), and at 16 groups, beside cuBLAS, it made the whole step slower
+// (BENCHMARKS.md, session 6, lead); those keep `t4_r1_w4`. Measured on the H100 (BENCHMARKS.md,
+// ninth pass, two processes each, same call): 4096x4096 32 x 32 36.4-36.5 -> 35.4 us, 11008x4096
 // 82.3-82.9 -> 81.4-81.5 us.
 DS_TCI8_KERNEL_NAMED(4, 1, 4, 6, 0, ds_tci8_bf16_t4_r1_w4_b6)
 DS_TCI8_KERNELS(1, 2)
