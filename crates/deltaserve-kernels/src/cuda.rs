@@ -16,10 +16,14 @@
 //!   once to bf16, as a merged checkpoint is) and multiplies it by `x` on tensor cores;
 //!   [`crate::tenant_delta_matmul_add`] instead adds a precomputed base product in the delta
 //!   kernel's store.
-//! - **bf16 decode with at most 2 rows per delta** (many tenants, one row each): int8 tensor
-//!   cores. x is written as 3 signed base-256 digits of a per-row fixed-point form, one LOP3
-//!   makes four 0/2^p sign values, `mma.sync` m16n8k32 u8 x s8 sums exactly in s32; half the
-//!   unpacking and mma instructions of the bf16 path (explained at the int8 path in the `.cu`).
+//! - **bf16 decode with one row per delta** (many tenants, one row each; and up to 8 rows per
+//!   delta with 8 or more tenants when K >= 8192): 1-bit tensor cores. x is written as 16 bit
+//!   planes of a per-row fixed-point form, and `mma.sync` m16n8k256 b1 AND + popc multiplies the
+//!   sign words as stored, with no unpacking at all (explained at the binary path in the `.cu`).
+//! - **bf16 decode with at most 2 rows per delta** otherwise: int8 tensor cores. x is written as
+//!   3 signed base-256 digits of the same fixed-point form, one LOP3 makes four 0/2^p sign values,
+//!   `mma.sync` m16n8k32 u8 x s8 sums exactly in s32; half the unpacking and mma instructions of
+//!   the bf16 path (explained at the int8 path in the `.cu`).
 //!
 //! Routing reaches the kernels as a `GroupTable` passed by value as a kernel parameter (32
 //! groups, 512 rows), so a decode step launches two kernels and copies nothing to the device.
@@ -66,11 +70,13 @@ const INT8_MAX_K: usize = 1 << 16;
 /// Which kernel computes a bf16 forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Bf16Path {
-    /// Tensor cores (the default). Batches whose groups (rows sharing a delta) all have at most 2
-    /// rows, with 16-byte aligned sign rows (`ceil(K/32) % 4 == 0`), take the int8 kernel
-    /// (`ds_tci8_bf16_*`: half the unpacking and mma instructions of the bf16 one); the rest the
-    /// bf16 split-K kernel (`ds_tc_bf16_*`), with 8 warps splitting K where the grid has fewer
-    /// than 2 blocks per SM, else 4.
+    /// Tensor cores (the default). With 16-byte aligned sign rows (`ceil(K/32) % 4 == 0`),
+    /// batches whose groups (rows sharing a delta) all have one row take the binary kernel
+    /// (`ds_tcb1_bf16_*`, also groups of up to 8 rows with 8 or more tenants at K >= 8192: see
+    /// `takes_b1`), those with at most 2 rows per group the int8 kernel (`ds_tci8_bf16_*`: half
+    /// the unpacking and mma instructions of the bf16 one); the rest the bf16 split-K kernel
+    /// (`ds_tc_bf16_*`), with 8 warps splitting K where the grid has fewer than 2 blocks per SM,
+    /// else 4.
     #[default]
     TensorCore,
     /// The bf16 split-K kernel with 4 warps everywhere: the second pass's default, kept so that
@@ -120,6 +126,13 @@ impl GroupTable {
             .map(|g| (self.row_begin[g + 1] - self.row_begin[g]) as usize)
             .max()
             .unwrap_or(0)
+    }
+
+    /// The number of groups with a delta.
+    fn delta_groups(&self) -> usize {
+        (0..self.n_groups as usize)
+            .filter(|&g| self.words[g] != 0)
+            .count()
     }
 
     /// The most rows any group of this table has.
@@ -314,6 +327,9 @@ unsafe fn launch(
     let f = dev
         .get_or_load_custom_func(name, MODULE, PTX)?
         .into_cuda_function();
+    if cfg.shared_mem_bytes as usize > 48 * 1024 {
+        opt_in_smem(&f, cfg.shared_mem_bytes as usize)?;
+    }
     let stream = match on {
         On::Main => dev.cuda_stream().cu_stream(),
         On::Side => side_stream(dev)?,
@@ -461,6 +477,11 @@ fn forward<T: CudaDType + DeviceRepr>(
                     .iter()
                     .all(|p| p.is_multiple_of(16))
         };
+        if path == Bf16Path::TensorCore && tables.iter().all(|t| aligned(t) && takes_b1(t, k)) {
+            let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
+            scratch = forward_b1(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
+            return Ok((y, scratch));
+        }
         if path == Bf16Path::TensorCore
             && k < INT8_MAX_K
             && tables
@@ -691,6 +712,113 @@ fn forward_int8(
                 true,
             )
         }?;
+    }
+    Ok(scratch)
+}
+
+/// Groups of at most this many rows can take the binary kernel (`ds_tcb1_bf16_*`).
+const B1_MAX_GROUP_ROWS: usize = 8;
+
+/// Whether a table (with 16-byte aligned sign rows) takes the binary path. Measured on the H100
+/// (BENCHMARKS.md, session 7, same calls as the int8 and bf16 kernels): faster for every batch of
+/// one-row groups (4096x4096 8 x 8 13.7 -> 10.5 us, 32 x 32 36.0 -> 32.9, 11008x4096 32 x 32
+/// 81.8 -> 73.4, 1 x 1 6.5 -> 6.0), and with up to 8 rows per group on K >= 8192 with 8 or more
+/// tenants (4096x11008 32 x 8 37.7 -> 34.4, 32 x 16 61.5 -> 55.5); with 2-8 rows per group on the
+/// K = 4096 shapes it lost (4096x4096 32 x 8 16.2 -> 15.9 but the whole step 29.4 -> 31.8, 32 x 16
+/// 22.1 -> 24.0), and for one tenant of 8 rows (one group: 64 blocks) it was twice as slow.
+fn takes_b1(t: &GroupTable, k: usize) -> bool {
+    let rows = t.max_delta_group_rows();
+    rows <= 1 || (k >= 8192 && rows <= B1_MAX_GROUP_ROWS && t.delta_groups() >= 8)
+}
+
+/// The binary path (`ds_prepb1_bf16`, then `ds_tcb1_bf16_*` per table; `sign_matmul.cu` explains
+/// it): every group of `tables` with a delta has at most 8 rows, sign rows are 16-byte aligned.
+/// `x` and `y` are device addresses of (m, k) and (m, n) bf16; the bit planes and row sums come
+/// back as scratch.
+#[allow(clippy::too_many_arguments)]
+fn forward_b1(
+    dev: &CudaDevice,
+    x: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    tables: &[GroupTable],
+    base: u64,
+    y: u64,
+    on: On,
+) -> candle_core::Result<Scratch> {
+    let w = words_per_row(k);
+    let wp = w.div_ceil(16) * 16;
+    let (n_i, k_i, w_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(w, "ceil(K/32)")?);
+    let wp_i = to_i32(wp, "padded ceil(K/32)")?;
+    // Slices of 32 words per prep block, each with its partial sum of x.
+    let slices = wp.div_ceil(32);
+    // SAFETY: the prep kernel writes all 16 planes of every row, every partial sum and rscale.
+    let xb = unsafe { dev.alloc::<u32>(m * 16 * wp) }?;
+    let xsum = unsafe { dev.alloc::<f64>(m * slices) }?;
+    let rscale = unsafe { dev.alloc::<f64>(m) }?;
+    let (xb_ptr, xsum_ptr, rscale_ptr) = (
+        slice_ptr(&xb, dev),
+        slice_ptr(&xsum, dev),
+        slice_ptr(&rscale, dev),
+    );
+    let mut scratch = Scratch::default();
+    scratch.keep(xb);
+    scratch.keep(xsum);
+    scratch.keep(rscale);
+    let mut args = Args::default();
+    args.arg(&x)
+        .arg(&xb_ptr)
+        .arg(&xsum_ptr)
+        .arg(&rscale_ptr)
+        .arg(&k_i)
+        .arg(&wp_i);
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(m)?, to_u32(slices)?, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match `ds_prepb1_bf16`; x holds m * k values.
+    unsafe { launch(dev, "ds_prepb1_bf16", cfg, &mut args, on, false) }?;
+    let sms = multiprocessors(dev);
+    // `ds_tcb1_body`'s warps per block and ring slots.
+    let (nw, slots) = (4, 6);
+    for table in tables {
+        let r = table
+            .max_delta_group_rows()
+            .clamp(1, B1_MAX_GROUP_ROWS)
+            .next_power_of_two();
+        let groups = table.n_groups as usize;
+        // 2 feature tiles per warp (x read once for twice the features) where the grid still
+        // gives every SM two blocks, and the accumulators fit (rows x tiles <= 4).
+        let tiles = if r <= 2 && groups * n.div_ceil(32 * nw) >= 2 * sms {
+            2
+        } else {
+            1
+        };
+        // The ring: 4 slots of the block's sign rows (64 bytes each) and the group's x
+        // fragments (1 KB per row).
+        let smem = slots * (nw * tiles * 16 * 64 + r * 1024);
+        let kname = format!("ds_tcb1_bf16_t{tiles}_r{r}");
+        let mut args = Args::default();
+        args.arg(table)
+            .arg(&xb_ptr)
+            .arg(&xsum_ptr)
+            .arg(&rscale_ptr)
+            .arg(&base)
+            .arg(&y)
+            .arg(&n_i)
+            .arg(&w_i)
+            .arg(&wp_i);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(n.div_ceil(16 * nw * tiles))?, table.n_groups, 1),
+            block_dim: (to_u32(32 * nw)?, 1, 1),
+            shared_mem_bytes: to_u32(smem)?,
+        };
+        // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
+        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or m * n bf16;
+        // it waits for the prep kernel before reading its outputs (`ds_wait_prerequisite`).
+        unsafe { launch(dev, &kname, cfg, &mut args, on, true) }?;
     }
     Ok(scratch)
 }
@@ -938,7 +1066,7 @@ fn fused(
         format!("ds_fused_bf16_r{rt}_g")
     };
     let f = dev.get_or_load_custom_func(&kname, MODULE, PTX)?;
-    opt_in_smem(dev, &f, &kname, SMEM_PER_BLOCK_MAX)?;
+    opt_in_smem(&f, SMEM_PER_BLOCK_MAX)?;
     let (m_i, n_i, k_i) = (to_i32(m, "M")?, to_i32(n, "N")?, to_i32(k, "K")?);
     let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
     let mut b = f.builder();
@@ -961,25 +1089,20 @@ fn fused(
     Ok(())
 }
 
-/// The opt-in to more than 48 KiB of dynamic shared memory, once per kernel and device, to the
-/// maximum (so that no later call changes it, and no attribute call lands inside a CUDA graph
-/// capture).
+/// The opt-in to more than 48 KiB of dynamic shared memory, to the maximum (so that no later call
+/// changes it), for the function handle that will be launched. The attribute is read first and set
+/// only while below, so that no attribute is set inside a CUDA graph capture once a call has run.
+/// Keyed by the handle, not by kernel name and device: each `CudaDevice` (and a racing first load)
+/// loads its own module with its own handles, and a name-keyed record made for one skipped the
+/// others (a launch failure when two tests first ran a > 48 KB kernel at once).
 fn opt_in_smem(
-    dev: &CudaDevice,
     f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
-    key: &str,
     bytes: usize,
 ) -> candle_core::Result<()> {
-    static OPTED_IN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
-    let key = (format!("{:?}", dev.location()), key.to_string());
-    let mut done = OPTED_IN.lock().unwrap_or_else(|e| e.into_inner());
-    if !done.contains(&key) {
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            to_i32(bytes, "shared memory")?,
-        )
-        .w()?;
-        done.push(key);
+    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    let want = to_i32(bytes, "shared memory")?;
+    if f.get_attribute(attr).w()? < want {
+        f.set_attribute(attr, want).w()?;
     }
     Ok(())
 }

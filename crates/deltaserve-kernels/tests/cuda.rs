@@ -366,15 +366,15 @@ fn tenant_delta_matmul_matches_reference_with_mixed_slots() {
     }
 }
 
-/// Both tensor-core kernels of a decode batch on the same inputs: the default path (the int8
-/// kernel where every group with a delta has at most 2 rows and the sign rows are 16-byte
-/// aligned, else the bf16 kernel with 8 warps on small grids) and `Bf16Path::Bf16` (the bf16
-/// kernel with 4 warps). Aligned K (ceil(K/32) % 4 == 0: 100, 1000, 4091, 4096, 11008) and
-/// others; one row per tenant for 32 tenants (the int8 kernel with 4 feature tiles per warp), 2
-/// rows per tenant, one tenant with 1 and 2 rows (8 warps), base-only rows (`tenant_case` leaves
-/// ~20% of rows on the base), and the `+ base` store. The int8 kernel's own error (fixed-point x,
-/// 2^-16 of a row's largest |x|) is far below the bf16 rounding of the output, so both paths have
-/// the bf16 bound; the worst errors are printed.
+/// The tensor-core kernels of a decode batch on the same inputs: the default path (with 16-byte
+/// aligned sign rows, the binary kernel where every group with a delta has one row, the int8
+/// kernel where they have at most 2, else the bf16 kernel with 8 warps on small grids) and
+/// `Bf16Path::Bf16` (the bf16 kernel with 4 warps). Aligned K (ceil(K/32) % 4 == 0: 100, 1000,
+/// 4091, 4096, 11008) and others; one row per tenant for 32 tenants (the binary kernel with 2
+/// feature tiles per warp), 2 rows per tenant, one tenant with 1 and 2 rows, base-only rows
+/// (`tenant_case` leaves ~20% of rows on the base), and the `+ base` store. The binary and int8
+/// kernels' own error (fixed-point x, 2^-16 of a row's largest |x|) is far below the bf16
+/// rounding of the output, so all paths have the bf16 bound; the worst errors are printed.
 #[test]
 fn int8_and_bf16_decode_kernels_match_reference() {
     let dev = gpu();
@@ -436,10 +436,11 @@ fn int8_and_bf16_decode_kernels_match_reference() {
 }
 
 /// Decode groups of 3-8 rows on the default path (`ds_prep_bf16`, then the bf16 kernel with one
-/// row tile; the 32 rows x 8 tenants shape of issue 5): K % 8 == 0 and not (4091, 3050, 1002), x
-/// starting one element into its buffer, 1, 2 and 4 feature tiles with 8 or 4 warps, groups of
-/// exactly 8 rows, base-only rows in their own group, awkward N, and the `+ base` store; each
-/// against the f64 reference.
+/// row tile; the 32 rows x 8 tenants shape of issue 5; with 8 tenants and K >= 8192 the binary
+/// kernel, `ds_tcb1_bf16_t1_r4` / `_r8`): K % 8 == 0 and not (4091, 3050, 1002), x starting one
+/// element into its buffer, 1, 2 and 4 feature tiles with 8 or 4 warps, groups of exactly 8 rows,
+/// base-only rows in their own group, awkward N, and the `+ base` store; each against the f64
+/// reference.
 #[test]
 fn decode_groups_of_3_to_8_rows_match_reference() {
     let dev = gpu();
@@ -453,6 +454,8 @@ fn decode_groups_of_3_to_8_rows_match_reference() {
         (17, 700, 3050, 3),
         (24, 2000, 11008, 6),
         (32, 500, 4096, 4),
+        (32, 1500, 11008, 8),
+        (64, 700, 9088, 8),
     ];
     let mut worst = 0f64;
     for (m, n, k, d) in cases {

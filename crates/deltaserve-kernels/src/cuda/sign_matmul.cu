@@ -16,6 +16,9 @@
 //   ds_prepi8_bf16,      the same for groups of at most 8 rows (decode) with int8 tensor cores
 //   ds_tci8_bf16_*       (mma.sync m16n8k32 u8 x s8, exact s32 sums): half the unpacking and
 //                        half the mma instructions; see "The int8 path" below.
+//   ds_prepb1_bf16,      the same for groups of at most 8 rows (decode) with 1-bit tensor cores
+//   ds_tcb1_bf16_*       (mma.sync m16n8k256 b1, AND + popc, exact s32 sums): x as 16 bit planes,
+//                        the sign words as stored, no unpacking; see "The binary path" below.
 //   ds_fused_bf16_*      a whole decode delta linear layer, x . (Wbase + scale_g S_g)^T per row
 //                        group (up to 8; delta_linear sends one tenant), the sum formed in
 //                        registers, in one kernel (see "Fused delta linear layer" below).
@@ -436,7 +439,7 @@ template <int N> __device__ __forceinline__ void ds_cp_async_wait() {
 
 // ---------------------------------------------------------------------------------------------
 // The int8 path: groups of at most 8 rows (decode; src/cuda.rs routes batches whose groups all
-// have at most 2 rows here, where it measured fastest).
+// have at most 2 rows here, where it measured fastest, unless the binary path takes them).
 //
 // Why. With one row per group the bf16 kernel uses 1 of the 8 mma columns, and what limits it is
 // the ALU: 16 LOP3 + 1 shift per 32 signs (LOP3 issues at half rate), plus 32 mma.m16n8k16 per
@@ -459,6 +462,43 @@ template <int N> __device__ __forceinline__ void ds_cp_async_wait() {
 // 4096x4096 48.8 -> 38.8 us, 11008x4096 109.2 -> 89.2 us, 4096x11008 122.6 -> 102.8 us against the
 // bf16 kernel; with 4 or 8 rows per group (2 or 4 n-tiles) it was slower or no faster.
 
+// The exponent E of a row's fixed-point form X = round(x 2^E), |X| < 2^15 (the int8 and binary
+// paths); every thread of the NT-thread block gets it. red_m: NT / 32 floats.
+template <int NT>
+__device__ __forceinline__ int ds_row_exponent(const __nv_bfloat16* __restrict__ xr, int K,
+                                               float* red_m) {
+    const int tid = threadIdx.x;
+    float m = 0.f;
+#pragma unroll 4
+    for (int k = tid; k < K; k += NT) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if ((tid & 31) == 0) red_m[tid >> 5] = m;
+    __syncthreads();
+    m = 0.f;
+#pragma unroll
+    for (int i = 0; i < NT / 32; ++i) m = fmaxf(m, red_m[i]);
+    // m = f 2^em, f in [0.5, 1): m 2^(15 - em) < 2^15.
+    int em = 0;
+    if (m > 0.f) frexpf(m, &em);
+    return m > 0.f ? 15 - em : 0;
+}
+
+// Sums every thread's `sum` of the 256-thread block and writes it and 2^-E for the row.
+__device__ __forceinline__ void ds_row_sums(double sum, int E, double* red_s,
+                                            double* __restrict__ xsum,
+                                            double* __restrict__ rscale, int row) {
+    const int tid = threadIdx.x;
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if ((tid & 31) == 0) red_s[tid >> 5] = sum;
+    __syncthreads();
+    if (tid == 0) {
+        double total = 0.0;
+        for (int i = 0; i < 8; ++i) total += red_s[i];
+        xsum[row] = total;
+        rscale[row] = ldexp(1.0, -E);
+    }
+}
+
 // xi8 layout, per row of x: three digit planes of Kp bytes,
 //   pos = ((sc * 4 + c) * 4 + t) * 32 + s * 8 + h * 4 + j.
 // One block per row, 256 threads: the row's largest |x| picks E, then every thread writes whole
@@ -474,18 +514,7 @@ extern "C" __global__ void __launch_bounds__(256) ds_prepi8_bf16(const __nv_bflo
     const __nv_bfloat16* xr = x + (size_t)row * K;
     __shared__ float red_m[8];
     __shared__ double red_s[8];
-    float m = 0.f;
-    for (int k = tid; k < K; k += 256) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if ((tid & 31) == 0) red_m[tid >> 5] = m;
-    __syncthreads();
-    m = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) m = fmaxf(m, red_m[i]);
-    // m = f 2^em, f in [0.5, 1): m 2^(15 - em) < 2^15.
-    int em = 0;
-    if (m > 0.f) frexpf(m, &em);
-    const int E = m > 0.f ? 15 - em : 0;
+    const int E = ds_row_exponent<256>(xr, K, red_m);
     double sum = 0.0;
     const int regs = Kp / 4;  // 4-byte registers per plane
     for (int q = tid; q < regs; q += 256) {
@@ -510,15 +539,7 @@ extern "C" __global__ void __launch_bounds__(256) ds_prepi8_bf16(const __nv_bflo
 #pragma unroll
         for (int i = 0; i < 3; ++i) xi8[((size_t)row * 3 + i) * regs + q] = d[i];
     }
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if ((tid & 31) == 0) red_s[tid >> 5] = sum;
-    __syncthreads();
-    if (tid == 0) {
-        double total = 0.0;
-        for (int i = 0; i < 8; ++i) total += red_s[i];
-        xsum[row] = total;
-        rscale[row] = ldexp(1.0, -E);
-    }
+    ds_row_sums(sum, E, red_s, xsum, rscale, row);
 }
 
 __device__ __forceinline__ void ds_mma_u8s8(int* d, uint32_t a0, uint32_t a1, uint32_t a2,
@@ -742,6 +763,300 @@ DS_TCI8_KERNELS(2, 2)
 DS_TCI8_KERNELS(4, 2)
 DS_TCI8_KERNELS(1, 4)
 DS_TCI8_KERNELS(2, 4)
+
+// ---------------------------------------------------------------------------------------------
+// The binary path: groups of at most 8 rows (decode) on 1-bit tensor cores. src/cuda.rs
+// (`takes_b1`) routes one-row groups here, and groups of up to 8 rows with 8 or more tenants when
+// K >= 8192, where it measured faster than the int8 and bf16 kernels (BENCHMARKS.md, session 7).
+//
+// Why. The bf16 and int8 paths spend their instructions turning sign bits into mma operands
+// (16 LOP3 + 1 shift, or 8 LOP3, per 32 signs); at 4 rows per group that chain of unpacking and
+// mma is what a warp waits on (BENCHMARKS.md, ninth pass: 8.8 cycles per issued instruction).
+// mma.m16n8k256 on .b1 operands with AND + popc (BMMA, native on sm_90; ~8 cycles per sub-core
+// on the H100 under Nsight Compute) takes the sign words as they are stored, so a warp does no
+// unpacking at all. x goes in as bit planes: X_k = round(x_k 2^E) as in the int8 path
+// (|X| < 2^15), and bit p of the 16-bit two's complement X is plane p, with weight
+// w_p = 2^p (p < 15) or -2^15 (p = 15). The 16 planes of one row of x are the 16 rows of the
+// mma's A; 8 output features' sign rows are its B (n8), so
+//   sum_k b_k X_k = sum_p w_p D_p,  D_p = sum_k (bit p of X_k) AND b_k  (exact s32 popc sums),
+//   x . s = 2 rscale sum_k b_k X_k - xsum  (f64 in the store; rscale = 2^-E, xsum of rounded x).
+// Bits past K: x's planes are zero there, so whatever the sign words hold ANDs to zero.
+// Fragments (m16n8k256, b1): thread (g, t) holds A rows g / g + 8 at k-slots 32 t .. 32 t + 31
+// (a0 / a1) and 128 + 32 t .. (a2 / a3), B column g at k-slots 32 t .. (b0) and 128 + 32 t ..
+// (b1). In a 512-column chunk c (16 words), mma j (0, 1) maps k-slot 32 t to word 16 c + 4 t + 2 j
+// and k-slot 128 + 32 t to word 16 c + 4 t + 2 j + 1: one 16-byte load of a sign row gives a thread
+// b0 b1 of both mma in adjacent registers, and the prep kernel stores x's planes as the A
+// fragments themselves (xb below), one 16-byte load per mma and row of x, reused for every
+// feature tile of the warp.
+
+// xb layout: per row of x, CH = Wp / 16 chunks (Wp = 16 ceil(W / 16)) of 2 x 32 uint4 A
+// fragments: uint4 ((row * CH + c) * 2 + j) * 32 + 4 g + t = (plane g, plane g + 8) of word
+// 16 c + 4 t + 2 j, then of word 16 c + 4 t + 2 j + 1; word wi of plane p holds bit p of X at
+// k = 32 wi .. 32 wi + 31 (bit b = column 32 wi + b), as the sign words do; zero past K.
+// Grid (row, slice of 32 words), 256 threads: every block finds the row's E itself (so no block
+// waits for another), each warp forms 4 words (lane b holds X at k = 32 wi + b; one ballot per
+// plane), and the block's sum of X goes to xsum[row * SL + slice] (SL = ceil(Wp / 32)) as a
+// double; the product kernel adds a row's SL partial sums. One block per row was 8 us at
+// 32 x 4096 (Nsight Compute): its instructions, on 32 SMs.
+extern "C" __global__ void __launch_bounds__(256) ds_prepb1_bf16(const __nv_bfloat16* __restrict__ x,
+                                                                 uint32_t* __restrict__ xb,
+                                                                 double* __restrict__ xsum,
+                                                                 double* __restrict__ rscale,
+                                                                 int K, int Wp) {
+    const int row = blockIdx.x, slice = blockIdx.y, tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    ds_launch_dependents();
+    const __nv_bfloat16* xr = x + (size_t)row * K;
+    // This warp's 4 words: their x first, so that these loads and the row maximum's are in flight
+    // together (the product kernel waits for all of this kernel).
+    float xv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int k = 32 * (32 * slice + 4 * warp + i) + lane;
+        xv[i] = k < K ? __bfloat162float(xr[k]) : 0.f;
+    }
+    float m = 0.f;
+    if ((reinterpret_cast<size_t>(xr) & 15) == 0) {  // 8 values per 16-byte load
+        const uint4* xr8 = reinterpret_cast<const uint4*>(xr);
+        const int K8 = K / 8;
+#pragma unroll 8
+        for (int v = tid; v < K8; v += 256) {
+            const uint4 u = __ldg(xr8 + v);
+            const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&w[h]);
+                m = fmaxf(m, fmaxf(fabsf(__low2float(b)), fabsf(__high2float(b))));
+            }
+        }
+        for (int k = 8 * K8 + tid; k < K; k += 256) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
+    } else {
+#pragma unroll 8
+        for (int k = tid; k < K; k += 256) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
+    }
+    __shared__ float red_m[8];
+    __shared__ long long red_s[8];
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if (lane == 0) red_m[warp] = m;
+    __syncthreads();
+    m = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, red_m[i]);
+    // m = f 2^em, f in [0.5, 1): m 2^(15 - em) < 2^15 (as ds_row_exponent).
+    int em = 0;
+    if (m > 0.f) frexpf(m, &em);
+    const int E = m > 0.f ? 15 - em : 0;
+    // 2^E as two exact float factors: E is in [-114, 163], beyond one float's exponent range.
+    const int e1 = E / 2, e2 = E - e1;
+    const float f1 = __int_as_float((127 + e1) << 23), f2 = __int_as_float((127 + e2) << 23);
+    const int CH = Wp / 16;
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int wi = 32 * slice + 4 * warp + i;
+        const int X = __float2int_rn(xv[i] * f1 * f2);  // |X| < 2^15
+        sum += X;
+        uint32_t mine = 0;
+#pragma unroll
+        for (int p = 0; p < 16; ++p) {
+            const uint32_t word = __ballot_sync(0xffffffffu, (X >> p) & 1);
+            if (lane == p) mine = word;
+        }
+        // word wi = 16 c + 4 t + 2 j + e; plane p = 8 hi + g goes to component 2 e + hi
+        const int c = wi >> 4, t = (wi >> 2) & 3, j = (wi >> 1) & 1, e = wi & 1;
+        if (lane < 16 && c < CH)
+            xb[((((size_t)row * CH + c) * 2 + j) * 32 + 4 * (lane & 7) + t) * 4 + 2 * e +
+               (lane >> 3)] = mine;
+    }
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) red_s[warp] = sum;
+    __syncthreads();
+    if (tid == 0) {
+        long long total = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) total += red_s[i];
+        // sum of the rounded x: exact (|total| < 2^32 times a power of two)
+        xsum[(size_t)row * gridDim.y + slice] = ldexp((double)total, -E);
+        if (slice == 0) rscale[row] = ldexp(1.0, -E);
+    }
+}
+
+__device__ __forceinline__ void ds_bmma(int* d, const uint4& a, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+// The weight of plane p in X (two's complement, 16 bits).
+__device__ __forceinline__ double ds_plane_weight(int p) {
+    return p == 15 ? -32768.0 : (double)(1 << p);
+}
+
+// NW warps side by side on the features (warp w: 2 T tiles of 8 features from n0 = nb + 16 T w),
+// all over the whole K. Each 512-column chunk goes through a block-wide cp.async ring of S slots
+// in dynamic shared memory: the block's sign rows (NW T 16 rows of 64 bytes) and the group's x
+// fragments (R rows x 1 KB), so x is read from L2 once per block, not once per warp, and S - 1
+// chunks are in flight while one is multiplied. Thread (g, t) reads its sign words at row
+// offset 16 t bytes of a 64-byte row and its fragments at 16 lane: conflict-free. Groups of at
+// most R rows. Needs ceil(K/32) % 4 == 0 and 16-byte aligned sign rows (the copies' word index is
+// clamped into the row; what a clamped copy reads meets zero planes).
+template <int T, int R, int NW, int S>
+__device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4* __restrict__ xb,
+                                             const double* __restrict__ xsum,
+                                             const double* __restrict__ rscale,
+                                             const __nv_bfloat16* __restrict__ base,
+                                             __nv_bfloat16* __restrict__ y, int N, int W, int Wp) {
+    constexpr int A_U4 = NW * T * 16 * 4;  // uint4 of sign rows per slot
+    constexpr int B_U4 = R * 64;           // uint4 of x fragments per slot
+    extern __shared__ uint4 ring[];
+    const int grp = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned int rb = tab.row_begin[grp];
+    const int Rg = (int)(tab.row_begin[grp + 1] - rb);
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
+    const int nb = blockIdx.x * NW * 16 * T;  // the block's first feature
+    const int n0 = nb + warp * 16 * T;        // the warp's
+
+    if (words == nullptr) {  // base-only rows: zeros (or the base)
+        ds_wait_prerequisite();
+        for (int idx = threadIdx.x; idx < Rg * NW * 16 * T; idx += blockDim.x) {
+            const int j = idx / (NW * 16 * T), n = nb + idx % (NW * 16 * T);
+            if (n < N) {
+                const size_t o = (size_t)group_row(tab, rb, j) * N + n;
+                y[o] = base ? base[o] : __float2bfloat16(0.f);
+            }
+        }
+        return;
+    }
+    const int CH = Wp / 16;
+    // Slot layout: sign row r (0 .. NW T 16) at r * 4 + q (q = the 16-byte quarter of the chunk's
+    // 64 bytes), then x row j's fragments at A_U4 + j * 64 + (mma * 32 + lane). Thread e of the
+    // block copies entries e + 32 NW u of each; their sources are fixed but for the chunk offset.
+    constexpr int AU = A_U4 / (32 * NW), BU = (B_U4 + 32 * NW - 1) / (32 * NW);
+    const int q = threadIdx.x & 3;
+    const uint32_t* asrc[AU];
+#pragma unroll
+    for (int u = 0; u < AU; ++u) {
+        const int r = (threadIdx.x + 32 * NW * u) >> 2;
+        asrc[u] = words + (size_t)min(nb + r, N - 1) * W;
+    }
+    const uint4* bsrc[BU];
+#pragma unroll
+    for (int u = 0; u < BU; ++u) {
+        const int e = threadIdx.x + 32 * NW * u, j = e >> 6;
+        bsrc[u] = j < Rg ? xb + (size_t)group_row(tab, rb, j) * CH * 64 + (e & 63) : nullptr;
+    }
+    auto issue_a = [&](int c) {
+        uint4* dst = ring + (c % S) * (A_U4 + B_U4) + threadIdx.x;
+        const int wi = min(16 * c + 4 * q, W - 4);
+#pragma unroll
+        for (int u = 0; u < AU; ++u) ds_cp_async16(dst + 32 * NW * u, asrc[u] + wi, 16);
+    };
+    auto issue_b = [&](int c) {
+        uint4* dst = ring + (c % S) * (A_U4 + B_U4) + A_U4 + threadIdx.x;
+#pragma unroll
+        for (int u = 0; u < BU; ++u)
+            if (bsrc[u] != nullptr) ds_cp_async16(dst + 32 * NW * u, bsrc[u] + 64 * c, 16);
+    };
+#pragma unroll
+    for (int c = 0; c < S - 1; ++c)
+        if (c < CH) issue_a(c);
+    ds_wait_prerequisite();  // xb, xsum and rscale come from ds_prepb1_bf16
+#pragma unroll
+    for (int c = 0; c < S - 1; ++c) {
+        if (c < CH) issue_b(c);
+        ds_cp_async_commit();
+    }
+
+    int acc[R][2 * T][4];
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+#pragma unroll
+        for (int f = 0; f < 2 * T; ++f)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[j][f][v] = 0;
+
+    for (int c = 0; c < CH; ++c) {
+        ds_cp_async_wait<S - 2>();
+        __syncthreads();  // chunk c is in; every warp is done with chunk c - 1's slot
+        if (c + S - 1 < CH) {
+            issue_a(c + S - 1);
+            issue_b(c + S - 1);
+        }
+        ds_cp_async_commit();
+        const uint4* slot = ring + (c % S) * (A_U4 + B_U4);
+        uint4 b[2 * T];
+#pragma unroll
+        for (int f = 0; f < 2 * T; ++f) b[f] = slot[(warp * T * 16 + 8 * f + g) * 4 + t];
+        uint4 a[R][2];
+#pragma unroll
+        for (int j = 0; j < R; ++j)
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+                a[j][mi] = j < Rg ? slot[A_U4 + j * 64 + 32 * mi + lane] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int j = 0; j < R; ++j)
+                if (j < Rg)  // the same for the whole block
+#pragma unroll
+                    for (int f = 0; f < 2 * T; ++f)
+                        ds_bmma(acc[j][f], a[j][mi], mi ? b[f].z : b[f].x, mi ? b[f].w : b[f].y);
+    }
+    ds_cp_async_wait<0>();
+
+    // Thread (g, t): acc[j][f][2 hi + e] is plane 8 hi + g of group row j, feature
+    // n0 + 8 f + 2 t + e; the 8 threads g of a column t hold the 16 planes between them.
+    const float scale = tab.scale[grp];
+    const double wlo = ds_plane_weight(g), whi = ds_plane_weight(g + 8);
+    const int SL = (Wp + 31) / 32;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+        const int row = j < Rg ? group_row(tab, rb, j) : 0;
+        double xs = 0.0;
+        if (g == 0 && j < Rg)
+            for (int i = 0; i < SL; ++i) xs += xsum[(size_t)row * SL + i];
+#pragma unroll
+        for (int f = 0; f < 2 * T; ++f) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                double s = wlo * acc[j][f][e] + whi * acc[j][f][2 + e];
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                s += __shfl_xor_sync(0xffffffffu, s, 8);
+                s += __shfl_xor_sync(0xffffffffu, s, 16);
+                const int n = n0 + 8 * f + 2 * t + e;
+                if (g == 0 && j < Rg && n < N) {
+                    const double dot = 2.0 * rscale[row] * s - xs;
+                    const size_t o = (size_t)row * N + n;
+                    float out = scale * (float)dot;
+                    if (base) out += __bfloat162float(base[o]);
+                    y[o] = __float2bfloat16(out);
+                }
+            }
+        }
+    }
+}
+
+// 4 warps and a ring of 6 slots (src/cuda.rs opts in to more than 48 KB of shared memory where a
+// slot is above 8 KB). Measured on the H100 (BENCHMARKS.md, session 7): 6 slots beat 4 and 8 (8
+// leaves room for 3 blocks per SM, which splits 4096-feature grids into two waves), and 8 warps
+// per block (x read from L2 half as often) was no faster.
+#define DS_TCB1_KERNEL(T, R)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) ds_tcb1_bf16_t##T##_r##R(                 \
+            const GroupTable tab, const uint4* __restrict__ xb,                                 \
+            const double* __restrict__ xsum, const double* __restrict__ rscale,                 \
+            const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W, \
+            int Wp) {                                                                           \
+        ds_tcb1_body<T, R, 4, 6>(tab, xb, xsum, rscale, base, y, N, W, Wp);                     \
+    }
+DS_TCB1_KERNEL(1, 1)
+DS_TCB1_KERNEL(2, 1)
+DS_TCB1_KERNEL(1, 2)
+DS_TCB1_KERNEL(2, 2)
+DS_TCB1_KERNEL(1, 4)
+DS_TCB1_KERNEL(1, 8)
 
 // ---------------------------------------------------------------------------------------------
 // Fused delta linear layer for decode: y[r] = x[r] . (Wbase + scale_g S_g)^T, one kernel, for
