@@ -44,7 +44,7 @@ timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-
 echo "sanitizer exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
 timeout 50 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-tests --test-threads=1 \
   int8_and_bf16 2>&1 | tee "$OUT/sanitizer_int8.log" | grep -E "ERROR SUMMARY|test result|panicked|Invalid|error" | head -20
-echo "sanitizer (int8/bf16 sweep) exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
+echo "sanitizer (binary/int8/bf16 sweep) exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
 
 echo "== bench kernels"
 timeout ${BENCH_TIMEOUT:-100} $B/deltaserve bench kernels --device cuda:0 --iters 30 --prefill "" ${BENCH_ARGS:-} --json "$OUT/ours.json" 2>&1 | tee "$OUT/bench.log"

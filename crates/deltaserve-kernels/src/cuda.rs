@@ -796,7 +796,7 @@ fn forward_b1(
         } else {
             1
         };
-        // The ring: 4 slots of the block's sign rows (64 bytes each) and the group's x
+        // The ring: `slots` slots of the block's sign rows (64 bytes each) and the group's x
         // fragments (1 KB per row).
         let smem = slots * (nw * tiles * 16 * 64 + r * 1024);
         let kname = format!("ds_tcb1_bf16_t{tiles}_r{r}");
@@ -1089,12 +1089,12 @@ fn fused(
     Ok(())
 }
 
-/// The opt-in to more than 48 KiB of dynamic shared memory, to the maximum (so that no later call
-/// changes it), for the function handle that will be launched. The attribute is read first and set
-/// only while below, so that no attribute is set inside a CUDA graph capture once a call has run.
-/// Keyed by the handle, not by kernel name and device: each `CudaDevice` (and a racing first load)
-/// loads its own module with its own handles, and a name-keyed record made for one skipped the
-/// others (a launch failure when two tests first ran a > 48 KB kernel at once).
+/// The opt-in to `bytes` (> 48 KiB) of dynamic shared memory for the function handle that will be
+/// launched. The handle's attribute is read first and set only while below, so that once a call
+/// has run no attribute is set again (none inside a CUDA graph capture). It used to be recorded
+/// once per kernel name and device, but each `CudaDevice` (and a racing first load) loads its own
+/// module with its own handles, and the record made for one skipped the others: a launch failure
+/// when two tests first ran a > 48 KB kernel at once.
 fn opt_in_smem(
     f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
     bytes: usize,

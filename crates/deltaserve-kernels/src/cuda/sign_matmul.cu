@@ -462,22 +462,20 @@ template <int N> __device__ __forceinline__ void ds_cp_async_wait() {
 // 4096x4096 48.8 -> 38.8 us, 11008x4096 109.2 -> 89.2 us, 4096x11008 122.6 -> 102.8 us against the
 // bf16 kernel; with 4 or 8 rows per group (2 or 4 n-tiles) it was slower or no faster.
 
-// The exponent E of a row's fixed-point form X = round(x 2^E), |X| < 2^15 (the int8 and binary
-// paths); every thread of the NT-thread block gets it. red_m: NT / 32 floats.
-template <int NT>
-__device__ __forceinline__ int ds_row_exponent(const __nv_bfloat16* __restrict__ xr, int K,
-                                               float* red_m) {
-    const int tid = threadIdx.x;
-    float m = 0.f;
-#pragma unroll 4
-    for (int k = tid; k < K; k += NT) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
+// The largest of every thread's m in a 256-thread block, for every thread (red_m: 8 floats).
+__device__ __forceinline__ float ds_block_max(float m, float* red_m) {
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if ((tid & 31) == 0) red_m[tid >> 5] = m;
+    if ((threadIdx.x & 31) == 0) red_m[threadIdx.x >> 5] = m;
     __syncthreads();
     m = 0.f;
 #pragma unroll
-    for (int i = 0; i < NT / 32; ++i) m = fmaxf(m, red_m[i]);
-    // m = f 2^em, f in [0.5, 1): m 2^(15 - em) < 2^15.
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, red_m[i]);
+    return m;
+}
+
+// The exponent E of a row's fixed-point form X = round(x 2^E), |X| < 2^15 (the int8 and binary
+// paths), from the row's largest |x|: m = f 2^em, f in [0.5, 1), so m 2^(15 - em) < 2^15.
+__device__ __forceinline__ int ds_fixed_point_exponent(float m) {
     int em = 0;
     if (m > 0.f) frexpf(m, &em);
     return m > 0.f ? 15 - em : 0;
@@ -514,7 +512,9 @@ extern "C" __global__ void __launch_bounds__(256) ds_prepi8_bf16(const __nv_bflo
     const __nv_bfloat16* xr = x + (size_t)row * K;
     __shared__ float red_m[8];
     __shared__ double red_s[8];
-    const int E = ds_row_exponent<256>(xr, K, red_m);
+    float m = 0.f;
+    for (int k = tid; k < K; k += 256) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
+    const int E = ds_fixed_point_exponent(ds_block_max(m, red_m));
     double sum = 0.0;
     const int regs = Kp / 4;  // 4-byte registers per plane
     for (int q = tid; q < regs; q += 256) {
@@ -836,16 +836,7 @@ extern "C" __global__ void __launch_bounds__(256) ds_prepb1_bf16(const __nv_bflo
     }
     __shared__ float red_m[8];
     __shared__ long long red_s[8];
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if (lane == 0) red_m[warp] = m;
-    __syncthreads();
-    m = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) m = fmaxf(m, red_m[i]);
-    // m = f 2^em, f in [0.5, 1): m 2^(15 - em) < 2^15 (as ds_row_exponent).
-    int em = 0;
-    if (m > 0.f) frexpf(m, &em);
-    const int E = m > 0.f ? 15 - em : 0;
+    const int E = ds_fixed_point_exponent(ds_block_max(m, red_m));
     // 2^E as two exact float factors: E is in [-114, 163], beyond one float's exponent range.
     const int e1 = E / 2, e2 = E - e1;
     const float f1 = __int_as_float((127 + e1) << 23), f2 = __int_as_float((127 + e2) << 23);
