@@ -625,35 +625,20 @@ fn forward_int8(
     on: On,
 ) -> candle_core::Result<Scratch> {
     let kp = k.div_ceil(TC_CHUNK) * TC_CHUNK;
-    let (n_i, k_i, kp_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(kp, "padded K")?);
-    let w_i = to_i32(words_per_row(k), "ceil(K/32)")?;
-    // SAFETY: the prep kernel writes all 3 digit planes of every row and both per-row values.
-    let xi8 = unsafe { dev.alloc::<u32>(m * 3 * kp / 4) }?;
-    let xsum = unsafe { dev.alloc::<f64>(m) }?;
-    let rscale = unsafe { dev.alloc::<f64>(m) }?;
-    let (xi8_ptr, xsum_ptr, rscale_ptr) = (
-        slice_ptr(&xi8, dev),
-        slice_ptr(&xsum, dev),
-        slice_ptr(&rscale, dev),
-    );
     let mut scratch = Scratch::default();
-    scratch.keep(xi8);
-    scratch.keep(xsum);
-    scratch.keep(rscale);
-    let mut args = Args::default();
-    args.arg(&x)
-        .arg(&xi8_ptr)
-        .arg(&xsum_ptr)
-        .arg(&rscale_ptr)
-        .arg(&k_i)
-        .arg(&kp_i);
-    let cfg = LaunchConfig {
-        grid_dim: (to_u32(m)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: arguments match `ds_prepi8_bf16`; x holds m * k values.
-    unsafe { launch(dev, "ds_prepi8_bf16", cfg, &mut args, on, false) }?;
+    // Three digit planes of kp bytes per row, one block per row.
+    let fx = FixedPointX::prep(
+        dev,
+        "ds_prepi8_bf16",
+        x,
+        m,
+        k,
+        kp,
+        3 * kp / 4,
+        1,
+        on,
+        &mut scratch,
+    )?;
     let sms = multiprocessors(dev);
     for table in tables {
         // Two rows per n-tile (three digit columns and a zero one each).
@@ -684,36 +669,109 @@ fn forward_int8(
         } else {
             ""
         };
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
+            block_dim: (to_u32(32 * nw)?, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}{suffix}");
+        fx.launch_product(dev, &name, cfg, table, base, y, n, on)?;
+    }
+    Ok(scratch)
+}
+
+/// x in the fixed-point form of the int8 and binary paths, as its prep kernel wrote it (device
+/// addresses): the encoding, partial sums of the rounded x and 2^-E per row.
+struct FixedPointX {
+    enc: u64,
+    xsum: u64,
+    rscale: u64,
+    /// ceil(K/32), and the padded length the prep kernel took (`kp` or `wp`).
+    w: i32,
+    padded: i32,
+}
+
+impl FixedPointX {
+    /// Runs prep kernel `name` (parameters x, enc, xsum, rscale, K, padded; grid (m, slices) of
+    /// 256 threads) into buffers kept in `scratch`: `enc_u32` u32 of encoding and `slices` partial
+    /// sums per row.
+    #[allow(clippy::too_many_arguments)]
+    fn prep(
+        dev: &CudaDevice,
+        name: &str,
+        x: u64,
+        m: usize,
+        k: usize,
+        padded: usize,
+        enc_u32: usize,
+        slices: usize,
+        on: On,
+        scratch: &mut Scratch,
+    ) -> candle_core::Result<Self> {
+        let (k_i, padded_i) = (to_i32(k, "K")?, to_i32(padded, "padded K")?);
+        // SAFETY: the prep kernel writes every encoded value, partial sum and rscale of m rows.
+        let enc = unsafe { dev.alloc::<u32>(m * enc_u32) }?;
+        let xsum = unsafe { dev.alloc::<f64>(m * slices) }?;
+        let rscale = unsafe { dev.alloc::<f64>(m) }?;
+        let fx = Self {
+            enc: slice_ptr(&enc, dev),
+            xsum: slice_ptr(&xsum, dev),
+            rscale: slice_ptr(&rscale, dev),
+            w: to_i32(words_per_row(k), "ceil(K/32)")?,
+            padded: padded_i,
+        };
+        scratch.keep(enc);
+        scratch.keep(xsum);
+        scratch.keep(rscale);
+        let mut args = Args::default();
+        args.arg(&x)
+            .arg(&fx.enc)
+            .arg(&fx.xsum)
+            .arg(&fx.rscale)
+            .arg(&k_i)
+            .arg(&padded_i);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(m)?, to_u32(slices)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the prep kernels `ds_prepi8_bf16` and `ds_prepb1_bf16`; x
+        // holds m * k values.
+        unsafe { launch(dev, name, cfg, &mut args, on, false) }?;
+        Ok(fx)
+    }
+
+    /// Launches product kernel `name` (parameters table, enc, xsum, rscale, base, y, N, W,
+    /// padded) for one table, as a programmatic dependent of the prep.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_product(
+        &self,
+        dev: &CudaDevice,
+        name: &str,
+        cfg: LaunchConfig,
+        table: &GroupTable,
+        base: u64,
+        y: u64,
+        n: usize,
+        on: On,
+    ) -> candle_core::Result<()> {
+        let n_i = to_i32(n, "N")?;
         let mut args = Args::default();
         args.arg(table)
-            .arg(&xi8_ptr)
-            .arg(&xsum_ptr)
-            .arg(&rscale_ptr)
+            .arg(&self.enc)
+            .arg(&self.xsum)
+            .arg(&self.rscale)
             .arg(&base)
             .arg(&y)
             .arg(&n_i)
-            .arg(&w_i)
-            .arg(&kp_i);
-        let cfg = LaunchConfig {
-            grid_dim: (to_u32(n.div_ceil(16 * tiles))?, table.n_groups, 1),
-            block_dim: (32 * nw, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
-        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or m * n bf16;
-        // it waits for the prep kernel before reading its outputs (`ds_wait_prerequisite`).
-        unsafe {
-            launch(
-                dev,
-                &format!("ds_tci8_bf16_t{tiles}_r{rt2}_w{nw}{suffix}"),
-                cfg,
-                &mut args,
-                on,
-                true,
-            )
-        }?;
+            .arg(&self.w)
+            .arg(&self.padded);
+        // SAFETY: arguments match the int8 and binary product kernels; the table's rows are < m
+        // with at most 8 per group, its words [n, w] with w % 4 == 0 and 16-byte aligned rows;
+        // base is 0 or m * n bf16; the kernel waits for the prep kernel before reading its
+        // outputs (`ds_wait_prerequisite`).
+        unsafe { launch(dev, name, cfg, &mut args, on, true) }
     }
-    Ok(scratch)
 }
 
 /// Groups of at most this many rows can take the binary kernel (`ds_tcb1_bf16_*`).
@@ -747,39 +805,22 @@ fn forward_b1(
     y: u64,
     on: On,
 ) -> candle_core::Result<Scratch> {
-    let w = words_per_row(k);
-    let wp = w.div_ceil(16) * 16;
-    let (n_i, k_i, w_i) = (to_i32(n, "N")?, to_i32(k, "K")?, to_i32(w, "ceil(K/32)")?);
-    let wp_i = to_i32(wp, "padded ceil(K/32)")?;
-    // Slices of 32 words per prep block, each with its partial sum of x.
-    let slices = wp.div_ceil(32);
-    // SAFETY: the prep kernel writes all 16 planes of every row, every partial sum and rscale.
-    let xb = unsafe { dev.alloc::<u32>(m * 16 * wp) }?;
-    let xsum = unsafe { dev.alloc::<f64>(m * slices) }?;
-    let rscale = unsafe { dev.alloc::<f64>(m) }?;
-    let (xb_ptr, xsum_ptr, rscale_ptr) = (
-        slice_ptr(&xb, dev),
-        slice_ptr(&xsum, dev),
-        slice_ptr(&rscale, dev),
-    );
+    let wp = words_per_row(k).div_ceil(16) * 16;
     let mut scratch = Scratch::default();
-    scratch.keep(xb);
-    scratch.keep(xsum);
-    scratch.keep(rscale);
-    let mut args = Args::default();
-    args.arg(&x)
-        .arg(&xb_ptr)
-        .arg(&xsum_ptr)
-        .arg(&rscale_ptr)
-        .arg(&k_i)
-        .arg(&wp_i);
-    let cfg = LaunchConfig {
-        grid_dim: (to_u32(m)?, to_u32(slices)?, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: arguments match `ds_prepb1_bf16`; x holds m * k values.
-    unsafe { launch(dev, "ds_prepb1_bf16", cfg, &mut args, on, false) }?;
+    // 16 planes of wp words per row; blocks of 32 words, each with its partial sum of x.
+    let slices = wp.div_ceil(32);
+    let fx = FixedPointX::prep(
+        dev,
+        "ds_prepb1_bf16",
+        x,
+        m,
+        k,
+        wp,
+        16 * wp,
+        slices,
+        on,
+        &mut scratch,
+    )?;
     let sms = multiprocessors(dev);
     // `ds_tcb1_body`'s warps per block and ring slots.
     let (nw, slots) = (4, 6);
@@ -799,26 +840,13 @@ fn forward_b1(
         // The ring: `slots` slots of the block's sign rows (64 bytes each) and the group's x
         // fragments (1 KB per row).
         let smem = slots * (nw * tiles * 16 * 64 + r * 1024);
-        let kname = format!("ds_tcb1_bf16_t{tiles}_r{r}");
-        let mut args = Args::default();
-        args.arg(table)
-            .arg(&xb_ptr)
-            .arg(&xsum_ptr)
-            .arg(&rscale_ptr)
-            .arg(&base)
-            .arg(&y)
-            .arg(&n_i)
-            .arg(&w_i)
-            .arg(&wp_i);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(n.div_ceil(16 * nw * tiles))?, table.n_groups, 1),
             block_dim: (to_u32(32 * nw)?, 1, 1),
             shared_mem_bytes: to_u32(smem)?,
         };
-        // SAFETY: arguments match the kernel; the table's rows are < m with at most 8 per group,
-        // its words [n, w] with w % 4 == 0 and 16-byte aligned rows; base is 0 or m * n bf16;
-        // it waits for the prep kernel before reading its outputs (`ds_wait_prerequisite`).
-        unsafe { launch(dev, &kname, cfg, &mut args, on, true) }?;
+        let name = format!("ds_tcb1_bf16_t{tiles}_r{r}");
+        fx.launch_product(dev, &name, cfg, table, base, y, n, on)?;
     }
     Ok(scratch)
 }
