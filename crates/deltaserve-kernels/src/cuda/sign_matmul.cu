@@ -92,6 +92,24 @@ __device__ __forceinline__ void ds_wait_prerequisite() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
+// The blocks of a group whose words pointer is 0 (the base-only rows of a multi-tenant batch): its
+// rows (rb, R as group_row takes them) get zeros, or the base, on this block's F features from
+// n0. Waits for the prep kernel first, as the blocks with a delta do. Used by the bf16, int8 and
+// binary product kernels.
+__device__ __forceinline__ void ds_store_base_only(const GroupTable& tab, unsigned int rb, int R,
+                                                   int n0, int F, int N,
+                                                   const __nv_bfloat16* __restrict__ base,
+                                                   __nv_bfloat16* __restrict__ y) {
+    ds_wait_prerequisite();
+    for (int idx = threadIdx.x; idx < R * F; idx += blockDim.x) {
+        const int j = idx / F, n = n0 + idx % F;
+        if (n < N) {
+            const size_t o = (size_t)group_row(tab, rb, j) * N + n;
+            y[o] = base ? base[o] : __float2bfloat16(0.f);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core path, bf16 x.
 
@@ -235,15 +253,8 @@ __device__ __forceinline__ void ds_tc_bf16_body(const GroupTable& tab, const uin
     const uint32_t* words = reinterpret_cast<const uint32_t*>(tab.words[grp]);
     const int n0 = blockIdx.x * 16 * T;
 
-    if (words == nullptr) {  // base-only rows: zeros
-        ds_wait_prerequisite();
-        for (int idx = threadIdx.x; idx < R * 16 * T; idx += blockDim.x) {
-            const int j = idx / (16 * T), n = n0 + idx % (16 * T);
-            if (n < N) {
-                const size_t o = (size_t)group_row(tab, rb, j) * N + n;
-                y[o] = base ? base[o] : __float2bfloat16(0.f);
-            }
-        }
+    if (words == nullptr) {  // base-only rows: zeros (or the base)
+        ds_store_base_only(tab, rb, R, n0, 16 * T, N, base, y);
         return;
     }
 
@@ -571,14 +582,7 @@ __device__ __forceinline__ void ds_tci8_body(const GroupTable& tab, const uint32
     const int n0 = blockIdx.x * 16 * T;
 
     if (words == nullptr) {  // base-only rows: zeros (or the base)
-        ds_wait_prerequisite();
-        for (int idx = threadIdx.x; idx < R * 16 * T; idx += blockDim.x) {
-            const int j = idx / (16 * T), n = n0 + idx % (16 * T);
-            if (n < N) {
-                const size_t o = (size_t)group_row(tab, rb, j) * N + n;
-                y[o] = base ? base[o] : __float2bfloat16(0.f);
-            }
-        }
+        ds_store_base_only(tab, rb, R, n0, 16 * T, N, base, y);
         return;
     }
     const uint32_t* arow[T][2];
@@ -911,14 +915,7 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
     const int n0 = nb + warp * 16 * T;        // the warp's
 
     if (words == nullptr) {  // base-only rows: zeros (or the base)
-        ds_wait_prerequisite();
-        for (int idx = threadIdx.x; idx < Rg * NW * 16 * T; idx += blockDim.x) {
-            const int j = idx / (NW * 16 * T), n = nb + idx % (NW * 16 * T);
-            if (n < N) {
-                const size_t o = (size_t)group_row(tab, rb, j) * N + n;
-                y[o] = base ? base[o] : __float2bfloat16(0.f);
-            }
-        }
+        ds_store_base_only(tab, rb, Rg, nb, NW * 16 * T, N, base, y);
         return;
     }
     const int CH = Wp / 16;
@@ -1006,9 +1003,11 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
 #pragma unroll
     for (int j = 0; j < R; ++j) {
         const int row = j < Rg ? group_row(tab, rb, j) : 0;
-        double xs = 0.0;
-        if (g == 0 && j < Rg)
+        double xs = 0.0, rs = 0.0;
+        if (g == 0 && j < Rg) {
             for (int i = 0; i < SL; ++i) xs += xsum[(size_t)row * SL + i];
+            rs = rscale[row];
+        }
 #pragma unroll
         for (int f = 0; f < 2 * T; ++f) {
 #pragma unroll
@@ -1019,7 +1018,7 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
                 s += __shfl_xor_sync(0xffffffffu, s, 16);
                 const int n = n0 + 8 * f + 2 * t + e;
                 if (g == 0 && j < Rg && n < N) {
-                    const double dot = 2.0 * rscale[row] * s - xs;
+                    const double dot = 2.0 * rs * s - xs;
                     const size_t o = (size_t)row * N + n;
                     float out = scale * (float)dot;
                     if (base) out += __bfloat162float(base[o]);
