@@ -123,6 +123,32 @@ fn check_delta_rows(
     err
 }
 
+/// One decode batch on `path`, both forms: `tenant_delta_matmul_with` against `want` (the f64
+/// reference) by [`check_delta_rows`], and `tenant_delta_matmul_add_with` with base `b` against the
+/// f64 sum of the rounded base `br` and `want`. Poisons the output first; returns the first error.
+#[allow(clippy::too_many_arguments)]
+fn check_product_and_add(
+    dev: &Device,
+    x: &Tensor,
+    b: &Tensor,
+    br: &[f32],
+    row_slot: &[Option<u32>],
+    refs: &[&SignDelta],
+    path: Bf16Path,
+    want: &[f32],
+    what: &str,
+) -> f64 {
+    let n = br.len() / row_slot.len();
+    poison(dev, br.len(), DType::BF16);
+    let y = tenant_delta_matmul_with(x, row_slot, refs, path).unwrap();
+    let err = check_delta_rows(&flat(&y), want, row_slot, n, tol(DType::BF16), what);
+    let y = tenant_delta_matmul_add_with(b, x, row_slot, refs, path).unwrap();
+    let want_add: Vec<f32> = want.iter().zip(br).map(|(d, b)| d + b).collect();
+    let err_add = rel_err(&flat(&y), &want_add);
+    assert!(err_add < tol(DType::BF16), "+ base {what}: {err_add:.2e}");
+    err
+}
+
 /// Allocates and frees a NaN buffer of `len` values of `dtype` on the GPU, so that the next
 /// allocation of that size likely reuses it: an output element a kernel forgets to write then
 /// reads as NaN and fails `rel_err`.
@@ -408,25 +434,10 @@ fn int8_and_bf16_decode_kernels_match_reference() {
             .into_iter()
             .enumerate()
         {
-            poison(&dev, m * n, DType::BF16);
-            let y = tenant_delta_matmul_with(&x, &row_slot, &refs, path).unwrap();
-            let err = check_delta_rows(
-                &flat(&y),
-                &want,
-                &row_slot,
-                n,
-                tol(DType::BF16),
-                &format!("{path:?} M={m} N={n} K={k} D={d}"),
-            );
+            let what = format!("{path:?} M={m} N={n} K={k} D={d}");
+            let err =
+                check_product_and_add(&dev, &x, &b, &br, &row_slot, &refs, path, &want, &what);
             worst[i] = worst[i].max(err);
-            // base + delta in the store: against the f64 sum of the rounded base and reference.
-            let y = tenant_delta_matmul_add_with(&b, &x, &row_slot, &refs, path).unwrap();
-            let want_add: Vec<f32> = want.iter().zip(&br).map(|(d, b)| d + b).collect();
-            let err = rel_err(&flat(&y), &want_add);
-            assert!(
-                err < tol(DType::BF16),
-                "{path:?} + base M={m} N={n} K={k}: {err:.2e}"
-            );
         }
     }
     println!(
@@ -476,32 +487,13 @@ fn decode_groups_of_3_to_8_rows_match_reference() {
                 .unwrap();
             let xr = xr[offset..].to_vec();
             let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
-            poison(&dev, m * n, DType::BF16);
-            let y = tenant_delta_matmul_with(&x, &row_slot, &refs, Bf16Path::TensorCore).unwrap();
-            let err = check_delta_rows(
-                &flat(&y),
-                &want,
-                &row_slot,
-                n,
-                tol(DType::BF16),
-                &format!("M={m} N={n} K={k} D={d} offset {offset}"),
-            );
-            worst = worst.max(err);
             let (b, br) = random_x(&mut rng, &[m, n], DType::BF16);
-            let y = tenant_delta_matmul_add_with(
-                &b.to_device(&dev).unwrap(),
-                &x,
-                &row_slot,
-                &refs,
-                Bf16Path::TensorCore,
-            )
-            .unwrap();
-            let want_add: Vec<f32> = want.iter().zip(&br).map(|(d, b)| d + b).collect();
-            let err = rel_err(&flat(&y), &want_add);
-            assert!(
-                err < tol(DType::BF16),
-                "+ base M={m} N={n} K={k} D={d} offset {offset}: {err:.2e}"
-            );
+            let b = b.to_device(&dev).unwrap();
+            let what = format!("M={m} N={n} K={k} D={d} offset {offset}");
+            let path = Bf16Path::TensorCore;
+            let err =
+                check_product_and_add(&dev, &x, &b, &br, &row_slot, &refs, path, &want, &what);
+            worst = worst.max(err);
         }
     }
     println!("worst relative error: {worst:.1e}");
