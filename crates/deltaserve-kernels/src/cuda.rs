@@ -17,7 +17,7 @@
 //!   [`crate::tenant_delta_matmul_add`] instead adds a precomputed base product in the delta
 //!   kernel's store.
 //! - **bf16 decode with one row per delta** (many tenants, one row each; and up to 8 rows per
-//!   delta with 8 or more tenants when K >= 8192): 1-bit tensor cores. x is written as 16 bit
+//!   delta with 8 or more tenants, 2-row groups only where K or N >= 8192): 1-bit tensor cores. x is written as 16 bit
 //!   planes of a per-row fixed-point form, and `mma.sync` m16n8k256 b1 AND + popc multiplies the
 //!   sign words as stored, with no unpacking at all (explained at the binary path in the `.cu`).
 //! - **bf16 decode with at most 2 rows per delta** otherwise: int8 tensor cores. x is written as
@@ -72,8 +72,8 @@ const INT8_MAX_K: usize = 1 << 16;
 pub enum Bf16Path {
     /// Tensor cores (the default). With 16-byte aligned sign rows (`ceil(K/32) % 4 == 0`),
     /// batches whose groups (rows sharing a delta) all have one row take the binary kernel
-    /// (`ds_tcb1_bf16_*`, also groups of up to 8 rows with 8 or more tenants at K >= 8192: see
-    /// `takes_b1`), those with at most 2 rows per group the int8 kernel (`ds_tci8_bf16_*`: half
+    /// (`ds_tcb1_bf16_*`, also groups of up to 8 rows with 8 or more tenants: see `takes_b1`),
+    /// the other batches with at most 2 rows per group the int8 kernel (`ds_tci8_bf16_*`: half
     /// the unpacking and mma instructions of the bf16 one); the rest the bf16 split-K kernel
     /// (`ds_tc_bf16_*`), with 8 warps splitting K where the grid has fewer than 2 blocks per SM,
     /// else 4.
@@ -477,7 +477,7 @@ fn forward<T: CudaDType + DeviceRepr>(
                     .iter()
                     .all(|p| p.is_multiple_of(16))
         };
-        if path == Bf16Path::TensorCore && tables.iter().all(|t| aligned(t) && takes_b1(t, k)) {
+        if path == Bf16Path::TensorCore && tables.iter().all(|t| aligned(t) && takes_b1(t, n, k)) {
             let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
             scratch = forward_b1(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
             return Ok((y, scratch));
@@ -777,16 +777,30 @@ impl FixedPointX {
 /// Groups of at most this many rows can take the binary kernel (`ds_tcb1_bf16_*`).
 const B1_MAX_GROUP_ROWS: usize = 8;
 
-/// Whether a table (with 16-byte aligned sign rows) takes the binary path. Measured on the H100
-/// (BENCHMARKS.md, session 7, same calls as the int8 and bf16 kernels): faster for every batch of
-/// one-row groups (4096x4096 8 x 8 13.7 -> 10.5 us, 32 x 32 36.0 -> 32.9, 11008x4096 32 x 32
-/// 81.8 -> 73.4, 1 x 1 6.5 -> 6.0), and with up to 8 rows per group on K >= 8192 with 8 or more
-/// tenants (4096x11008 32 x 8 37.7 -> 34.4, 32 x 16 61.5 -> 55.5); with 2-8 rows per group on the
-/// K = 4096 shapes it lost (4096x4096 32 x 8 16.2 -> 15.9 but the whole step 29.4 -> 31.8, 32 x 16
-/// 22.1 -> 24.0), and for one tenant of 8 rows (one group: 64 blocks) it was twice as slow.
-fn takes_b1(t: &GroupTable, k: usize) -> bool {
-    let rows = t.max_delta_group_rows();
-    rows <= 1 || (k >= 8192 && rows <= B1_MAX_GROUP_ROWS && t.delta_groups() >= 8)
+/// The binary kernel sums its bit planes in int32, exact for K below this (`sign_matmul.cu`).
+const B1_MAX_K: usize = 1 << 16;
+
+/// Whether a table (with 16-byte aligned sign rows) takes the binary path, for `n` features and
+/// `k` columns. Measured on the H100 against the int8 and bf16 kernels in the same calls
+/// (BENCHMARKS.md, sessions 7 and 8; `ours` delta product / whole step `dl`, µs):
+/// - every batch of one-row groups (4096x4096 8 x 8 13.7 -> 10.5, 32 x 32 36.0 -> 32.9);
+/// - 3-8 rows per group with 8 or more tenants, since session 8's leaner loop and store
+///   (4096x4096 32 x 8 16.4 -> 13.3 / 30.2 -> 28.4-28.8, 11008x4096 32 x 8 32.7 -> 27.5 /
+///   66.0 -> 58.0);
+/// - 2 rows per group with 8 or more tenants where K or N is at least 8192 (11008x4096 32 x 16
+///   47.9 -> 40.5 / 79.4 -> 71.9; 4096x11008 since session 7). On 4096x4096 the product is faster
+///   (21.3 -> 19.9) but the whole step beside cuBLAS slower (33.0-34.0 -> 35.0-35.8), so the int8
+///   kernel keeps it;
+/// - not one tenant of several rows (one group: 64 blocks for 4096 features, twice as slow).
+///
+/// K stays below [`B1_MAX_K`].
+fn takes_b1(t: &GroupTable, n: usize, k: usize) -> bool {
+    let (rows, tenants) = (t.max_delta_group_rows(), t.delta_groups());
+    if k >= B1_MAX_K {
+        return false;
+    }
+    rows <= 1
+        || (rows <= B1_MAX_GROUP_ROWS && tenants >= 8 && (k >= 8192 || n >= 8192 || rows >= 3))
 }
 
 /// The binary path (`ds_prepb1_bf16`, then `ds_tcb1_bf16_*` per table; `sign_matmul.cu` explains
@@ -845,7 +859,14 @@ fn forward_b1(
             block_dim: (to_u32(32 * nw)?, 1, 1),
             shared_mem_bytes: to_u32(smem)?,
         };
-        let name = format!("ds_tcb1_bf16_t{tiles}_r{r}");
+        // The L2 prefetch of whole 256-byte segments of sign rows: measured faster on K = 11008
+        // and with 32 tenants, slower on K = 4096 with 8 tenants (BENCHMARKS.md, session 8).
+        let pf = if k >= 8192 || table.delta_groups() >= 32 {
+            "_pf"
+        } else {
+            ""
+        };
+        let name = format!("ds_tcb1_bf16_t{tiles}_r{r}{pf}");
         fx.launch_product(dev, &name, cfg, table, base, y, n, on)?;
     }
     Ok(scratch)

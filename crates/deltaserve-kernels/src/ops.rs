@@ -176,10 +176,20 @@ pub fn delta_linear(
         // BENCHMARKS.md, session 6, lead). Since session 7 that batch takes the binary kernel
         // (`cuda::takes_b1`), whose overlapped step there is unmeasured; the rule is kept as
         // measured.
-        let two_row_wide = m > 16 && k >= 8192 && max_rows_per_slot(row_slot) <= 2;
+        let two_row_wide = m > 16 && k >= 8192 && max_rows_per_slot(row_slot, true) <= 2;
+        // And batches of 8 or more tenants with 3 or more rows each on 4096x4096: their delta
+        // product takes the binary kernel since session 8 (`cuda::takes_b1`), and the two
+        // streams lost to the plain order in every call that measured both (32 rows of 8
+        // tenants: 28.6-29.6 us against 28.1-28.5, five calls; on 11008x4096 and 4096x11008 the
+        // overlap won, 58.0 against 63.7 and 61.0 against 64.1: BENCHMARKS.md, session 8).
+        let multi_row_small = tenants.len() >= 8
+            && k < 8192
+            && first.n() < 8192
+            && max_rows_per_slot(row_slot, false) >= 3;
         if m <= crate::cuda::OVERLAP_MAX_ROWS
             && tenants.len() <= crate::cuda::OVERLAP_MAX_TENANTS
             && !two_row_wide
+            && !multi_row_small
             && x.device().is_cuda()
             && x.dtype() == DType::BF16
             && w_base.dtype() == DType::BF16
@@ -191,11 +201,11 @@ pub fn delta_linear(
     tenant_delta_matmul_add(&base, x, row_slot, deltas)
 }
 
-/// The most rows that share one slot (a tenant, or the base-only rows).
+/// The most rows that share one slot: a tenant, or (with `base_too`) the base-only rows.
 #[cfg(feature = "cuda")]
-fn max_rows_per_slot(row_slot: &[Option<u32>]) -> usize {
+fn max_rows_per_slot(row_slot: &[Option<u32>], base_too: bool) -> usize {
     let mut counts = std::collections::HashMap::new();
-    for slot in row_slot {
+    for slot in row_slot.iter().filter(|s| base_too || s.is_some()) {
         *counts.entry(*slot).or_insert(0usize) += 1;
     }
     counts.into_values().max().unwrap_or(0)

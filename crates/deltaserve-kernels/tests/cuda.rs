@@ -446,9 +446,10 @@ fn int8_and_bf16_decode_kernels_match_reference() {
     );
 }
 
-/// Decode groups of 3-8 rows on the default path (`ds_prep_bf16`, then the bf16 kernel with one
-/// row tile; the 32 rows x 8 tenants shape of issue 5; with 8 tenants and K >= 8192 the binary
-/// kernel, `ds_tcb1_bf16_t1_r4` / `_r8`): K % 8 == 0 and not (4091, 3050, 1002), x starting one
+/// Decode groups of 3-8 rows on the default path (with fewer than 8 tenants `ds_prep_bf16`, then
+/// the bf16 kernel with one row tile; with 8 tenants, as in issue 5's 32 rows x 8 tenants, the
+/// binary kernel, `ds_tcb1_bf16_t1_r4` / `_r8`, with its L2 prefetch at K >= 8192; and one case
+/// of 2-row groups on N >= 8192, binary too): K % 8 == 0 and not (4091, 3050, 1002), x starting one
 /// element into its buffer, 1, 2 and 4 feature tiles with 8 or 4 warps, groups of exactly 8 rows,
 /// base-only rows in their own group, awkward N, and the `+ base` store; each against the f64
 /// reference.
@@ -467,6 +468,9 @@ fn decode_groups_of_3_to_8_rows_match_reference() {
         (32, 500, 4096, 4),
         (32, 1500, 11008, 8),
         (64, 700, 9088, 8),
+        // 2-row groups of 16 tenants on N >= 8192: the binary kernel (one-row and 3-8 row groups
+        // of 8 tenants above, with and without its L2 prefetch at K >= 8192)
+        (32, 8200, 1000, 16),
     ];
     let mut worst = 0f64;
     for (m, n, k, d) in cases {

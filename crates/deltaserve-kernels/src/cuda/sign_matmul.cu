@@ -441,6 +441,13 @@ __device__ __forceinline__ void ds_cp_async16(void* smem, const void* gmem, int 
                  "r"(src_bytes)
                  : "memory");
 }
+// The same, asking L2 to fetch the whole 256-byte segment around the source.
+__device__ __forceinline__ void ds_cp_async16_pf256(void* smem, const void* gmem, int src_bytes) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes)
+                 : "memory");
+}
 __device__ __forceinline__ void ds_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -770,8 +777,9 @@ DS_TCI8_KERNELS(2, 4)
 
 // ---------------------------------------------------------------------------------------------
 // The binary path: groups of at most 8 rows (decode) on 1-bit tensor cores. src/cuda.rs
-// (`takes_b1`) routes one-row groups here, and groups of up to 8 rows with 8 or more tenants when
-// K >= 8192, where it measured faster than the int8 and bf16 kernels (BENCHMARKS.md, session 7).
+// (`takes_b1`) routes one-row groups here, and groups of up to 8 rows with 8 or more tenants
+// (2-row groups only where K or N >= 8192), where it measured faster than the int8 and bf16
+// kernels (BENCHMARKS.md, sessions 7 and 8).
 //
 // Why. The bf16 and int8 paths spend their instructions turning sign bits into mma operands
 // (16 LOP3 + 1 shift, or 8 LOP3, per 32 signs); at 4 rows per group that chain of unpacking and
@@ -783,7 +791,8 @@ DS_TCI8_KERNELS(2, 4)
 // w_p = 2^p (p < 15) or -2^15 (p = 15). The 16 planes of one row of x are the 16 rows of the
 // mma's A; 8 output features' sign rows are its B (n8), so
 //   sum_k b_k X_k = sum_p w_p D_p,  D_p = sum_k (bit p of X_k) AND b_k  (exact s32 popc sums),
-//   x . s = 2 rscale sum_k b_k X_k - xsum  (f64 in the store; rscale = 2^-E, xsum of rounded x).
+//   x . s = 2 rscale sum_k b_k X_k - xsum  (sum_p w_p D_p in int32, exact for K < 2^16, then
+//   f64 in the store; rscale = 2^-E, xsum of rounded x).
 // Bits past K: x's planes are zero there, so whatever the sign words hold ANDs to zero.
 // Fragments (m16n8k256, b1): thread (g, t) holds A rows g / g + 8 at k-slots 32 t .. 32 t + 31
 // (a0 / a1) and 128 + 32 t .. (a2 / a3), B column g at k-slots 32 t .. (b0) and 128 + 32 t ..
@@ -883,9 +892,32 @@ __device__ __forceinline__ void ds_bmma(int* d, const uint4& a, uint32_t b0, uin
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
-// The weight of plane p in X (two's complement, 16 bits).
-__device__ __forceinline__ double ds_plane_weight(int p) {
-    return p == 15 ? -32768.0 : (double)(1 << p);
+// Sums V values over the 8 threads g = lane / 4 of each column t (lanes t, t + 4, ..., t + 28)
+// and scatters the V sums among them: a butterfly over lane masks 16, 8, 4 in which each thread
+// keeps half of its list (the half its bit of g names) and sends the other half to its partner.
+// Afterwards thread g holds sums g V/8 .. (g + 1) V/8 - 1 in v[0 ..] (V >= 8); with V < 8 the
+// last steps are plain exchanges and the 8 / V threads g with the same g V / 8 hold that sum.
+template <int V>
+__device__ __forceinline__ void ds_reduce_scatter8(int (&v)[V], int g) {
+    static_assert(V >= 2 && (V & (V - 1)) == 0, "a power of two, at least 2");
+    int half = V / 2;
+#pragma unroll
+    for (int lvl = 0; lvl < 3; ++lvl) {
+        const int mask = 16 >> lvl;
+        if (half >= 1) {
+            const bool up = (g >> (2 - lvl)) & 1;
+#pragma unroll
+            for (int i = 0; i < V / 2; ++i)
+                if (i < half) {
+                    const int send = up ? v[i] : v[i + half];
+                    const int keep = up ? v[i + half] : v[i];
+                    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+                }
+            half /= 2;
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], mask);
+        }
+    }
 }
 
 // NW warps side by side on the features (warp w: 2 T tiles of 8 features from n0 = nb + 16 T w),
@@ -896,7 +928,18 @@ __device__ __forceinline__ double ds_plane_weight(int p) {
 // offset 16 t bytes of a 64-byte row and its fragments at 16 lane: conflict-free. Groups of at
 // most R rows. Needs ceil(K/32) % 4 == 0 and 16-byte aligned sign rows (the copies' word index is
 // clamped into the row; what a clamped copy reads meets zero planes).
-template <int T, int R, int NW, int S>
+// PF: the sign copies ask L2 to fetch the whole 256-byte segment around them (.L2::256B), so the
+// next 3 chunks of a sign row come from L2. Measured on the H100 (BENCHMARKS.md, session 8): a
+// gain on the long rows of K = 11008 (4096x11008 32 x 32 93.4 -> 77.3 us, 8 x 8 26.0 -> 23.3)
+// and with 32 tenants, a loss on the short rows of K = 4096 with 8 tenants (4096x4096 32 x 8
+// 13.3 -> 14.3); src/cuda.rs chooses.
+// What bounds this kernel is its warps' own instruction chains (Nsight Compute at 4096x4096
+// 32 x 8: about 10 cycles between a warp's instructions, long and short scoreboard and fixed
+// latency; DRAM 33% busy), so the loop and the store are written for few instructions: every mma
+// of a chunk runs unpredicated after all its fragment loads, and the store reduces the planes in
+// int32 and scatters the sums over the threads (ds_reduce_scatter8). From 3.87 M to 2.46 M
+// instructions there, and 15.7 -> 12.9 us.
+template <int T, int R, int NW, int S, bool PF>
 __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4* __restrict__ xb,
                                              const double* __restrict__ xsum,
                                              const double* __restrict__ rscale,
@@ -922,6 +965,7 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
     // Slot layout: sign row r (0 .. NW T 16) at r * 4 + q (q = the 16-byte quarter of the chunk's
     // 64 bytes), then x row j's fragments at A_U4 + j * 64 + (mma * 32 + lane). Thread e of the
     // block copies entries e + 32 NW u of each; their sources are fixed but for the chunk offset.
+    // x rows past the group's are zero-filled (source size 0), so every mma below can run.
     constexpr int AU = A_U4 / (32 * NW), BU = (B_U4 + 32 * NW - 1) / (32 * NW);
     const int q = threadIdx.x & 3;
     const uint32_t* asrc[AU];
@@ -931,22 +975,30 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
         asrc[u] = words + (size_t)min(nb + r, N - 1) * W;
     }
     const uint4* bsrc[BU];
+    int bbytes[BU];
 #pragma unroll
     for (int u = 0; u < BU; ++u) {
         const int e = threadIdx.x + 32 * NW * u, j = e >> 6;
-        bsrc[u] = j < Rg ? xb + (size_t)group_row(tab, rb, j) * CH * 64 + (e & 63) : nullptr;
+        bbytes[u] = j < Rg ? 16 : 0;
+        bsrc[u] = xb + (j < Rg ? (size_t)group_row(tab, rb, j) * CH * 64 + (e & 63) : 0);
     }
     auto issue_a = [&](int c) {
         uint4* dst = ring + (c % S) * (A_U4 + B_U4) + threadIdx.x;
         const int wi = min(16 * c + 4 * q, W - 4);
 #pragma unroll
-        for (int u = 0; u < AU; ++u) ds_cp_async16(dst + 32 * NW * u, asrc[u] + wi, 16);
+        for (int u = 0; u < AU; ++u) {
+            if (PF)
+                ds_cp_async16_pf256(dst + 32 * NW * u, asrc[u] + wi, 16);
+            else
+                ds_cp_async16(dst + 32 * NW * u, asrc[u] + wi, 16);
+        }
     };
     auto issue_b = [&](int c) {
         uint4* dst = ring + (c % S) * (A_U4 + B_U4) + A_U4 + threadIdx.x;
 #pragma unroll
         for (int u = 0; u < BU; ++u)
-            if (bsrc[u] != nullptr) ds_cp_async16(dst + 32 * NW * u, bsrc[u] + 64 * c, 16);
+            if (B_U4 % (32 * NW) == 0 || threadIdx.x + 32 * NW * u < B_U4)
+                ds_cp_async16(dst + 32 * NW * u, bsrc[u] + 64 * c, bbytes[u]);
     };
 #pragma unroll
     for (int c = 0; c < S - 1; ++c)
@@ -978,75 +1030,90 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
         uint4 b[2 * T];
 #pragma unroll
         for (int f = 0; f < 2 * T; ++f) b[f] = slot[(warp * T * 16 + 8 * f + g) * 4 + t];
+        // All fragments first, then the mma, unpredicated: a predicated mma.sync costs a
+        // WARPSYNC, and loading each fragment just before its mma left the warp waiting on
+        // every load.
         uint4 a[R][2];
 #pragma unroll
         for (int j = 0; j < R; ++j)
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-                a[j][mi] = j < Rg ? slot[A_U4 + j * 64 + 32 * mi + lane] : make_uint4(0, 0, 0, 0);
+            for (int mi = 0; mi < 2; ++mi) a[j][mi] = slot[A_U4 + j * 64 + 32 * mi + lane];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
             for (int j = 0; j < R; ++j)
-                if (j < Rg)  // the same for the whole block
 #pragma unroll
-                    for (int f = 0; f < 2 * T; ++f)
-                        ds_bmma(acc[j][f], a[j][mi], mi ? b[f].z : b[f].x, mi ? b[f].w : b[f].y);
+                for (int f = 0; f < 2 * T; ++f)
+                    ds_bmma(acc[j][f], a[j][mi], mi ? b[f].z : b[f].x, mi ? b[f].w : b[f].y);
     }
     ds_cp_async_wait<0>();
 
     // Thread (g, t): acc[j][f][2 hi + e] is plane 8 hi + g of group row j, feature
-    // n0 + 8 f + 2 t + e; the 8 threads g of a column t hold the 16 planes between them.
-    const float scale = tab.scale[grp];
-    const double wlo = ds_plane_weight(g), whi = ds_plane_weight(g + 8);
+    // n0 + 8 f + 2 t + e; the 8 threads g of a column t hold the 16 planes between them. Their
+    // weighted sum sum_p w_p D_p is exact in int32: |X| < 2^15 and D_p <= K < 2^16 (src/cuda.rs
+    // checks K), and every partial sum of it is bounded by the whole positive or negative part.
+    // The warp's V sums (rows j, tiles f, e) are reduced over g and scattered at once
+    // (ds_reduce_scatter8: 14 shuffles for V = 16 where one reduction per sum took 48), so that
+    // thread g ends with V / 8 consecutive sums, all of one row (R <= 8), and stores them.
+    constexpr int V = R * 2 * T * 2;
+    const int wlo = 1 << g, whi = g == 7 ? -32768 : 1 << (g + 8);
+    int v[V];
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+#pragma unroll
+        for (int f = 0; f < 2 * T; ++f)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                v[(j * 2 * T + f) * 2 + e] = wlo * acc[j][f][e] + whi * acc[j][f][2 + e];
+    ds_reduce_scatter8<V>(v, g);
+    constexpr int HOLD = V >= 8 ? V / 8 : 1;  // v[0 .. HOLD): sums i0 .. i0 + HOLD - 1
+    const int i0 = g * V / 8;
+    if (V < 8 && g % (V < 8 ? 8 / V : 1) != 0) return;  // its sum is also its neighbours'
+    const int j = (i0 >> 1) / (2 * T);
+    if (j >= Rg) return;
+    const int row = group_row(tab, rb, j);
     const int SL = (Wp + 31) / 32;
+    double xs = 0.0;
+    for (int i = 0; i < SL; ++i) xs += xsum[(size_t)row * SL + i];
+    const double rs = rscale[row];
+    const float scale = tab.scale[grp];
 #pragma unroll
-    for (int j = 0; j < R; ++j) {
-        const int row = j < Rg ? group_row(tab, rb, j) : 0;
-        double xs = 0.0, rs = 0.0;
-        if (g == 0 && j < Rg) {
-            for (int i = 0; i < SL; ++i) xs += xsum[(size_t)row * SL + i];
-            rs = rscale[row];
-        }
-#pragma unroll
-        for (int f = 0; f < 2 * T; ++f) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                double s = wlo * acc[j][f][e] + whi * acc[j][f][2 + e];
-                s += __shfl_xor_sync(0xffffffffu, s, 4);
-                s += __shfl_xor_sync(0xffffffffu, s, 8);
-                s += __shfl_xor_sync(0xffffffffu, s, 16);
-                const int n = n0 + 8 * f + 2 * t + e;
-                if (g == 0 && j < Rg && n < N) {
-                    const double dot = 2.0 * rs * s - xs;
-                    const size_t o = (size_t)row * N + n;
-                    float out = scale * (float)dot;
-                    if (base) out += __bfloat162float(base[o]);
-                    y[o] = __float2bfloat16(out);
-                }
-            }
+    for (int k = 0; k < HOLD; ++k) {
+        const int i = i0 + k, e = i & 1, f = (i >> 1) % (2 * T);
+        const int n = n0 + 8 * f + 2 * t + e;
+        if (n < N) {
+            const double dot = 2.0 * rs * (double)v[k] - xs;
+            const size_t o = (size_t)row * N + n;
+            float out = scale * (float)dot;
+            if (base) out += __bfloat162float(base[o]);
+            y[o] = __float2bfloat16(out);
         }
     }
 }
 
 // 4 warps and a ring of 6 slots (src/cuda.rs opts in to more than 48 KB of shared memory where a
-// slot is above 8 KB). Measured on the H100 (BENCHMARKS.md, session 7): 6 slots beat 4 and 8 (8
-// leaves room for 3 blocks per SM, which splits 4096-feature grids into two waves), and 8 warps
-// per block (x read from L2 half as often) was no faster.
-#define DS_TCB1_KERNEL(T, R)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128) ds_tcb1_bf16_t##T##_r##R(                 \
+// slot is above 8 KB). Measured on the H100 (BENCHMARKS.md, sessions 7 and 8): 6 slots beat 4 and
+// 8 (8 leaves room for 3 blocks per SM, which splits 4096-feature grids into two waves); no faster
+// were 8 warps per block (x read from L2 half as often), two sets of 4 warps splitting K (gains of
+// 1-4% on some mixes, losses on others), and the group's x kept in shared memory for several
+// feature tiles per block (slower as the tiles per block grew: a block's chain got longer).
+#define DS_TCB1_KERNEL(T, R, PF, SUFFIX)                                                         \
+    extern "C" __global__ void __launch_bounds__(128) ds_tcb1_bf16_t##T##_r##R##SUFFIX(         \
             const GroupTable tab, const uint4* __restrict__ xb,                                 \
             const double* __restrict__ xsum, const double* __restrict__ rscale,                 \
             const __nv_bfloat16* __restrict__ base, __nv_bfloat16* __restrict__ y, int N, int W, \
             int Wp) {                                                                           \
-        ds_tcb1_body<T, R, 4, 6>(tab, xb, xsum, rscale, base, y, N, W, Wp);                     \
+        ds_tcb1_body<T, R, 4, 6, PF>(tab, xb, xsum, rscale, base, y, N, W, Wp);                 \
     }
-DS_TCB1_KERNEL(1, 1)
-DS_TCB1_KERNEL(2, 1)
-DS_TCB1_KERNEL(1, 2)
-DS_TCB1_KERNEL(2, 2)
-DS_TCB1_KERNEL(1, 4)
-DS_TCB1_KERNEL(1, 8)
+#define DS_TCB1_KERNELS(T, R)              \
+    DS_TCB1_KERNEL(T, R, false, /* none */) \
+    DS_TCB1_KERNEL(T, R, true, _pf)
+DS_TCB1_KERNELS(1, 1)
+DS_TCB1_KERNELS(2, 1)
+DS_TCB1_KERNELS(1, 2)
+DS_TCB1_KERNELS(2, 2)
+DS_TCB1_KERNELS(1, 4)
+DS_TCB1_KERNELS(1, 8)
 
 // ---------------------------------------------------------------------------------------------
 // Fused delta linear layer for decode: y[r] = x[r] . (Wbase + scale_g S_g)^T, one kernel, for
