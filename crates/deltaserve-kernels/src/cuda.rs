@@ -17,9 +17,10 @@
 //!   [`crate::tenant_delta_matmul_add`] instead adds a precomputed base product in the delta
 //!   kernel's store.
 //! - **bf16 decode with one row per delta** (many tenants, one row each; and up to 8 rows per
-//!   delta with 8 or more tenants, 2-row groups only where K or N >= 8192): 1-bit tensor cores. x is written as 16 bit
-//!   planes of a per-row fixed-point form, and `mma.sync` m16n8k256 b1 AND + popc multiplies the
-//!   sign words as stored, with no unpacking at all (explained at the binary path in the `.cu`).
+//!   delta with 8 or more tenants, 2-row groups only where K or N >= 8192): 1-bit tensor cores.
+//!   x is written as 16 bit planes of a per-row fixed-point form, and `mma.sync` m16n8k256 b1
+//!   AND + popc multiplies the sign words as stored, with no unpacking at all (explained at the
+//!   binary path in the `.cu`).
 //! - **bf16 decode with at most 2 rows per delta** otherwise: int8 tensor cores. x is written as
 //!   3 signed base-256 digits of the same fixed-point form, one LOP3 makes four 0/2^p sign values,
 //!   `mma.sync` m16n8k32 u8 x s8 sums exactly in s32; half the unpacking and mma instructions of

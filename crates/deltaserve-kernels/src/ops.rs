@@ -120,9 +120,10 @@ pub fn tenant_delta_matmul_add(
 /// kernel takes up to 8 tenants, but on the H100 it beat the unfused step only for one tenant
 /// (BENCHMARKS.md, fourth and fifth passes), so other batches take candle's matmul and the delta
 /// product: for decode batches of at most 32 rows and 16 tenants side by side on two CUDA
-/// streams, then added (`cuda::delta_linear_overlapped`, BENCHMARKS.md, sixth pass; not for more
-/// than 16 rows of at most 2 rows per tenant at K >= 8192, where it measured slower), otherwise
-/// one after the other with the add in the delta kernel's store ([`tenant_delta_matmul_add`]).
+/// streams, then added (`cuda::delta_linear_overlapped`, BENCHMARKS.md, sixth pass; not where it
+/// measured slower: more than 16 rows of at most 2 rows per tenant at K >= 8192, and 8 or more
+/// tenants of 3-8 rows each with K and N below 8192, session 8), otherwise one after the other
+/// with the add in the delta kernel's store ([`tenant_delta_matmul_add`]).
 /// Forward only.
 pub fn delta_linear(
     x: &Tensor,
@@ -177,15 +178,14 @@ pub fn delta_linear(
         // (`cuda::takes_b1`), whose overlapped step there is unmeasured; the rule is kept as
         // measured.
         let two_row_wide = m > 16 && k >= 8192 && max_rows_per_slot(row_slot, true) <= 2;
-        // And batches of 8 or more tenants with 3 or more rows each on 4096x4096: their delta
-        // product takes the binary kernel since session 8 (`cuda::takes_b1`), and the two
-        // streams lost to the plain order in every call that measured both (32 rows of 8
-        // tenants: 28.6-29.6 us against 28.1-28.5, five calls; on 11008x4096 and 4096x11008 the
-        // overlap won, 58.0 against 63.7 and 61.0 against 64.1: BENCHMARKS.md, session 8).
-        let multi_row_small = tenants.len() >= 8
-            && k < 8192
-            && first.n() < 8192
-            && max_rows_per_slot(row_slot, false) >= 3;
+        // And batches of 8 or more tenants with 3-8 rows each on 4096x4096: their delta product
+        // takes the binary kernel since session 8 (`cuda::takes_b1`), and the two streams lost
+        // to the plain order in every call that measured both (32 rows of 8 tenants: 28.6-29.6
+        // us against 28.1-28.5, five calls; on 11008x4096 and 4096x11008 the overlap won, 58.0
+        // against 63.7 and 61.0 against 64.1: BENCHMARKS.md, session 8).
+        let tenant_rows = max_rows_per_slot(row_slot, false);
+        let multi_row_small =
+            tenants.len() >= 8 && k < 8192 && first.n() < 8192 && (3..=8).contains(&tenant_rows);
         if m <= crate::cuda::OVERLAP_MAX_ROWS
             && tenants.len() <= crate::cuda::OVERLAP_MAX_TENANTS
             && !two_row_wide
