@@ -435,18 +435,18 @@ DS_TC_KERNEL1(2, 1, w2, true, 2, false)
 // ---------------------------------------------------------------------------------------------
 // cp.async helpers (the fused layer's per-warp ring).
 
+// PF256: also ask L2 to fetch the whole 256-byte segment around the source.
+template <bool PF256 = false>
 __device__ __forceinline__ void ds_cp_async16(void* smem, const void* gmem, int src_bytes) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-                 "r"(src_bytes)
-                 : "memory");
-}
-// The same, asking L2 to fetch the whole 256-byte segment around the source.
-__device__ __forceinline__ void ds_cp_async16_pf256(void* smem, const void* gmem, int src_bytes) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-                 "r"(src_bytes)
-                 : "memory");
+    if constexpr (PF256)
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s),
+                     "l"(gmem), "r"(src_bytes)
+                     : "memory");
+    else
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                     "r"(src_bytes)
+                     : "memory");
 }
 __device__ __forceinline__ void ds_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -986,12 +986,7 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
         uint4* dst = ring + (c % S) * (A_U4 + B_U4) + threadIdx.x;
         const int wi = min(16 * c + 4 * q, W - 4);
 #pragma unroll
-        for (int u = 0; u < AU; ++u) {
-            if (PF)
-                ds_cp_async16_pf256(dst + 32 * NW * u, asrc[u] + wi, 16);
-            else
-                ds_cp_async16(dst + 32 * NW * u, asrc[u] + wi, 16);
-        }
+        for (int u = 0; u < AU; ++u) ds_cp_async16<PF>(dst + 32 * NW * u, asrc[u] + wi, 16);
     };
     auto issue_b = [&](int c) {
         uint4* dst = ring + (c % S) * (A_U4 + B_U4) + A_U4 + threadIdx.x;
@@ -1068,7 +1063,8 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
     ds_reduce_scatter8<V>(v, g);
     constexpr int HOLD = V >= 8 ? V / 8 : 1;  // v[0 .. HOLD): sums i0 .. i0 + HOLD - 1
     const int i0 = g * V / 8;
-    if (V < 8 && g % (V < 8 ? 8 / V : 1) != 0) return;  // its sum is also its neighbours'
+    constexpr int SHARED = V >= 8 ? 1 : 8 / V;  // threads g holding the same sums
+    if (g % SHARED != 0) return;                 // its sums are also its neighbours'
     const int j = (i0 >> 1) / (2 * T);
     if (j >= Rg) return;
     const int row = group_row(tab, rb, j);
