@@ -177,13 +177,13 @@ pub fn delta_linear(
         // BENCHMARKS.md, session 6, lead). Since session 7 that batch takes the binary kernel
         // (`cuda::takes_b1`), whose overlapped step there is unmeasured; the rule is kept as
         // measured.
-        let two_row_wide = m > 16 && k >= 8192 && max_rows_per_slot(row_slot, true) <= 2;
+        let (slot_rows, tenant_rows) = max_rows_per_slot(row_slot);
+        let two_row_wide = m > 16 && k >= 8192 && slot_rows <= 2;
         // And batches of 8 or more tenants with 3-8 rows each on 4096x4096: their delta product
         // takes the binary kernel since session 8 (`cuda::takes_b1`), and the two streams lost
         // to the plain order in every call that measured both (32 rows of 8 tenants: 28.6-29.6
         // us against 28.1-28.5, five calls; on 11008x4096 and 4096x11008 the overlap won, 58.0
         // against 63.7 and 61.0 against 64.1: BENCHMARKS.md, session 8).
-        let tenant_rows = max_rows_per_slot(row_slot, false);
         let multi_row_small =
             tenants.len() >= 8 && k < 8192 && first.n() < 8192 && (3..=8).contains(&tenant_rows);
         if m <= crate::cuda::OVERLAP_MAX_ROWS
@@ -201,14 +201,23 @@ pub fn delta_linear(
     tenant_delta_matmul_add(&base, x, row_slot, deltas)
 }
 
-/// The most rows that share one slot: a tenant, or (with `base_too`) the base-only rows.
+/// The most rows that share one slot (a tenant, or the base-only rows), and the most rows of one
+/// tenant, from one count.
 #[cfg(feature = "cuda")]
-fn max_rows_per_slot(row_slot: &[Option<u32>], base_too: bool) -> usize {
+fn max_rows_per_slot(row_slot: &[Option<u32>]) -> (usize, usize) {
     let mut counts = std::collections::HashMap::new();
-    for slot in row_slot.iter().filter(|s| base_too || s.is_some()) {
+    for slot in row_slot {
         *counts.entry(*slot).or_insert(0usize) += 1;
     }
-    counts.into_values().max().unwrap_or(0)
+    let tenant_rows = counts
+        .iter()
+        .filter(|(s, _)| s.is_some())
+        .map(|(_, &c)| c)
+        .max();
+    (
+        counts.values().copied().max().unwrap_or(0),
+        tenant_rows.unwrap_or(0),
+    )
 }
 
 /// [`delta_linear`] takes the one-kernel CUDA path for one-tenant batches of at most this many rows
