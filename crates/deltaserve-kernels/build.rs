@@ -1,6 +1,6 @@
-//! With the `cuda` feature, compiles `src/cuda/*.cu` to PTX for sm_90 with nvcc (found through
-//! `NVCC`, `CUDA_HOME`/`CUDA_PATH` or `PATH`); `src/cuda.rs` includes the PTX and loads it at the
-//! first call. Without the feature this does nothing, so CPU builds need no CUDA toolkit.
+//! With the `cuda` feature, compiles `src/cuda/*.cu` to PTX for sm_90 (`binary_wgmma.cu` for
+//! sm_90a) with nvcc (found through `NVCC`, `CUDA_HOME`/`CUDA_PATH` or `PATH`); `src/cuda.rs`
+//! includes the PTX and loads it at the first call. Without the feature this does nothing, so CPU builds need no CUDA toolkit.
 
 use std::env;
 use std::path::PathBuf;
@@ -28,11 +28,18 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     // sm_90 (H100/H200) by default; the kernels need sm_80 at least (bf16 mma.sync).
     let arch = env::var("DELTASERVE_CUDA_ARCH").unwrap_or_else(|_| "sm_90".to_string());
-    // One .cu file today; the list grows with the kernels.
-    #[allow(clippy::single_element_loop)]
-    for name in ["sign_matmul"] {
+    // `binary_wgmma.cu` uses Hopper's warpgroup MMA, which only sm_90a PTX may hold, and sm_90a
+    // PTX loads on compute capability 9.0 alone: it is a module of its own, built where the
+    // target is sm_90, and `src/cuda.rs` loads it only on such a device. Other targets get an
+    // empty module and never route to it.
+    let wgmma = arch == "sm_90" || arch == "sm_90a";
+    for (name, arch) in [("sign_matmul", arch.as_str()), ("binary_wgmma", "sm_90a")] {
         let src = format!("src/cuda/{name}.cu");
         let ptx = out_dir.join(format!("{name}.ptx"));
+        if name == "binary_wgmma" && !wgmma {
+            std::fs::write(&ptx, "").expect("OUT_DIR is writable");
+            continue;
+        }
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
             .arg(format!("-arch={arch}"))

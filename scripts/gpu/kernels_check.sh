@@ -37,7 +37,7 @@ echo "tests done at $((SECONDS - t0)) s"
 
 echo "== compute-sanitizer (memcheck) on the tests"
 # Two runs, so that a timeout in the larger int8/bf16 sweep cannot hide the others.
-timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-tests --test-threads=1 \
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-tests --test-threads=1 \
   tenant_delta_matmul_add_fuses delta_linear_overlapped delta_linear_fused tenant_delta_matmul_many_rows leading_dims gradient_flows \
   decode_groups 2>&1 \
   | tee "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|test result|panicked|Invalid|error" | head -20

@@ -51,6 +51,10 @@ use crate::signs::{words_per_row, SignBits, SignDelta};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign_matmul.ptx"));
 /// The name candle caches the loaded module under.
 const MODULE: &str = "deltaserve_sign_matmul";
+/// The PTX of `src/cuda/binary_wgmma.cu` (sm_90a; empty where `build.rs` targeted another arch).
+const PTX_WGMMA: &str = include_str!(concat!(env!("OUT_DIR"), "/binary_wgmma.ptx"));
+/// Its module name; its kernels are the ones named `ds_wgb1_*`.
+const MODULE_WGMMA: &str = "deltaserve_binary_wgmma";
 
 /// Groups per launch (`DS_MAX_GROUPS` in the `.cu` file).
 const MAX_GROUPS: usize = 32;
@@ -85,6 +89,10 @@ pub enum Bf16Path {
     Bf16,
     /// The CUDA-core kernel that f32 inputs use.
     Simple,
+    /// [`Bf16Path::TensorCore`] without the warpgroup binary kernel (`ds_wgb1_bf16_*`, compute
+    /// capability 9.0 only), so that groups of 3-8 rows take `ds_tcb1_bf16_*` as on other GPUs:
+    /// lets the tests cover that kernel on an H100.
+    BinaryMma,
 }
 
 /// Groups (tenants, plus the base-only rows as one) the fused layer takes.
@@ -325,8 +333,13 @@ unsafe fn launch(
     on: On,
     pdl: bool,
 ) -> candle_core::Result<()> {
+    let (module, ptx) = if name.starts_with("ds_wgb1_") {
+        (MODULE_WGMMA, PTX_WGMMA)
+    } else {
+        (MODULE, PTX)
+    };
     let f = dev
-        .get_or_load_custom_func(name, MODULE, PTX)?
+        .get_or_load_custom_func(name, module, ptx)?
         .into_cuda_function();
     if cfg.shared_mem_bytes as usize > 48 * 1024 {
         opt_in_smem(&f, cfg.shared_mem_bytes as usize)?;
@@ -468,6 +481,8 @@ fn forward<T: CudaDType + DeviceRepr>(
             "sign matmul (CUDA): a fused base needs bf16 on tensor cores. This is a bug."
         )
     }
+    // BinaryMma routes as TensorCore but for the warpgroup kernel.
+    let tc = matches!(path, Bf16Path::TensorCore | Bf16Path::BinaryMma);
     if dtype == DType::BF16 && path != Bf16Path::Simple {
         let xb = x_storage.as_cuda_slice::<bf16>()?;
         let xv = xb.slice(x_start..x_start + m * k);
@@ -478,12 +493,13 @@ fn forward<T: CudaDType + DeviceRepr>(
                     .iter()
                     .all(|p| p.is_multiple_of(16))
         };
-        if path == Bf16Path::TensorCore && tables.iter().all(|t| aligned(t) && takes_b1(t, n, k)) {
+        if tc && tables.iter().all(|t| aligned(t) && takes_b1(t, n, k)) {
             let (xv_ptr, y_ptr) = (view_ptr(&xv, dev), slice_ptr(&y, dev));
-            scratch = forward_b1(dev, xv_ptr, m, n, k, tables, base, y_ptr, on)?;
+            let wgmma = path == Bf16Path::TensorCore && warpgroup_mma(dev);
+            scratch = forward_b1(dev, xv_ptr, m, n, k, tables, base, y_ptr, on, wgmma)?;
             return Ok((y, scratch));
         }
-        if path == Bf16Path::TensorCore
+        if tc
             && k < INT8_MAX_K
             && tables
                 .iter()
@@ -526,7 +542,7 @@ fn forward<T: CudaDType + DeviceRepr>(
             let side_w2 = matches!(on, On::Side)
                 && rt == 1
                 && aligned
-                && path == Bf16Path::TensorCore
+                && tc
                 && table.n_groups > 1
                 && n < 8192;
             if side_w2 {
@@ -539,7 +555,7 @@ fn forward<T: CudaDType + DeviceRepr>(
                 ("w2", 64)
             } else if !aligned {
                 ("s", 128)
-            } else if path == Bf16Path::TensorCore && blocks < 2 * sms {
+            } else if tc && blocks < 2 * sms {
                 ("w8", 256)
             } else {
                 ("v", 128)
@@ -807,7 +823,13 @@ fn takes_b1(t: &GroupTable, n: usize, k: usize) -> bool {
 /// The binary path (`ds_prepb1_bf16`, then `ds_tcb1_bf16_*` per table; `sign_matmul.cu` explains
 /// it): every group of `tables` with a delta has at most 8 rows, sign rows are 16-byte aligned.
 /// `x` and `y` are device addresses of (m, k) and (m, n) bf16; the bit planes and row sums come
-/// back as scratch.
+/// back as scratch. With `wgmma` (a device of compute capability 9.0) and 3-8 rows in the largest
+/// group of every table, `ds_prepb1wg_bf16` and the warpgroup kernel `ds_wgb1_bf16_r4` / `_r8`
+/// instead (`binary_wgmma.cu`). Measured on the H100 against `ds_tcb1` in the same calls
+/// (BENCHMARKS.md, session 9; delta product / whole step `dl`, µs), 32 rows x 8 tenants:
+/// 4096x4096 12.8 -> 10.9 / 27.7 -> 25.9, 11008x4096 25.6 -> 22.6 / 57.5 -> 55.0, 4096x11008
+/// 28.3 -> 26.0 / 61.4 -> 60.3; 64 rows x 8 tenants (8-row groups) 19.4 -> 16.9, 33.6 -> 28.8,
+/// 43.3 -> 37.6.
 #[allow(clippy::too_many_arguments)]
 fn forward_b1(
     dev: &CudaDevice,
@@ -819,14 +841,26 @@ fn forward_b1(
     base: u64,
     y: u64,
     on: On,
+    wgmma: bool,
 ) -> candle_core::Result<Scratch> {
     let wp = words_per_row(k).div_ceil(16) * 16;
     let mut scratch = Scratch::default();
     // 16 planes of wp words per row; blocks of 32 words, each with its partial sum of x.
     let slices = wp.div_ceil(32);
+    let rows_pow2 = |t: &GroupTable| {
+        t.max_delta_group_rows()
+            .clamp(1, B1_MAX_GROUP_ROWS)
+            .next_power_of_two()
+    };
+    // One prep serves every table, and the two kernels take x in different layouts.
+    let wgmma = wgmma && tables.iter().all(|t| rows_pow2(t) >= 4);
     let fx = FixedPointX::prep(
         dev,
-        "ds_prepb1_bf16",
+        if wgmma {
+            "ds_prepb1wg_bf16"
+        } else {
+            "ds_prepb1_bf16"
+        },
         x,
         m,
         k,
@@ -840,10 +874,19 @@ fn forward_b1(
     // `ds_tcb1_body`'s warps per block and ring slots.
     let (nw, slots) = (4, 6);
     for table in tables {
-        let r = table
-            .max_delta_group_rows()
-            .clamp(1, B1_MAX_GROUP_ROWS)
-            .next_power_of_two();
+        let r = rows_pow2(table);
+        if wgmma {
+            // One warpgroup per 64 features; 6 ring slots of the 64 sign rows and 16 r plane rows
+            // of 64 bytes.
+            let cfg = LaunchConfig {
+                grid_dim: (to_u32(n.div_ceil(64))?, table.n_groups, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: to_u32(6 * (64 + 16 * r) * 64)?,
+            };
+            let name = format!("ds_wgb1_bf16_r{r}");
+            fx.launch_product(dev, &name, cfg, table, base, y, n, on)?;
+            continue;
+        }
         let groups = table.n_groups as usize;
         // 2 feature tiles per warp (x read once for twice the features) where the grid still
         // gives every SM two blocks, and the accumulators fit (rows x tiles <= 4).
@@ -1155,6 +1198,16 @@ fn opt_in_smem(
         f.set_attribute(attr, want).w()?;
     }
     Ok(())
+}
+
+/// Whether `dev` can run the warpgroup kernels of `binary_wgmma.cu`: built for it (`build.rs`)
+/// and of compute capability 9.0 exactly, the only one that loads sm_90a code.
+fn warpgroup_mma(dev: &CudaDevice) -> bool {
+    let stream = dev.cuda_stream();
+    let cc = |a| stream.context().attribute(a).ok();
+    !PTX_WGMMA.is_empty()
+        && cc(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) == Some(9)
+        && cc(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) == Some(0)
 }
 
 fn multiprocessors(dev: &CudaDevice) -> usize {

@@ -448,11 +448,12 @@ fn int8_and_bf16_decode_kernels_match_reference() {
 
 /// Decode groups of 3-8 rows on the default path (with fewer than 8 tenants `ds_prep_bf16`, then
 /// the bf16 kernel with one row tile; with 8 tenants, as in issue 5's 32 rows x 8 tenants, the
-/// binary kernel, `ds_tcb1_bf16_t1_r4` / `_r8`, with its L2 prefetch at K >= 8192; and one case
-/// of 2-row groups on N >= 8192, binary too): K % 8 == 0 and not (4091, 3050, 1002), x starting one
-/// element into its buffer, 1, 2 and 4 feature tiles with 8 or 4 warps, groups of exactly 8 rows,
-/// base-only rows in their own group, awkward N, and the `+ base` store; each against the f64
-/// reference.
+/// binary path: on compute capability 9.0 the warpgroup kernel `ds_wgb1_bf16_r4` / `_r8`, and
+/// with `Bf16Path::BinaryMma`, as on other GPUs, `ds_tcb1_bf16_t1_r4` / `_r8` with its L2
+/// prefetch at K >= 8192; and one case of 2-row groups on N >= 8192, `ds_tcb1` too): K % 8 == 0
+/// and not (4091, 3050, 1002), x starting one element into its buffer, 1, 2 and 4 feature tiles
+/// with 8 or 4 warps, groups of exactly 8 rows, base-only rows in their own group, awkward N, and
+/// the `+ base` store; each against the f64 reference.
 #[test]
 fn decode_groups_of_3_to_8_rows_match_reference() {
     let dev = gpu();
@@ -493,11 +494,19 @@ fn decode_groups_of_3_to_8_rows_match_reference() {
             let want = tenant_delta_matmul_ref(&xr, &row_slot, &cpu_deltas, n, k).unwrap();
             let (b, br) = random_x(&mut rng, &[m, n], DType::BF16);
             let b = b.to_device(&dev).unwrap();
-            let what = format!("M={m} N={n} K={k} D={d} offset {offset}");
-            let path = Bf16Path::TensorCore;
-            let err =
-                check_product_and_add(&dev, &x, &b, &br, &row_slot, &refs, path, &want, &what);
-            worst = worst.max(err);
+            // With 8 or more tenants (the binary path) also BinaryMma: on an H100 the default
+            // path runs the warpgroup kernel for 3-8 rows per group, other GPUs ds_tcb1.
+            let paths: &[Bf16Path] = if d >= 8 {
+                &[Bf16Path::TensorCore, Bf16Path::BinaryMma]
+            } else {
+                &[Bf16Path::TensorCore]
+            };
+            for &path in paths {
+                let what = format!("{path:?} M={m} N={n} K={k} D={d} offset {offset}");
+                let err =
+                    check_product_and_add(&dev, &x, &b, &br, &row_slot, &refs, path, &want, &what);
+                worst = worst.max(err);
+            }
         }
     }
     println!("worst relative error: {worst:.1e}");

@@ -57,58 +57,7 @@
 // own words of output rows g and g + 8 of a 16-row tile, and the prep kernel writes xp in exactly
 // the order the same thread consumes it as the mma B fragment (see ds_prep_bf16).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-#define DS_MAX_GROUPS 32
-#define DS_MAX_ROWS 512
-#define DS_GROUP_ROWS 32
-
-struct GroupTable {
-    unsigned long long words[DS_MAX_GROUPS];  // device address of each group's (N, W) words; 0 = zeros
-    float scale[DS_MAX_GROUPS];
-    unsigned int row_begin[DS_MAX_GROUPS + 1];
-    unsigned short rows[DS_MAX_ROWS];
-    unsigned int n_groups;
-    unsigned int identity;
-};
-
-__device__ __forceinline__ int group_row(const GroupTable& tab, unsigned int begin, int j) {
-    return tab.identity ? (int)(begin + j) : (int)tab.rows[begin + j];
-}
-
-// Programmatic dependent launch (src/cuda.rs launches the product kernels with it after their
-// prep kernel): the prep kernels let the next grid start at once, and the product kernels wait for
-// the prep's results only after issuing their first sign-word loads, which read nothing the prep
-// writes. Both instructions are no-ops in a grid launched without the attribute.
-// Measured on the H100 (BENCHMARKS.md, sixth pass): 32 rows of 8 tenants 16.1 / 38.4 / 38.0 us
-// against 17.8 / 38.4 / 39.9 without, 32 rows of 32 tenants 38.3 / 87.5 / 100.3 against
-// 39.3 / 88.9 / 102.6 (4096x4096 / 11008x4096 / 4096x11008).
-__device__ __forceinline__ void ds_launch_dependents() {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-__device__ __forceinline__ void ds_wait_prerequisite() {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-
-// The blocks of a group whose words pointer is 0 (the base-only rows of a multi-tenant batch): its
-// rows (rb, R as group_row takes them) get zeros, or the base, on this block's F features from
-// n0. Waits for the prep kernel first, as the blocks with a delta do. Used by the bf16, int8 and
-// binary product kernels.
-__device__ __forceinline__ void ds_store_base_only(const GroupTable& tab, unsigned int rb, int R,
-                                                   int n0, int F, int N,
-                                                   const __nv_bfloat16* __restrict__ base,
-                                                   __nv_bfloat16* __restrict__ y) {
-    ds_wait_prerequisite();
-    for (int idx = threadIdx.x; idx < R * F; idx += blockDim.x) {
-        const int j = idx / F, n = n0 + idx % F;
-        if (n < N) {
-            const size_t o = (size_t)group_row(tab, rb, j) * N + n;
-            y[o] = base ? base[o] : __float2bfloat16(0.f);
-        }
-    }
-}
+#include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core path, bf16 x.
@@ -431,29 +380,6 @@ DS_TC_KERNEL(2, 4)
 // memory) are many small pieces that fill those SMs more evenly than 128-thread blocks of 4
 // tiles (BENCHMARKS.md, seventh pass: 4096x11008 32 rows x 8 tenants 70.6 against 73.7 us).
 DS_TC_KERNEL1(2, 1, w2, true, 2, false)
-
-// ---------------------------------------------------------------------------------------------
-// cp.async helpers (the fused layer's per-warp ring).
-
-// PF256: also ask L2 to fetch the whole 256-byte segment around the source.
-template <bool PF256 = false>
-__device__ __forceinline__ void ds_cp_async16(void* smem, const void* gmem, int src_bytes) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    if constexpr (PF256)
-        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s),
-                     "l"(gmem), "r"(src_bytes)
-                     : "memory");
-    else
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-                     "r"(src_bytes)
-                     : "memory");
-}
-__device__ __forceinline__ void ds_cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void ds_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // ---------------------------------------------------------------------------------------------
 // The int8 path: groups of at most 8 rows (decode; src/cuda.rs routes batches whose groups all
@@ -811,11 +737,13 @@ DS_TCI8_KERNELS(2, 4)
 // plane), and the block's sum of X goes to xsum[row * SL + slice] (SL = ceil(Wp / 32)) as a
 // double; the product kernel adds a row's SL partial sums. One block per row was 8 us at
 // 32 x 4096 (Nsight Compute): its instructions, on 32 SMs.
-extern "C" __global__ void __launch_bounds__(256) ds_prepb1_bf16(const __nv_bfloat16* __restrict__ x,
-                                                                 uint32_t* __restrict__ xb,
-                                                                 double* __restrict__ xsum,
-                                                                 double* __restrict__ rscale,
-                                                                 int K, int Wp) {
+// PLANE_ROWS: the layout of the warpgroup kernel (binary_wgmma.cu) instead, ds_prepb1wg_bf16:
+// per row and chunk c, plane p's 16 words 16 c .. 16 c + 15 at uint32 ((row CH + c) 16 + p) 16,
+// i.e. one 64-byte row of the wgmma A operand per plane.
+template <bool PLANE_ROWS>
+__device__ __forceinline__ void ds_prepb1_body(const __nv_bfloat16* __restrict__ x,
+                                               uint32_t* __restrict__ xb, double* __restrict__ xsum,
+                                               double* __restrict__ rscale, int K, int Wp) {
     const int row = blockIdx.x, slice = blockIdx.y, tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
     ds_launch_dependents();
@@ -868,9 +796,13 @@ extern "C" __global__ void __launch_bounds__(256) ds_prepb1_bf16(const __nv_bflo
         }
         // word wi = 16 c + 4 t + 2 j + e; plane p = 8 hi + g goes to component 2 e + hi
         const int c = wi >> 4, t = (wi >> 2) & 3, j = (wi >> 1) & 1, e = wi & 1;
-        if (lane < 16 && c < CH)
-            xb[((((size_t)row * CH + c) * 2 + j) * 32 + 4 * (lane & 7) + t) * 4 + 2 * e +
-               (lane >> 3)] = mine;
+        if (lane < 16 && c < CH) {
+            if constexpr (PLANE_ROWS)
+                xb[(((size_t)row * CH + c) * 16 + lane) * 16 + (wi & 15)] = mine;
+            else
+                xb[((((size_t)row * CH + c) * 2 + j) * 32 + 4 * (lane & 7) + t) * 4 + 2 * e +
+                   (lane >> 3)] = mine;
+        }
     }
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if (lane == 0) red_s[warp] = sum;
@@ -884,6 +816,18 @@ extern "C" __global__ void __launch_bounds__(256) ds_prepb1_bf16(const __nv_bflo
         if (slice == 0) rscale[row] = ldexp(1.0, -E);
     }
 }
+extern "C" __global__ void __launch_bounds__(256) ds_prepb1_bf16(const __nv_bfloat16* __restrict__ x,
+                                                                 uint32_t* __restrict__ xb,
+                                                                 double* __restrict__ xsum,
+                                                                 double* __restrict__ rscale,
+                                                                 int K, int Wp) {
+    ds_prepb1_body<false>(x, xb, xsum, rscale, K, Wp);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    ds_prepb1wg_bf16(const __nv_bfloat16* __restrict__ x, uint32_t* __restrict__ xb,
+                     double* __restrict__ xsum, double* __restrict__ rscale, int K, int Wp) {
+    ds_prepb1_body<true>(x, xb, xsum, rscale, K, Wp);
+}
 
 __device__ __forceinline__ void ds_bmma(int* d, const uint4& a, uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
@@ -892,33 +836,6 @@ __device__ __forceinline__ void ds_bmma(int* d, const uint4& a, uint32_t b0, uin
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
-// Sums V values over the 8 threads g = lane / 4 of each column t (lanes t, t + 4, ..., t + 28)
-// and scatters the V sums among them: a butterfly over lane masks 16, 8, 4 in which each thread
-// keeps half of its list (the half its bit of g names) and sends the other half to its partner.
-// Afterwards thread g holds sums g V/8 .. (g + 1) V/8 - 1 in v[0 ..] (V >= 8); with V < 8 the
-// last steps are plain exchanges and the 8 / V threads g with the same g V / 8 hold that sum.
-template <int V>
-__device__ __forceinline__ void ds_reduce_scatter8(int (&v)[V], int g) {
-    static_assert(V >= 2 && (V & (V - 1)) == 0, "a power of two, at least 2");
-    int half = V / 2;
-#pragma unroll
-    for (int lvl = 0; lvl < 3; ++lvl) {
-        const int mask = 16 >> lvl;
-        if (half >= 1) {
-            const bool up = (g >> (2 - lvl)) & 1;
-#pragma unroll
-            for (int i = 0; i < V / 2; ++i)
-                if (i < half) {
-                    const int send = up ? v[i] : v[i + half];
-                    const int keep = up ? v[i + half] : v[i];
-                    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
-                }
-            half /= 2;
-        } else {
-            v[0] += __shfl_xor_sync(0xffffffffu, v[0], mask);
-        }
-    }
-}
 
 // NW warps side by side on the features (warp w: 2 T tiles of 8 features from n0 = nb + 16 T w),
 // all over the whole K. Each 512-column chunk goes through a block-wide cp.async ring of S slots
