@@ -42,7 +42,7 @@ timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda
   decode_groups 2>&1 \
   | tee "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|test result|panicked|Invalid|error" | head -20
 echo "sanitizer exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
-timeout 50 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-tests --test-threads=1 \
+timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $B/kernels-cuda-tests --test-threads=1 \
   int8_and_bf16 2>&1 | tee "$OUT/sanitizer_int8.log" | grep -E "ERROR SUMMARY|test result|panicked|Invalid|error" | head -20
 echo "sanitizer (binary/int8/bf16 sweep) exit ${PIPESTATUS[0]} at $((SECONDS - t0)) s"
 

@@ -110,14 +110,14 @@ __device__ __forceinline__ void ds_wgb1_body(const GroupTable& tab, const uint4*
         bsrc[u] = xb + (j < Rg ? (size_t)group_row(tab, rb, j) * CH * 64 + (e & 63) : 0);
         bdst[u] = B_U4 + m * 4 + (q ^ ((m >> 1) & 3));
     }
+    // asrc holds word 4 q of the row; word 16 c + 4 q is clamped to the row's last 16 bytes
+    // (an int bound: q from the unsigned threadIdx would make a negative bound a huge one).
+    const int alast = W - 4 - 4 * (int)(threadIdx.x & 3);
     auto issue_a = [&](int c) {
         uint4* slot = wring + (c % S) * SLOT;
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-            // word 16 c + 4 q of the row, clamped to its last 16 bytes
-            const int off = min(16 * c, W - 4 - 4 * ((threadIdx.x + 128 * u) & 3));
-            ds_cp_async16<true>(slot + adst[u], asrc[u] + off, 16);
-        }
+        for (int u = 0; u < 2; ++u)
+            ds_cp_async16<true>(slot + adst[u], asrc[u] + min(16 * c, alast), 16);
     };
     auto issue_b = [&](int c) {
         uint4* slot = wring + (c % S) * SLOT;
