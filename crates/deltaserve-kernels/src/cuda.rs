@@ -1,5 +1,7 @@
 //! The CUDA paths of the candle ops (feature `cuda`): kernels in `src/cuda/sign_matmul.cu`,
-//! compiled to PTX for sm_90 by `build.rs` and loaded into candle's device at the first call.
+//! compiled to PTX for sm_90 by `build.rs` and loaded into candle's device at the first call, and
+//! in `src/cuda/binary_wgmma.cu` (sm_90a, its own module, loaded on compute capability 9.0 only);
+//! device code both use is in `src/cuda/common.cuh`.
 //!
 //! - **bf16 inputs, forward** (decode and prefill): tensor cores. A prep kernel writes `x` scaled
 //!   and permuted into mma fragment order (`xp`, plus one correction per row); then each warp
@@ -20,7 +22,9 @@
 //!   delta with 8 or more tenants, 2-row groups only where K or N >= 8192): 1-bit tensor cores.
 //!   x is written as 16 bit planes of a per-row fixed-point form, and `mma.sync` m16n8k256 b1
 //!   AND + popc multiplies the sign words as stored, with no unpacking at all (explained at the
-//!   binary path in the `.cu`).
+//!   binary path in the `.cu`). On an H100 or H200, groups of 3-8 rows take the warpgroup form
+//!   (`wgmma` m64n64k256 b1, both operands read by the tensor cores from shared memory:
+//!   `binary_wgmma.cu`).
 //! - **bf16 decode with at most 2 rows per delta** otherwise: int8 tensor cores. x is written as
 //!   3 signed base-256 digits of the same fixed-point form, one LOP3 makes four 0/2^p sign values,
 //!   `mma.sync` m16n8k32 u8 x s8 sums exactly in s32; half the unpacking and mma instructions of

@@ -183,7 +183,9 @@ pub fn delta_linear(
         // takes the binary kernel since session 8 (`cuda::takes_b1`), and the two streams lost
         // to the plain order in every call that measured both (32 rows of 8 tenants: 28.6-29.6
         // us against 28.1-28.5, five calls; on 11008x4096 and 4096x11008 the overlap won, 58.0
-        // against 63.7 and 61.0 against 64.1: BENCHMARKS.md, session 8).
+        // against 63.7 and 61.0 against 64.1: BENCHMARKS.md, session 8). Re-measured in
+        // session 9 with the warpgroup binary kernel on the H100: plain order 25.9-26.2 us,
+        // the two streams 28.4 (three processes each).
         let multi_row_small =
             tenants.len() >= 8 && k < 8192 && first.n() < 8192 && (3..=8).contains(&tenant_rows);
         if m <= crate::cuda::OVERLAP_MAX_ROWS

@@ -19,6 +19,8 @@
 //   ds_prepb1_bf16,      the same for groups of at most 8 rows (decode) with 1-bit tensor cores
 //   ds_tcb1_bf16_*       (mma.sync m16n8k256 b1, AND + popc, exact s32 sums): x as 16 bit planes,
 //                        the sign words as stored, no unpacking; see "The binary path" below.
+//   ds_prepb1wg_bf16     the same planes laid out for the warpgroup kernel ds_wgb1_bf16_* of
+//                        binary_wgmma.cu (sm_90a: groups of 3-8 rows on compute capability 9.0).
 //   ds_fused_bf16_*      a whole decode delta linear layer, x . (Wbase + scale_g S_g)^T per row
 //                        group (up to 8; delta_linear sends one tenant), the sum formed in
 //                        registers, in one kernel (see "Fused delta linear layer" below).
@@ -705,7 +707,8 @@ DS_TCI8_KERNELS(2, 4)
 // The binary path: groups of at most 8 rows (decode) on 1-bit tensor cores. src/cuda.rs
 // (`takes_b1`) routes one-row groups here, and groups of up to 8 rows with 8 or more tenants
 // (2-row groups only where K or N >= 8192), where it measured faster than the int8 and bf16
-// kernels (BENCHMARKS.md, sessions 7 and 8).
+// kernels (BENCHMARKS.md, sessions 7 and 8). On compute capability 9.0, groups of 3-8 rows take
+// the warpgroup form of the same arithmetic instead (binary_wgmma.cu, session 9).
 //
 // Why. The bf16 and int8 paths spend their instructions turning sign bits into mma operands
 // (16 LOP3 + 1 shift, or 8 LOP3, per 32 signs); at 4 rows per group that chain of unpacking and
