@@ -124,15 +124,7 @@ __device__ __forceinline__ void ds_wgb1_body(const GroupTable& tab, const uint4*
 #pragma unroll
         for (int u = 0; u < 2 * MT; ++u) ds_cp_async16(slot + bdst[u], bsrc[u] + 64 * c, bbytes[u]);
     };
-#pragma unroll
-    for (int c = 0; c < S - 2; ++c)
-        if (c < CH) issue_a(c);
-    ds_wait_prerequisite();  // xb, xsum and rscale come from ds_prepb1wg_bf16
-#pragma unroll
-    for (int c = 0; c < S - 2; ++c) {
-        if (c < CH) issue_b(c);
-        ds_cp_async_commit();
-    }
+    ds_ring_prologue<S - 2>(CH, issue_a, issue_b);  // then xb, xsum, rscale of ds_prepb1wg_bf16
 
     int d[MT][32];
 #pragma unroll
@@ -171,7 +163,6 @@ __device__ __forceinline__ void ds_wgb1_body(const GroupTable& tab, const uint4*
     // the 8 threads g: thread g ends with tile nt = g, e = 0 and 1.
     const float scale = tab.scale[grp];
     const int wlo = 1 << g, whi = g == 7 ? -32768 : 1 << (g + 8);
-    const int SL = (Wp + 31) / 32;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         int v[16];
@@ -183,21 +174,9 @@ __device__ __forceinline__ void ds_wgb1_body(const GroupTable& tab, const uint4*
         ds_reduce_scatter8<16>(v, g);
         const int j = 4 * mt + warp;
         if (j >= Rg) continue;
-        const int row = group_row(tab, rb, j);
-        double xs = 0.0;
-        for (int i = 0; i < SL; ++i) xs += xsum[(size_t)row * SL + i];
-        const double rs = rscale[row];
+        const DsB1Row out = ds_b1_row(xsum, rscale, group_row(tab, rb, j), Wp, N);
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = nb + 8 * g + 2 * t + e;
-            if (n < N) {
-                const double dot = 2.0 * rs * (double)v[e] - xs;
-                const size_t o = (size_t)row * N + n;
-                float out = scale * (float)dot;
-                if (base) out += __bfloat162float(base[o]);
-                y[o] = __float2bfloat16(out);
-            }
-        }
+        for (int e = 0; e < 2; ++e) ds_b1_store(out, nb + 8 * g + 2 * t + e, N, v[e], scale, base, y);
     }
 }
 

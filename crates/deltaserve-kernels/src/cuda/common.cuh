@@ -109,3 +109,45 @@ __device__ __forceinline__ void ds_reduce_scatter8(int (&v)[V], int g) {
         }
     }
 }
+
+// The start of a binary kernel's cp.async ring: the sign rows of the first AHEAD chunks (which
+// read nothing the prep kernel writes), then the wait for the prep, then x's part of the same
+// chunks, one commit group per chunk. issue_a / issue_b take a chunk index.
+template <int AHEAD, class IssueA, class IssueB>
+__device__ __forceinline__ void ds_ring_prologue(int CH, IssueA& issue_a, IssueB& issue_b) {
+#pragma unroll
+    for (int c = 0; c < AHEAD; ++c)
+        if (c < CH) issue_a(c);
+    ds_wait_prerequisite();  // x's planes, row sums and scales come from the prep kernel
+#pragma unroll
+    for (int c = 0; c < AHEAD; ++c) {
+        if (c < CH) issue_b(c);
+        ds_cp_async_commit();
+    }
+}
+
+// The binary kernels' store for one row of x: y[row, n] = scale (2 rs v - sum(x)) (+ base), v the
+// row's exact weighted plane sum at feature n; rs = 2^-E and sum(x) (SL = ceil(Wp / 32) partial
+// sums) from the prep kernel.
+struct DsB1Row {
+    size_t off;  // row * N
+    double rs, xs;
+};
+__device__ __forceinline__ DsB1Row ds_b1_row(const double* __restrict__ xsum,
+                                             const double* __restrict__ rscale, int row, int Wp,
+                                             int N) {
+    const int SL = (Wp + 31) / 32;
+    double xs = 0.0;
+    for (int i = 0; i < SL; ++i) xs += xsum[(size_t)row * SL + i];
+    return {(size_t)row * N, rscale[row], xs};
+}
+__device__ __forceinline__ void ds_b1_store(const DsB1Row& r, int n, int N, int v, float scale,
+                                            const __nv_bfloat16* __restrict__ base,
+                                            __nv_bfloat16* __restrict__ y) {
+    if (n >= N) return;
+    const double dot = 2.0 * r.rs * (double)v - r.xs;
+    const size_t o = r.off + n;
+    float out = scale * (float)dot;
+    if (base) out += __bfloat162float(base[o]);
+    y[o] = __float2bfloat16(out);
+}

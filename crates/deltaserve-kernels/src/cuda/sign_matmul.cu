@@ -915,15 +915,7 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
             if (B_U4 % (32 * NW) == 0 || threadIdx.x + 32 * NW * u < B_U4)
                 ds_cp_async16(dst + 32 * NW * u, bsrc[u] + 64 * c, bbytes[u]);
     };
-#pragma unroll
-    for (int c = 0; c < S - 1; ++c)
-        if (c < CH) issue_a(c);
-    ds_wait_prerequisite();  // xb, xsum and rscale come from ds_prepb1_bf16
-#pragma unroll
-    for (int c = 0; c < S - 1; ++c) {
-        if (c < CH) issue_b(c);
-        ds_cp_async_commit();
-    }
+    ds_ring_prologue<S - 1>(CH, issue_a, issue_b);  // then xb, xsum, rscale of ds_prepb1_bf16
 
     int acc[R][2 * T][4];
 #pragma unroll
@@ -987,23 +979,12 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
     if (g % SHARED != 0) return;                 // its sums are also its neighbours'
     const int j = (i0 >> 1) / (2 * T);
     if (j >= Rg) return;
-    const int row = group_row(tab, rb, j);
-    const int SL = (Wp + 31) / 32;
-    double xs = 0.0;
-    for (int i = 0; i < SL; ++i) xs += xsum[(size_t)row * SL + i];
-    const double rs = rscale[row];
+    const DsB1Row out = ds_b1_row(xsum, rscale, group_row(tab, rb, j), Wp, N);
     const float scale = tab.scale[grp];
 #pragma unroll
     for (int k = 0; k < HOLD; ++k) {
         const int i = i0 + k, e = i & 1, f = (i >> 1) % (2 * T);
-        const int n = n0 + 8 * f + 2 * t + e;
-        if (n < N) {
-            const double dot = 2.0 * rs * (double)v[k] - xs;
-            const size_t o = (size_t)row * N + n;
-            float out = scale * (float)dot;
-            if (base) out += __bfloat162float(base[o]);
-            y[o] = __float2bfloat16(out);
-        }
+        ds_b1_store(out, n0 + 8 * f + 2 * t + e, N, v[k], scale, base, y);
     }
 }
 
