@@ -1,6 +1,7 @@
 //! With the `cuda` feature, compiles `src/cuda/*.cu` to PTX for sm_90 (`binary_wgmma.cu` for
 //! sm_90a) with nvcc (found through `NVCC`, `CUDA_HOME`/`CUDA_PATH` or `PATH`); `src/cuda.rs`
-//! includes the PTX and loads it at the first call. Without the feature this does nothing, so CPU builds need no CUDA toolkit.
+//! includes the PTX and loads it at the first call. Without the feature this does nothing, so CPU
+//! builds need no CUDA toolkit.
 
 use std::env;
 use std::path::PathBuf;
@@ -32,14 +33,17 @@ fn main() {
     // PTX loads on compute capability 9.0 alone: it is a module of its own, built where the
     // target is sm_90, and `src/cuda.rs` loads it only on such a device. Other targets get an
     // empty module and never route to it.
-    let wgmma = arch == "sm_90" || arch == "sm_90a";
-    for (name, arch) in [("sign_matmul", arch.as_str()), ("binary_wgmma", "sm_90a")] {
+    let wgmma = (arch == "sm_90" || arch == "sm_90a").then_some("sm_90a");
+    for (name, arch) in [
+        ("sign_matmul", Some(arch.as_str())),
+        ("binary_wgmma", wgmma),
+    ] {
         let src = format!("src/cuda/{name}.cu");
         let ptx = out_dir.join(format!("{name}.ptx"));
-        if name == "binary_wgmma" && !wgmma {
+        let Some(arch) = arch else {
             std::fs::write(&ptx, "").expect("OUT_DIR is writable");
             continue;
-        }
+        };
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
             .arg(format!("-arch={arch}"))

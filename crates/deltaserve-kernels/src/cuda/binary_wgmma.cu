@@ -162,7 +162,7 @@ __device__ __forceinline__ void ds_wgb1_body(const GroupTable& tab, const uint4*
     // The weighted plane sums are exact in int32 (as in ds_tcb1_body) and reduce-scatter over
     // the 8 threads g: thread g ends with tile nt = g, e = 0 and 1.
     const float scale = tab.scale[grp];
-    const int wlo = 1 << g, whi = g == 7 ? -32768 : 1 << (g + 8);
+    const int wlo = ds_plane_weight(g), whi = ds_plane_weight(g + 8);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         int v[16];

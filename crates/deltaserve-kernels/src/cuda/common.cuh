@@ -110,6 +110,9 @@ __device__ __forceinline__ void ds_reduce_scatter8(int (&v)[V], int g) {
     }
 }
 
+// The weight of bit plane p in X (16-bit two's complement): 2^p, and -2^15 for the sign plane.
+__device__ __forceinline__ int ds_plane_weight(int p) { return p == 15 ? -32768 : 1 << p; }
+
 // The start of a binary kernel's cp.async ring: the sign rows of the first AHEAD chunks (which
 // read nothing the prep kernel writes), then the wait for the prep, then x's part of the same
 // chunks, one commit group per chunk. issue_a / issue_b take a chunk index.

@@ -839,7 +839,6 @@ __device__ __forceinline__ void ds_bmma(int* d, const uint4& a, uint32_t b0, uin
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
-
 // NW warps side by side on the features (warp w: 2 T tiles of 8 features from n0 = nb + 16 T w),
 // all over the whole K. Each 512-column chunk goes through a block-wide cp.async ring of S slots
 // in dynamic shared memory: the block's sign rows (NW T 16 rows of 64 bytes) and the group's x
@@ -963,7 +962,7 @@ __device__ __forceinline__ void ds_tcb1_body(const GroupTable& tab, const uint4*
     // (ds_reduce_scatter8: 14 shuffles for V = 16 where one reduction per sum took 48), so that
     // thread g ends with V / 8 consecutive sums, all of one row (R <= 8), and stores them.
     constexpr int V = R * 2 * T * 2;
-    const int wlo = 1 << g, whi = g == 7 ? -32768 : 1 << (g + 8);
+    const int wlo = ds_plane_weight(g), whi = ds_plane_weight(g + 8);
     int v[V];
 #pragma unroll
     for (int j = 0; j < R; ++j)
